@@ -1,0 +1,29 @@
+package testenv
+
+import (
+	"context"
+	"os"
+	"testing"
+	"time"
+)
+
+func TestPostgresStartsWithScramAndIsRemoved(t *testing.T) {
+	Integration(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	pg, err := StartPostgres(ctx)
+	Check(t, err)
+	if err := pg.Exec(ctx, "postgres", "select 1"); err != nil {
+		t.Fatal(err)
+	}
+	// A wrong password must be refused: scram-sha-256 is really on.
+	bad := *pg
+	bad.Password = "wrong"
+	if err := bad.Exec(ctx, "postgres", "select 1"); err == nil {
+		t.Fatal("login with a wrong password succeeded; pg_hba is not scram-sha-256")
+	}
+	pg.Close()
+	if _, err := os.Stat(pg.Dir); !os.IsNotExist(err) {
+		t.Fatalf("cluster directory %s left behind (err=%v)", pg.Dir, err)
+	}
+}

@@ -1,0 +1,177 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/pgwarden/pgwarden/authn"
+	"github.com/pgwarden/pgwarden/broker"
+)
+
+// TokenVerifier turns the password a client sent into an Identity. *authn.Verifier
+// implements it. Refusals should carry a SQLSTATE (28P01) via pgerror.
+type TokenVerifier interface {
+	Verify(ctx context.Context, token string) (*authn.Identity, error)
+}
+
+// Authorizer decides the access level an Identity gets on a database when it
+// connects as user. *authn.Grants implements it.
+type Authorizer interface {
+	Decide(id *authn.Identity, database, user string) (string, error)
+}
+
+// CredentialSource issues database credentials. *broker.Broker implements it.
+type CredentialSource interface {
+	Credential(ctx context.Context, req broker.Request) (*broker.Credential, error)
+}
+
+// Observer receives events for metrics. Implementations must be fast and
+// safe for concurrent use. *metrics.Metrics implements it.
+type Observer interface {
+	// ClientConnected and ClientClosed bracket every accepted connection.
+	ClientConnected()
+	ClientClosed()
+	// AuthResult reports the end of one authentication: result is "ok" or a
+	// short bounded reason. database and level are empty when not yet known.
+	AuthResult(database, level, result string)
+}
+
+// Route says where one database goes.
+type Route struct {
+	// Upstream is a PostgreSQL connection string (keyword/value or URL) without
+	// user or password: host, port, dbname, sslmode and the like.
+	Upstream string
+	// VaultRoles maps each access level to the Vault role that issues its credentials.
+	VaultRoles map[string]string
+}
+
+// Config configures a Server.
+type Config struct {
+	// Verifier, Authorizer and Credentials are required.
+	Verifier    TokenVerifier
+	Authorizer  Authorizer
+	Credentials CredentialSource
+	// Routes maps database names (as clients ask for them) to upstreams. Required.
+	Routes map[string]Route
+	// TLS, when set, is offered to clients (SSLRequest and direct TLS). nil
+	// answers SSLRequest with 'N'.
+	TLS *tls.Config
+	// TrustedNetworks are where a client may send its token without TLS.
+	// Default loopback (127.0.0.0/8, ::1). Unix sockets are always trusted.
+	TrustedNetworks []netip.Prefix
+	// AllowCleartextUntrusted lets clients outside TrustedNetworks send their
+	// token without TLS. Default false: they are refused before being asked.
+	AllowCleartextUntrusted bool
+	// AuthTimeout is the total time from accept to AuthenticationOk. Default 30s.
+	AuthTimeout time.Duration
+	// MaxTokenBytes caps the password message. Default 64 KiB.
+	MaxTokenBytes int
+	// Pool limits and timers; see PoolConfig.
+	Pool PoolConfig
+	// Observer receives metric events. Default: none.
+	Observer Observer
+	// Logger. Default slog.Default().
+	Logger *slog.Logger
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+}
+
+// PoolConfig bounds upstream connections.
+type PoolConfig struct {
+	// MaxPerPool bounds open connections of one (database, level). Default 50.
+	MaxPerPool int
+	// MaxTotal bounds all open upstream connections. Default 200.
+	MaxTotal int
+	// AcquireTimeout is how long a client waits for a connection slot. Default 10s.
+	AcquireTimeout time.Duration
+	// IdleTimeout closes connections idle that long. Default 5m.
+	IdleTimeout time.Duration
+	// DialTimeout bounds opening one upstream connection. Default 10s.
+	DialTimeout time.Duration
+}
+
+func (c *Config) checkAndSetDefaults() error {
+	if c.Verifier == nil || c.Authorizer == nil || c.Credentials == nil {
+		return errors.New("proxy: Verifier, Authorizer and Credentials are required")
+	}
+	if len(c.Routes) == 0 {
+		return errors.New("proxy: at least one route is required")
+	}
+	if c.TrustedNetworks == nil {
+		c.TrustedNetworks = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}
+	}
+	if c.AuthTimeout == 0 {
+		c.AuthTimeout = 30 * time.Second
+	}
+	if c.MaxTokenBytes == 0 {
+		c.MaxTokenBytes = 64 << 10
+	}
+	p := &c.Pool
+	if p.MaxPerPool == 0 {
+		p.MaxPerPool = 50
+	}
+	if p.MaxTotal == 0 {
+		p.MaxTotal = 200
+	}
+	if p.AcquireTimeout == 0 {
+		p.AcquireTimeout = 10 * time.Second
+	}
+	if p.IdleTimeout == 0 {
+		p.IdleTimeout = 5 * time.Minute
+	}
+	if p.DialTimeout == 0 {
+		p.DialTimeout = 10 * time.Second
+	}
+	if p.MaxPerPool < 1 || p.MaxTotal < 1 {
+		return fmt.Errorf("proxy: pool limits must be positive")
+	}
+	if c.Observer == nil {
+		c.Observer = nopObserver{}
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.TLS != nil {
+		c.TLS = c.TLS.Clone()
+		c.TLS.NextProtos = []string{"postgresql"}
+		if c.TLS.MinVersion == 0 {
+			c.TLS.MinVersion = tls.VersionTLS12
+		}
+	}
+	return nil
+}
+
+// trusted reports whether a client at addr may send a token without TLS.
+func (c *Config) trusted(addr net.Addr) bool {
+	switch a := addr.(type) {
+	case *net.UnixAddr:
+		return true
+	case *net.TCPAddr:
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if !ok {
+			return false
+		}
+		ip = ip.Unmap()
+		for _, p := range c.TrustedNetworks {
+			if p.Contains(ip) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+type nopObserver struct{}
+
+func (nopObserver) ClientConnected()                  {}
+func (nopObserver) ClientClosed()                     {}
+func (nopObserver) AuthResult(string, string, string) {}

@@ -1,0 +1,304 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pgwarden/pgwarden/authn"
+	"github.com/pgwarden/pgwarden/broker"
+	"github.com/pgwarden/pgwarden/pgerror"
+)
+
+// errAbandoned is a client that hung up while asked for its token.
+var errAbandoned = fmt.Errorf("%w: client hung up during authentication", errSilentClose)
+
+// clientConn is one accepted client. Its goroutine owns reading and, until
+// the relay starts, writing; kill may be called from any goroutine.
+type clientConn struct {
+	srv    *Server
+	raw    net.Conn // as accepted
+	nc     net.Conn // raw, or TLS over it
+	r      *bufio.Reader
+	w      *bufio.Writer
+	tls    bool
+	start  time.Time
+	remote string
+
+	killOnce sync.Once
+
+	// Set during the handshake, for the relay and the audit record.
+	database, level string
+	id              *authn.Identity
+	cred            *broker.Credential
+}
+
+func newClientConn(s *Server, nc net.Conn) *clientConn {
+	return &clientConn{
+		srv: s, raw: nc, nc: nc, start: s.cfg.Now(), remote: nc.RemoteAddr().String(),
+		r: bufio.NewReaderSize(nc, ioBufSize), w: bufio.NewWriterSize(nc, ioBufSize),
+	}
+}
+
+// kill closes the client socket; the goroutines blocked on it return.
+func (c *clientConn) kill() { c.killOnce.Do(func() { c.raw.Close() }) }
+
+// serve runs one connection from accept to close.
+func (c *clientConn) serve() {
+	cfg := &c.srv.cfg
+	cfg.Observer.ClientConnected()
+	defer cfg.Observer.ClientClosed()
+	defer c.kill()
+
+	// The authentication timeout is a total deadline from accept to
+	// AuthenticationOk, not an idle timer: trickling bytes buys nothing.
+	deadline := c.start.Add(cfg.AuthTimeout)
+	_ = c.raw.SetDeadline(deadline)
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+
+	msg, err := c.readStartup(ctx)
+	if err != nil {
+		c.refuse(err, "protocol")
+		return
+	}
+	if cr, ok := msg.(*pgproto3.CancelRequest); ok {
+		c.srv.cancels.forward(ctx, cr, cfg.Pool.DialTimeout)
+		return
+	}
+	sm := msg.(*pgproto3.StartupMessage)
+	pid, target := c.srv.cancels.register()
+	defer c.srv.cancels.unregister(pid)
+
+	up, settings, err := c.authenticate(ctx, sm)
+	if err != nil {
+		c.refuse(err, authReason(err))
+		return
+	}
+	target.set(up)
+	if err := c.greet(ctx, up, settings, pid, target.secret); err != nil {
+		target.set(nil)
+		c.srv.pools.discard(up)
+		c.refuse(err, "upstream")
+		return
+	}
+	cfg.Observer.AuthResult(c.database, c.level, "ok")
+	_ = c.raw.SetDeadline(time.Time{})
+
+	res := c.relay(up)
+	target.set(nil)
+	if res.reusable {
+		c.srv.pools.release(up)
+	} else {
+		c.srv.pools.discard(up)
+	}
+	cfg.Logger.Info("session",
+		"subject", c.id.Subject, "name", c.id.Name, "remote", c.remote, "tls", c.tls,
+		"database", c.database, "level", c.level, "lease_id", c.cred.LeaseID, "db_user", c.cred.Username,
+		"backend_pid", up.pid, "duration", cfg.Now().Sub(c.start).Round(time.Millisecond).String(),
+		"bytes_in", res.bytesIn, "bytes_out", res.bytesOut, "statements", res.statements,
+		"end", res.why, "upstream_reused", res.reusable)
+}
+
+// refuse sends a FATAL for err, unless err asks for a silent close, and
+// records the result.
+func (c *clientConn) refuse(err error, reason string) {
+	cfg := &c.srv.cfg
+	if !errors.Is(err, errSilentClose) {
+		_ = c.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		_ = sendFatal(c.w, err)
+	}
+	cfg.Observer.AuthResult(c.database, c.level, reason)
+	level := slog.LevelInfo
+	if pgerror.Code(err) == pgerror.InternalError {
+		level = slog.LevelError
+	}
+	attrs := []any{"remote", c.remote, "reason", reason, "sqlstate", errorResponse("FATAL", err).Code, "error", err}
+	if c.id != nil {
+		attrs = append(attrs, "subject", c.id.Subject)
+	}
+	if c.database != "" {
+		attrs = append(attrs, "database", c.database, "level", c.level)
+	}
+	cfg.Logger.Log(context.Background(), level, "connection refused", attrs...)
+}
+
+// authenticate asks for the token, verifies it, decides the level, obtains
+// credentials and an upstream session. It returns the client's settings for
+// that session.
+func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessage) (*serverConn, [][2]string, error) {
+	cfg := &c.srv.cfg
+	params := sm.Parameters
+	user := params["user"]
+	if user == "" {
+		return nil, nil, pgerror.New(pgerror.InvalidAuthorization, "no PostgreSQL user name specified in startup packet").
+			WithHint("Set the user to an access level, such as reader.")
+	}
+	c.database = params["database"]
+	if c.database == "" {
+		c.database = user
+	}
+	if r, ok := params["replication"]; ok && r != "false" && r != "0" && r != "off" && r != "no" {
+		return nil, nil, pgerror.New(pgerror.FeatureNotSupported, "replication connections are not supported by pgwarden")
+	}
+	settings, err := startupSettings(params)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := c.negotiateProtocol(sm); err != nil {
+		return nil, nil, err
+	}
+	if !c.tls && !cfg.AllowCleartextUntrusted && !cfg.trusted(c.raw.RemoteAddr()) {
+		return nil, nil, pgerror.Newf(pgerror.InvalidAuthorization,
+			"pgwarden requires an encrypted connection from %s", hostOf(c.remote)).
+			WithHint("Connect with sslmode=require (or verify-full); your token is not sent over an unencrypted connection from an untrusted network.")
+	}
+	token, err := c.readPassword(cfg.MaxTokenBytes)
+	if err != nil {
+		return nil, nil, err
+	}
+	id, err := cfg.Verifier.Verify(ctx, token)
+	if err != nil {
+		return nil, nil, err
+	}
+	c.id = id
+	level, err := cfg.Authorizer.Decide(id, c.database, user)
+	if err != nil {
+		return nil, nil, err
+	}
+	c.level = level
+	route, ok := cfg.Routes[c.database]
+	role := route.VaultRoles[level]
+	if !ok || role == "" {
+		return nil, nil, pgerror.Newf(pgerror.InvalidCatalogName, "database %q has no route for level %q", c.database, level).
+			WithHint("pgwarden's configuration grants this level but does not say where it goes; tell its operator.")
+	}
+	cred, err := cfg.Credentials.Credential(ctx, broker.Request{Token: token, TokenExpiry: id.Expiry, VaultRole: role})
+	if err != nil {
+		return nil, nil, err
+	}
+	c.cred = cred
+	up, err := c.srv.pools.acquire(ctx, c.database, level, route, cred)
+	if err != nil {
+		return nil, nil, err
+	}
+	return up, settings, nil
+}
+
+// negotiateProtocol answers a client that asks for a newer minor version or
+// for protocol options: pgwarden speaks 3.0 and no _pq_ options.
+func (c *clientConn) negotiateProtocol(sm *pgproto3.StartupMessage) error {
+	var opts []string
+	for k := range sm.Parameters {
+		if strings.HasPrefix(k, "_pq_.") {
+			opts = append(opts, k)
+		}
+	}
+	if sm.ProtocolVersion == pgproto3.ProtocolVersion30 && len(opts) == 0 {
+		return nil
+	}
+	buf, err := (&pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: opts}).Encode(nil)
+	if err != nil {
+		return err
+	}
+	_, err = c.w.Write(buf)
+	return err
+}
+
+// readPassword requests a cleartext password and returns it: the token.
+func (c *clientConn) readPassword(maxBytes int) (string, error) {
+	buf, _ := (&pgproto3.AuthenticationCleartextPassword{}).Encode(nil)
+	if _, err := c.w.Write(buf); err != nil {
+		return "", err
+	}
+	if err := c.w.Flush(); err != nil {
+		return "", err
+	}
+	typ, body, _, err := readMessage(c.r, nil, maxBytes)
+	if err != nil {
+		if errors.Is(err, errFraming) {
+			return "", pgerror.Wrap(err, pgerror.ProtocolViolation, "password packet too large or malformed")
+		}
+		// A client that hangs up here (psql does, to prompt for a password)
+		// gets no answer.
+		return "", errAbandoned
+	}
+	if typ != 'p' {
+		return "", pgerror.Newf(pgerror.ProtocolViolation, "expected password response, got message type %q", typ)
+	}
+	var pm pgproto3.PasswordMessage
+	if err := pm.Decode(body); err != nil {
+		return "", pgerror.Wrap(err, pgerror.ProtocolViolation, "invalid password packet")
+	}
+	if pm.Password == "" {
+		return "", pgerror.New(pgerror.InvalidPassword, "empty password: send a token from the identity provider as the password")
+	}
+	return pm.Password, nil
+}
+
+// greet applies the client's settings upstream and sends AuthenticationOk,
+// the session's parameters, pgwarden's own BackendKeyData and ReadyForQuery.
+func (c *clientConn) greet(ctx context.Context, up *serverConn, settings [][2]string, pid uint32, secret [4]byte) error {
+	if err := up.applySettings(ctx, settings); err != nil {
+		return err
+	}
+	buf, _ := (&pgproto3.AuthenticationOk{}).Encode(nil)
+	for k, v := range up.params {
+		buf, _ = (&pgproto3.ParameterStatus{Name: k, Value: v}).Encode(buf)
+	}
+	buf, _ = (&pgproto3.BackendKeyData{ProcessID: pid, SecretKey: secret[:]}).Encode(buf)
+	buf, _ = (&pgproto3.ReadyForQuery{TxStatus: 'I'}).Encode(buf)
+	if _, err := c.w.Write(buf); err != nil {
+		return err
+	}
+	return c.w.Flush()
+}
+
+// authReason maps a refusal to a bounded metric label.
+func authReason(err error) string {
+	var te *authn.TokenError
+	if errors.As(err, &te) {
+		return te.Reason
+	}
+	if errors.Is(err, errAbandoned) {
+		return "abandoned"
+	}
+	var ve *broker.VaultError
+	if errors.As(err, &ve) {
+		if ve.Denied() {
+			return "vault_denied"
+		}
+		return "vault_error"
+	}
+	switch pgerror.Code(err) {
+	case pgerror.InvalidCatalogName:
+		return "unknown_database"
+	case pgerror.InsufficientPrivilege:
+		return "no_grant"
+	case pgerror.InvalidAuthorization:
+		return "refused"
+	case pgerror.TooManyConnections:
+		return "pool_full"
+	case pgerror.ProtocolViolation, pgerror.FeatureNotSupported:
+		return "protocol"
+	}
+	if errors.Is(err, errSilentClose) {
+		return "protocol"
+	}
+	return "upstream"
+}
+
+func hostOf(addr string) string {
+	if h, _, err := net.SplitHostPort(addr); err == nil {
+		return h
+	}
+	return addr
+}

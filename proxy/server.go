@@ -1,0 +1,170 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("proxy: server closed")
+
+// Server accepts PostgreSQL clients, authenticates them with their token and
+// relays them to pooled upstream sessions. Serve may be called on several
+// listeners; Shutdown stops them all.
+type Server struct {
+	cfg     Config
+	pools   *poolSet
+	cancels *cancelMap
+
+	inShutdown atomic.Bool
+	mu         sync.Mutex
+	listeners  map[net.Listener]struct{} // guarded by mu
+	conns      map[*clientConn]struct{}  // guarded by mu
+	connsDone  chan struct{}             // closed when conns empties during shutdown; guarded by mu
+}
+
+// NewServer returns a Server; it starts the pool's background reaper, which
+// Close or Shutdown stops.
+func NewServer(cfg Config) (*Server, error) {
+	if err := cfg.checkAndSetDefaults(); err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, cancels: newCancelMap(), listeners: map[net.Listener]struct{}{}, conns: map[*clientConn]struct{}{}}
+	pools, err := newPoolSet(&s.cfg)
+	if err != nil {
+		return nil, err
+	}
+	s.pools = pools
+	return s, nil
+}
+
+// Serve accepts connections on ln until Shutdown or Close, one goroutine each.
+// Temporary accept errors back off, doubling from 5ms to 1s. It always returns
+// a non-nil error; after Shutdown or Close, ErrServerClosed.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.inShutdown.Load() {
+		s.mu.Unlock()
+		return ErrServerClosed
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+	}()
+	var delay time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if s.inShutdown.Load() {
+				return ErrServerClosed
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			// Anything else (EMFILE, ECONNABORTED…) is taken as temporary.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			s.cfg.Logger.Warn("accept failed; retrying", "error", err, "delay", delay)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		c := newClientConn(s, nc)
+		if !s.track(c) {
+			nc.Close()
+			return ErrServerClosed
+		}
+		go func() {
+			defer s.untrack(c)
+			c.serve()
+		}()
+	}
+}
+
+func (s *Server) track(c *clientConn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.inShutdown.Load() {
+		return false
+	}
+	s.conns[c] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(c *clientConn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.conns, c)
+	if len(s.conns) == 0 && s.connsDone != nil {
+		close(s.connsDone)
+		s.connsDone = nil
+	}
+}
+
+// Shutdown stops accepting, then waits for client sessions to end until ctx
+// is done, then closes what is left and the pools. It returns ctx's error if
+// sessions had to be cut.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.inShutdown.Store(true)
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	var done chan struct{}
+	if len(s.conns) > 0 {
+		done = make(chan struct{})
+		s.connsDone = done
+	}
+	s.mu.Unlock()
+	var err error
+	if done != nil {
+		select {
+		case <-done:
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+	}
+	s.closeConns()
+	s.pools.close()
+	return err
+}
+
+// Close stops accepting and closes every client and upstream connection now.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.inShutdown.Store(true)
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	s.mu.Unlock()
+	s.closeConns()
+	s.pools.close()
+	return nil
+}
+
+func (s *Server) closeConns() {
+	s.mu.Lock()
+	conns := make([]*clientConn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		c.kill()
+	}
+}
+
+// PoolStat is a snapshot of one pool.
+type PoolStat struct {
+	Database, Level string
+	Idle, Active    int
+}
+
+// PoolStats returns a snapshot of every pool, for metrics.
+func (s *Server) PoolStats() []PoolStat { return s.pools.stats() }

@@ -1,0 +1,58 @@
+# pgwarden — see README.md.
+GO       ?= go
+DEV_DIR  ?= .dev
+DEV_PORT ?= 6432
+DEV_METRICS_PORT ?= 9632
+# Integration tests start real PostgreSQL and Vault; 2 cores, so few packages at once.
+TEST_FLAGS ?= -race -count=1 -timeout 30m -p 2
+
+.PHONY: all build dev test test-short lint fmt bench fuzz deps vault clean
+
+all: build
+
+## build: bin/pgwarden, bin/devtoken, bin/devstack
+build:
+	$(GO) build -o bin/pgwarden ./cmd/pgwarden
+	$(GO) build -o bin/devtoken ./testenv/cmd/devtoken
+	$(GO) build -o bin/devstack ./testenv/cmd/devstack
+
+## deps: install Debian's PostgreSQL when missing (as root), else say what to install
+deps:
+	@scripts/deps.sh
+
+## vault: build bin/vault once from testenv/vaultbin (cached; rebuilt when the pin changes)
+vault:
+	@scripts/vault.sh
+
+## dev: run the whole stack until Ctrl-C; writes $(DEV_DIR)/env when ready
+dev: deps vault build
+	bin/devstack -dir $(DEV_DIR) -port $(DEV_PORT) -metrics-port $(DEV_METRICS_PORT)
+
+## test: lint, then every test with -race against real PostgreSQL, Vault and an OIDC issuer
+test: deps vault lint build
+	$(GO) test $(TEST_FLAGS) ./...
+
+## test-short: unit tests only (integration tests skip outside CI)
+test-short:
+	$(GO) test -short -race ./...
+
+## lint: gofmt and go vet must be clean
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go') 2>&1); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+## bench: side-by-side benchmarks (not yet)
+bench:
+	@echo "bench: not yet — benchmarks against direct PostgreSQL and PgBouncer come in a later issue"
+
+## fuzz: run each fuzzer of untrusted input for FUZZTIME
+FUZZTIME ?= 30s
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzStartup$$' -fuzztime $(FUZZTIME) ./proxy
+	$(GO) test -run '^$$' -fuzz '^FuzzStartupSettings$$' -fuzztime $(FUZZTIME) ./proxy
+
+clean:
+	rm -rf bin/pgwarden bin/devtoken bin/devstack $(DEV_DIR)

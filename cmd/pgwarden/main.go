@@ -1,0 +1,191 @@
+// Command pgwarden is a PostgreSQL auth proxy: clients send an OIDC token as
+// their password and get a session under short-lived credentials from Vault.
+//
+//	pgwarden serve      -config pgwarden.json   run the proxy
+//	pgwarden vault-init -config pgwarden.json   configure Vault from the same file
+//	pgwarden check      -config pgwarden.json   validate the file, reach the issuer and Vault
+//	pgwarden version
+//
+// The config file path may also come from PGWARDEN_CONFIG; PGWARDEN_*
+// variables override the file (see internal/config).
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/pgwarden/pgwarden/authn"
+	"github.com/pgwarden/pgwarden/broker/vaultinit"
+	"github.com/pgwarden/pgwarden/internal/app"
+	"github.com/pgwarden/pgwarden/internal/config"
+)
+
+const usage = `usage: pgwarden <command> [-config FILE]
+
+commands:
+  serve       run the proxy until SIGINT or SIGTERM
+  vault-init  configure Vault (database engine, JWT auth, policies) from the config file;
+              needs VAULT_ADDR and a VAULT_TOKEN allowed to manage them
+  check       validate the config and reach the issuer and Vault
+  version     print the version
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprint(stderr, usage)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	cmd := args[0]
+	if cmd == "version" {
+		fmt.Fprintln(stdout, "pgwarden", version())
+		return 0
+	}
+	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("config", os.Getenv("PGWARDEN_CONFIG"), "config file (JSON); env PGWARDEN_CONFIG")
+	shutdownGrace := fs.Duration("shutdown-grace", 30*time.Second, "serve: how long sessions may drain on SIGTERM")
+	if err := fs.Parse(args[1:]); err != nil {
+		return 2
+	}
+	cfg, err := config.Load(*path, environ())
+	if err != nil {
+		fmt.Fprintln(stderr, "pgwarden:", err)
+		return 2
+	}
+	log := newLogger(cfg, stderr)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	switch cmd {
+	case "serve":
+		err = serve(ctx, cfg, log, *shutdownGrace)
+	case "vault-init":
+		err = vaultInit(ctx, cfg, log)
+	case "check":
+		err = check(ctx, cfg, stdout)
+	default:
+		fmt.Fprintf(stderr, "pgwarden: unknown command %q\n\n%s", cmd, usage)
+		return 2
+	}
+	if err != nil {
+		log.Error("pgwarden failed", "command", cmd, "error", err)
+		return 1
+	}
+	return 0
+}
+
+func serve(ctx context.Context, cfg *config.Config, log *slog.Logger, grace time.Duration) error {
+	a, err := app.New(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	if err := a.Start(); err != nil {
+		return err
+	}
+	select {
+	case <-ctx.Done():
+	case err := <-a.Errors():
+		log.Error("listener stopped", "error", err)
+	}
+	log.Info("shutting down", "grace", grace.String())
+	sctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	return a.Shutdown(sctx)
+}
+
+func vaultInit(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
+	vc, err := app.NewVaultClient(cfg)
+	if err != nil {
+		return err
+	}
+	if vc.Token() == "" {
+		return errors.New("vault-init needs VAULT_TOKEN (a token allowed to manage mounts, auth methods, policies and the database engine)")
+	}
+	var missing []string
+	spec := app.VaultSpec(cfg, func(name string) string {
+		v := os.Getenv(name)
+		if v == "" {
+			missing = append(missing, name)
+		}
+		return v
+	})
+	if len(missing) > 0 {
+		return fmt.Errorf("vault-init: admin password variable(s) not set: %s", strings.Join(missing, ", "))
+	}
+	return vaultinit.Apply(ctx, vc, spec, log)
+}
+
+func check(ctx context.Context, cfg *config.Config, out io.Writer) error {
+	v, err := authn.New(ctx, authn.Config{IssuerURL: cfg.OIDC.IssuerURL, JWKSURL: cfg.OIDC.JWKSURL,
+		Issuer: cfg.OIDC.Issuer, Audiences: cfg.OIDC.Audiences, Algorithms: cfg.OIDC.Algorithms,
+		Leeway: cfg.OIDC.Leeway.D(), GroupsClaim: cfg.OIDC.GroupsClaim})
+	if err != nil {
+		return err
+	}
+	v.Close()
+	fmt.Fprintln(out, "issuer: ok")
+	vc, err := app.NewVaultClient(cfg)
+	if err != nil {
+		return err
+	}
+	h, err := vc.Sys().HealthWithContext(ctx)
+	if err != nil {
+		return fmt.Errorf("vault %s: %w", vc.Address(), err)
+	}
+	if h.Sealed {
+		return fmt.Errorf("vault %s is sealed", vc.Address())
+	}
+	fmt.Fprintf(out, "vault: ok (%s, version %s)\n", vc.Address(), h.Version)
+	fmt.Fprintf(out, "databases: %d configured\n", len(cfg.Databases))
+	return nil
+}
+
+func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
+		level = slog.LevelInfo
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.LogFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+func environ() map[string]string {
+	m := map[string]string{}
+	for _, kv := range os.Environ() {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			m[k] = v
+		}
+	}
+	return m
+}
+
+func version() string {
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" {
+				return bi.Main.Version + " " + s.Value
+			}
+		}
+		return bi.Main.Version
+	}
+	return "unknown"
+}

@@ -1,0 +1,248 @@
+// Package app builds a running pgwarden from a config.Config: the token
+// verifier, the grants, the Vault broker, the proxy server, metrics and their
+// listeners. cmd/pgwarden and testenv both use it, so tests run the same
+// wiring the binary does.
+package app
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	vault "github.com/hashicorp/vault/api"
+
+	"github.com/pgwarden/pgwarden/authn"
+	"github.com/pgwarden/pgwarden/broker"
+	"github.com/pgwarden/pgwarden/broker/vaultinit"
+	"github.com/pgwarden/pgwarden/internal/config"
+	"github.com/pgwarden/pgwarden/metrics"
+	"github.com/pgwarden/pgwarden/proxy"
+)
+
+// App is a wired pgwarden. Start listens; Shutdown stops.
+type App struct {
+	cfg      *config.Config
+	log      *slog.Logger
+	verifier *authn.Verifier
+	server   *proxy.Server
+	metrics  *metrics.Metrics
+	vault    *vault.Client
+
+	listeners []net.Listener
+	httpSrv   *http.Server
+	httpLn    net.Listener
+	serveErr  chan error
+}
+
+// NewVaultClient returns a Vault client from VAULT_* (as the Vault CLI reads
+// them) with cfg's address, when set, on top.
+func NewVaultClient(cfg *config.Config) (*vault.Client, error) {
+	vc := vault.DefaultConfig()
+	if vc.Error != nil {
+		return nil, fmt.Errorf("vault config: %w", vc.Error)
+	}
+	if cfg.Vault.Address != "" {
+		vc.Address = cfg.Vault.Address
+	}
+	return vault.NewClient(vc)
+}
+
+// New wires pgwarden. It fetches the issuer's keys, so it fails early when
+// the issuer is unreachable.
+func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error) {
+	a := &App{cfg: cfg, log: log, serveErr: make(chan error, 4)}
+	v, err := authn.New(ctx, authn.Config{
+		IssuerURL: cfg.OIDC.IssuerURL, JWKSURL: cfg.OIDC.JWKSURL, Issuer: cfg.OIDC.Issuer,
+		Audiences: cfg.OIDC.Audiences, Algorithms: cfg.OIDC.Algorithms, Leeway: cfg.OIDC.Leeway.D(),
+		GroupsClaim: cfg.OIDC.GroupsClaim,
+	})
+	if err != nil {
+		return nil, err
+	}
+	a.verifier = v
+	dbs := make([]authn.Database, 0, len(cfg.Databases))
+	routes := make(map[string]proxy.Route, len(cfg.Databases))
+	for _, d := range cfg.Databases {
+		ad := authn.Database{Name: d.Name}
+		r := proxy.Route{Upstream: d.Upstream, VaultRoles: map[string]string{}}
+		for _, l := range d.Levels {
+			ad.Levels = append(ad.Levels, authn.Level{Name: l.Name, Groups: l.Groups})
+			r.VaultRoles[l.Name] = l.VaultRole
+		}
+		dbs = append(dbs, ad)
+		routes[d.Name] = r
+	}
+	grants, err := authn.NewGrants(dbs)
+	if err != nil {
+		v.Close()
+		return nil, err
+	}
+	if a.vault, err = NewVaultClient(cfg); err != nil {
+		v.Close()
+		return nil, err
+	}
+	var srv *proxy.Server
+	a.metrics = metrics.New(func() []metrics.PoolSize {
+		if srv == nil {
+			return nil
+		}
+		var out []metrics.PoolSize
+		for _, p := range srv.PoolStats() {
+			out = append(out, metrics.PoolSize{Database: p.Database, Level: p.Level, Idle: p.Idle, Active: p.Active})
+		}
+		return out
+	})
+	b, err := broker.New(broker.Config{
+		Client: a.vault, JWTMount: cfg.Vault.JWTMount, DatabaseMount: cfg.Vault.DatabaseMount,
+		ObserveVault: a.metrics.ObserveVault, Logger: log,
+	})
+	if err != nil {
+		v.Close()
+		return nil, err
+	}
+	var tlsCfg *tls.Config
+	if cfg.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+		if err != nil {
+			v.Close()
+			return nil, fmt.Errorf("tls: %w", err)
+		}
+		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}}
+	}
+	srv, err = proxy.NewServer(proxy.Config{
+		Verifier: v, Authorizer: grants, Credentials: b, Routes: routes, TLS: tlsCfg,
+		TrustedNetworks: cfg.TrustedPrefixes(), AllowCleartextUntrusted: cfg.AllowCleartextUntrusted,
+		AuthTimeout: cfg.AuthTimeout.D(),
+		Pool: proxy.PoolConfig{MaxPerPool: cfg.Pool.MaxPerPool, MaxTotal: cfg.Pool.MaxTotal,
+			AcquireTimeout: cfg.Pool.AcquireTimeout.D(), IdleTimeout: cfg.Pool.IdleTimeout.D()},
+		Observer: a.metrics, Logger: log,
+	})
+	if err != nil {
+		v.Close()
+		return nil, err
+	}
+	a.server = srv
+	a.metrics.SetReadiness(a.ready)
+	return a, nil
+}
+
+// ready passes while Vault answers and is unsealed.
+func (a *App) ready(ctx context.Context) error {
+	h, err := a.vault.Sys().HealthWithContext(ctx)
+	if err != nil {
+		return fmt.Errorf("vault: %w", err)
+	}
+	if h.Sealed {
+		return errors.New("vault is sealed")
+	}
+	return nil
+}
+
+// Start opens the listeners and serves in the background.
+func (a *App) Start() error {
+	ln, err := net.Listen("tcp", a.cfg.Listen)
+	if err != nil {
+		return err
+	}
+	a.listeners = append(a.listeners, ln)
+	if a.cfg.UnixSocketDir != "" {
+		port := ln.Addr().(*net.TCPAddr).Port
+		path := filepath.Join(a.cfg.UnixSocketDir, ".s.PGSQL."+strconv.Itoa(port))
+		_ = os.Remove(path)
+		uln, err := net.Listen("unix", path)
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		a.listeners = append(a.listeners, uln)
+	}
+	for _, l := range a.listeners {
+		go func() { a.serveErr <- a.server.Serve(l) }()
+	}
+	if a.cfg.MetricsListen != "off" {
+		if a.httpLn, err = net.Listen("tcp", a.cfg.MetricsListen); err != nil {
+			a.server.Close()
+			return err
+		}
+		a.httpSrv = &http.Server{Handler: a.metrics.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = a.httpSrv.Serve(a.httpLn) }()
+	}
+	a.log.Info("pgwarden listening", "addr", ln.Addr().String(), "metrics", a.MetricsAddr(), "tls", a.cfg.TLSCert != "")
+	return nil
+}
+
+// Addr is the client TCP address.
+func (a *App) Addr() string { return a.listeners[0].Addr().String() }
+
+// MetricsAddr is the metrics address, or "" when off.
+func (a *App) MetricsAddr() string {
+	if a.httpLn == nil {
+		return ""
+	}
+	return a.httpLn.Addr().String()
+}
+
+// Metrics returns the collectors.
+func (a *App) Metrics() *metrics.Metrics { return a.metrics }
+
+// Errors reports a listener that stopped serving for a reason other than shutdown.
+func (a *App) Errors() <-chan error { return a.serveErr }
+
+// Shutdown stops listening and waits for sessions to end until ctx is done.
+func (a *App) Shutdown(ctx context.Context) error {
+	err := a.server.Shutdown(ctx)
+	if a.httpSrv != nil {
+		_ = a.httpSrv.Shutdown(context.Background())
+	}
+	a.verifier.Close()
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("sessions cut at shutdown: %w", err)
+	}
+	return err
+}
+
+// VaultSpec turns the configuration into what `vault-init` writes. password
+// returns each database's admin password (from the variable its
+// admin.password_env names).
+func VaultSpec(cfg *config.Config, password func(envName string) string) vaultinit.Spec {
+	spec := vaultinit.Spec{
+		DatabaseMount: cfg.Vault.DatabaseMount, JWTMount: cfg.Vault.JWTMount,
+		JWT: vaultinit.JWT{
+			OIDCDiscoveryURL: cfg.OIDC.IssuerURL, JWKSURL: cfg.OIDC.JWKSURL,
+			BoundIssuer: cfg.OIDC.Issuer, Audiences: cfg.OIDC.Audiences, Algorithms: cfg.OIDC.Algorithms,
+		},
+	}
+	if spec.JWT.BoundIssuer == "" {
+		spec.JWT.BoundIssuer = cfg.OIDC.IssuerURL
+	}
+	if cfg.Vault.JWTDiscoveryURL != "" || cfg.Vault.JWTJWKSURL != "" {
+		spec.JWT.OIDCDiscoveryURL, spec.JWT.JWKSURL = cfg.Vault.JWTDiscoveryURL, cfg.Vault.JWTJWKSURL
+	}
+	if cfg.OIDC.GroupsClaim != "" {
+		// Vault takes a JSON pointer for nested claims; pgwarden a dotted path.
+		spec.JWT.GroupsClaim = cfg.OIDC.GroupsClaim
+		if strings.Contains(cfg.OIDC.GroupsClaim, ".") {
+			spec.JWT.GroupsClaim = "/" + strings.ReplaceAll(cfg.OIDC.GroupsClaim, ".", "/")
+		}
+	}
+	for _, d := range cfg.Databases {
+		sd := vaultinit.Database{Name: d.Name, ConnectionURL: d.Admin.ConnectionURL, Username: d.Admin.Username,
+			Password: password(d.Admin.PasswordEnv)}
+		for _, l := range d.Levels {
+			sd.Levels = append(sd.Levels, vaultinit.Level{Name: l.Name, VaultRole: l.VaultRole, Groups: l.Groups,
+				CreationStatements: l.CreationStatements, RevocationStatements: l.RevocationStatements,
+				DefaultTTL: l.DefaultTTL.D(), MaxTTL: l.MaxTTL.D()})
+		}
+		spec.Databases = append(spec.Databases, sd)
+	}
+	return spec
+}

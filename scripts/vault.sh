@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds bin/vault from testenv/vaultbin (Vault's Go module, pinned there) once,
+# and again only when the pin changes. A cold build takes about ten minutes and
+# ~5 GB of memory on 2 cores, so it is cached in bin/ with a stamp of the pin.
+# Set PGWARDEN_VAULT_BIN to use another vault binary and skip the build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -n "${PGWARDEN_VAULT_BIN:-}" ]; then
+  [ -x "$PGWARDEN_VAULT_BIN" ] || { echo "PGWARDEN_VAULT_BIN=$PGWARDEN_VAULT_BIN is not executable" >&2; exit 1; }
+  exit 0
+fi
+pin=$(cat testenv/vaultbin/go.mod testenv/vaultbin/go.sum testenv/vaultbin/main.go | sha256sum | cut -c1-16)
+if [ -x bin/vault ] && [ "$(cat bin/.vault-pin 2>/dev/null)" = "$pin" ]; then
+  exit 0
+fi
+mkdir -p bin
+echo "vault: building bin/vault from testenv/vaultbin (pin $pin); the first build takes ~10 minutes…"
+start=$(date +%s)
+(
+  cd testenv/vaultbin
+  GONOSUMDB=github.com/hashicorp/vault-plugin-database-snowflake,github.com/hashicorp/vault-plugin-secrets-openldap \
+    go build -mod=readonly -trimpath -ldflags='-s -w' -o ../../bin/vault.tmp .
+)
+mv bin/vault.tmp bin/vault
+echo "$pin" > bin/.vault-pin
+echo "vault: built in $(( $(date +%s) - start ))s: $(bin/vault version)"

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/pgwarden/pgwarden/internal/config"
 	"github.com/pgwarden/pgwarden/testenv"
 )
 
@@ -44,7 +45,11 @@ func needStack(t *testing.T) *testenv.Stack {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
 		stack, stackErr = testenv.StartStack(ctx, testenv.StackOptions{
-			BriefTTL: briefTTL, Logger: newJSONLogger(logs),
+			Logger: newJSONLogger(logs),
+			ExtraLevels: []config.Level{
+				testenv.ReadLevel("brief", briefTTL, "analyst"),
+				testenv.ReadLevel("crowd", time.Hour, "analyst"),
+			},
 			// Only 127.0.0.1 is trusted, so a client from 127.0.0.2 counts as remote.
 			TrustedNetworks: []string{"127.0.0.1/32"},
 		})

@@ -47,6 +47,14 @@ func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credentia
 	if err != nil {
 		return nil, upstreamFailure(err)
 	}
+	// pgconn may have a background reader parked in conn.Read (it starts one
+	// when a write is slow); it would steal the server's next reply from the
+	// relay. SyncConn stops it and drains pgconn's buffers, as Hijack's
+	// contract requires.
+	if err := pc.SyncConn(ctx); err != nil {
+		pc.Close(context.Background())
+		return nil, upstreamFailure(err)
+	}
 	hj, err := pc.Hijack()
 	if err != nil {
 		pc.Close(context.Background())

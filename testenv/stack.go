@@ -55,26 +55,29 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO app_write
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO app_write;
 `
 
-// Levels returns the dev access levels: reader (SELECT), writer (DML), admin
-// (owns the schema), each a dynamic role that joins a group role. brief, when
-// positive, adds a reader-like level "brief" whose leases last that long.
-func Levels(brief time.Duration) []config.Level {
-	create := func(groups string) []string {
-		return []string{`CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}' IN ROLE ` + groups + `;`}
-	}
-	drop := []string{`DROP ROLE IF EXISTS "{{name}}";`}
+// Levels returns the dev access levels: reader (SELECT), writer (DML) and
+// admin (owns the schema), each a dynamic role that joins a group role.
+func Levels() []config.Level {
 	hour := config.Duration(time.Hour)
-	levels := []config.Level{
-		{Name: "reader", Groups: []string{"analyst", "engineer"}, CreationStatements: create("app_read"), RevocationStatements: drop, DefaultTTL: hour, MaxTTL: 4 * hour},
-		{Name: "writer", Groups: []string{"engineer"}, CreationStatements: create("app_read, app_write"), RevocationStatements: drop, DefaultTTL: hour, MaxTTL: 4 * hour},
-		{Name: "admin", Groups: []string{"dba"}, CreationStatements: create("app_owner"), DefaultTTL: hour, MaxTTL: 4 * hour,
+	return []config.Level{
+		ReadLevel("reader", time.Hour, "analyst", "engineer"),
+		{Name: "writer", Groups: []string{"engineer"}, CreationStatements: createIn("app_read, app_write"),
+			RevocationStatements: dropRole, DefaultTTL: hour, MaxTTL: 4 * hour},
+		{Name: "admin", Groups: []string{"dba"}, CreationStatements: createIn("app_owner"), DefaultTTL: hour, MaxTTL: 4 * hour,
 			RevocationStatements: []string{`REASSIGN OWNED BY "{{name}}" TO app_owner;`, `DROP OWNED BY "{{name}}";`, `DROP ROLE IF EXISTS "{{name}}";`}},
 	}
-	if brief > 0 {
-		levels = append(levels, config.Level{Name: "brief", Groups: []string{"analyst"}, CreationStatements: create("app_read"),
-			RevocationStatements: drop, DefaultTTL: config.Duration(brief), MaxTTL: config.Duration(brief)})
-	}
-	return levels
+}
+
+// ReadLevel is a reader-like level whose leases last ttl (default and max).
+func ReadLevel(name string, ttl time.Duration, groups ...string) config.Level {
+	return config.Level{Name: name, Groups: groups, CreationStatements: createIn("app_read"), RevocationStatements: dropRole,
+		DefaultTTL: config.Duration(ttl), MaxTTL: config.Duration(max(ttl, 4*time.Hour))}
+}
+
+var dropRole = []string{`DROP ROLE IF EXISTS "{{name}}";`}
+
+func createIn(groups string) []string {
+	return []string{`CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}' IN ROLE ` + groups + `;`}
 }
 
 // StackOptions configures StartStack.
@@ -83,8 +86,8 @@ type StackOptions struct {
 	Dir string
 	// TrustedNetworks for cleartext tokens; default pgwarden's (loopback).
 	TrustedNetworks []string
-	// BriefTTL adds the "brief" level with that lease length.
-	BriefTTL time.Duration
+	// ExtraLevels are added to the app database after Levels().
+	ExtraLevels []config.Level
 	// NoProxy starts everything but pgwarden (make dev runs the binary).
 	NoProxy bool
 	// Logger for pgwarden; default discards.
@@ -151,7 +154,7 @@ func StartStack(ctx context.Context, opts StackOptions) (s *Stack, err error) {
 				ConnectionURL: fmt.Sprintf("postgresql://{{username}}:{{password}}@127.0.0.1:%d/app?sslmode=disable", s.PG.Port),
 				Username:      "vault_admin", PasswordEnv: "PGWARDEN_DB_ADMIN_PASSWORD",
 			},
-			Levels: Levels(opts.BriefTTL),
+			Levels: append(Levels(), opts.ExtraLevels...),
 		}},
 	}
 	if err = s.loadConfig(); err != nil {

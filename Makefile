@@ -53,6 +53,7 @@ FUZZTIME ?= 30s
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzStartup$$' -fuzztime $(FUZZTIME) ./proxy
 	$(GO) test -run '^$$' -fuzz '^FuzzStartupSettings$$' -fuzztime $(FUZZTIME) ./proxy
+	$(GO) test -run '^$$' -fuzz '^FuzzCopyFrame$$' -fuzztime $(FUZZTIME) ./proxy
 
 clean:
 	rm -rf bin/pgwarden bin/devtoken bin/devstack $(DEV_DIR)

@@ -15,6 +15,7 @@ import (
 	"github.com/pgwarden/pgwarden/broker/vaultinit"
 	"github.com/pgwarden/pgwarden/internal/app"
 	"github.com/pgwarden/pgwarden/internal/config"
+	"github.com/pgwarden/pgwarden/testenv/pki"
 )
 
 // Audience is the aud of tokens the dev issuer mints and pgwarden accepts.
@@ -101,7 +102,7 @@ type Stack struct {
 	PG     *Postgres
 	Vault  *Vault
 	Issuer *Issuer
-	Certs  *Certs
+	Certs  *pki.Certs
 	Config *config.Config
 	App    *app.App // nil with NoProxy
 	// AdminPassword is vault_admin's, the role Vault manages users with.
@@ -135,7 +136,7 @@ func StartStack(ctx context.Context, opts StackOptions) (s *Stack, err error) {
 	if err = errors.Join(pgErr, vErr, iErr); err != nil {
 		return s, err
 	}
-	if s.Certs, err = NewCerts(s.dir); err != nil {
+	if s.Certs, err = pki.New(s.dir); err != nil {
 		return s, err
 	}
 	if err = s.seed(ctx); err != nil {

@@ -1,4 +1,7 @@
-package testenv
+// Package pki makes throwaway TLS material for tests and the dev stack: a CA
+// and a server certificate for localhost. It imports nothing of pgwarden, so any
+// package's tests may use it.
+package pki
 
 import (
 	"crypto/ecdsa"
@@ -26,8 +29,8 @@ type Certs struct {
 	Pool     *x509.CertPool
 }
 
-// NewCerts writes a CA and a server certificate into dir.
-func NewCerts(dir string) (*Certs, error) {
+// New writes a CA and a server certificate into dir.
+func New(dir string) (*Certs, error) {
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err

@@ -1,0 +1,159 @@
+package authn_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pgwarden/pgwarden/authn"
+	"github.com/pgwarden/pgwarden/pgerror"
+	"github.com/pgwarden/pgwarden/testenv"
+)
+
+func newVerifier(t *testing.T, cfg authn.Config) (*authn.Verifier, *testenv.Issuer) {
+	t.Helper()
+	is, err := testenv.StartIssuer("pgwarden")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { is.Close() })
+	if cfg.JWKSURL == "" {
+		cfg.IssuerURL = is.URL
+	} else {
+		cfg.JWKSURL = is.URL + "/jwks"
+		cfg.Issuer = is.URL
+	}
+	if cfg.Audiences == nil {
+		cfg.Audiences = []string{"pgwarden"}
+	}
+	v, err := authn.New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(v.Close)
+	return v, is
+}
+
+func TestVerifyAcceptsRSAAndECTokensAndReadsGroups(t *testing.T) {
+	t.Parallel()
+	v, is := newVerifier(t, authn.Config{})
+	for _, alg := range []string{"RS256", "ES256"} {
+		tok, err := is.Mint(testenv.Claims{Subject: "alice", Groups: []string{"analyst", "engineer"}, Alg: alg})
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, err := v.Verify(context.Background(), tok)
+		if err != nil {
+			t.Fatalf("%s: %v", alg, err)
+		}
+		if id.Subject != "alice" || strings.Join(id.Groups, ",") != "analyst,engineer" || id.Expiry.Before(time.Now()) {
+			t.Fatalf("%s: identity %+v", alg, id)
+		}
+	}
+}
+
+func TestVerifyByJWKSURLAndNestedGroupsClaim(t *testing.T) {
+	t.Parallel()
+	v, is := newVerifier(t, authn.Config{JWKSURL: "set", GroupsClaim: "realm_access.roles"})
+	tok, err := is.Mint(testenv.Claims{Subject: "bob", Extra: map[string]any{"realm_access": map[string]any{"roles": []string{"dba"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := v.Verify(context.Background(), tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(id.Groups) != 1 || id.Groups[0] != "dba" {
+		t.Fatalf("groups = %v", id.Groups)
+	}
+}
+
+func TestVerifyPicksUpRotatedKeys(t *testing.T) {
+	t.Parallel()
+	v, is := newVerifier(t, authn.Config{})
+	if err := is.Rotate("RS256"); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := is.Mint(testenv.Claims{Subject: "carol"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.Verify(context.Background(), tok); err != nil {
+		t.Fatalf("token signed by a rotated-in key: %v", err)
+	}
+}
+
+func TestVerifyRefusals(t *testing.T) {
+	t.Parallel()
+	v, is := newVerifier(t, authn.Config{Leeway: time.Second})
+	mint := func(c testenv.Claims) string {
+		tok, err := is.Mint(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	foreign, err := is.MintForeign(testenv.Claims{Subject: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := map[string]struct{ tok, reason string }{
+		"expired":        {mint(testenv.Claims{Subject: "x", TTL: -time.Minute}), authn.ReasonExpired},
+		"not yet valid":  {mint(testenv.Claims{Subject: "x", NotYet: time.Hour}), authn.ReasonNotYet},
+		"wrong audience": {mint(testenv.Claims{Subject: "x", Audience: "other"}), authn.ReasonAudience},
+		"wrong issuer":   {mint(testenv.Claims{Subject: "x", Issuer: "https://evil.example"}), authn.ReasonIssuer},
+		"alg none":       {mint(testenv.Claims{Subject: "x", Alg: "none"}), authn.ReasonAlgorithm},
+		"bad signature":  {foreign, authn.ReasonSignature},
+		"no subject":     {mint(testenv.Claims{}), authn.ReasonNoSubject},
+		"garbage":        {"not.a.jwt", authn.ReasonMalformed},
+		"unknown kid": {func() string {
+			tok := mint(testenv.Claims{Subject: "x"})
+			return strings.Replace(tok, strings.Split(tok, ".")[0], "eyJhbGciOiJSUzI1NiIsImtpZCI6Im5vcGUiLCJ0eXAiOiJKV1QifQ", 1)
+		}(), authn.ReasonUnknownKey},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			_, err := v.Verify(context.Background(), tc.tok)
+			var te *authn.TokenError
+			if !errors.As(err, &te) {
+				t.Fatalf("err = %v, want a *TokenError", err)
+			}
+			if te.Reason != tc.reason {
+				t.Errorf("reason = %q (%v), want %q", te.Reason, err, tc.reason)
+			}
+			pe := pgerror.From(err)
+			if pe.Code != pgerror.InvalidPassword {
+				t.Errorf("SQLSTATE = %s, want 28P01", pe.Code)
+			}
+			if strings.Contains(pe.Message+pe.Detail+pe.Hint+err.Error(), tc.tok) {
+				t.Error("the token appears in the error")
+			}
+		})
+	}
+}
+
+func TestNewRefusesUnsafeConfig(t *testing.T) {
+	t.Parallel()
+	for name, cfg := range map[string]authn.Config{
+		"hmac":           {IssuerURL: "http://127.0.0.1:1", Audiences: []string{"a"}, Algorithms: []string{"HS256"}},
+		"none":           {IssuerURL: "http://127.0.0.1:1", Audiences: []string{"a"}, Algorithms: []string{"none"}},
+		"no audience":    {IssuerURL: "http://127.0.0.1:1"},
+		"huge leeway":    {IssuerURL: "http://127.0.0.1:1", Audiences: []string{"a"}, Leeway: time.Hour},
+		"no issuer":      {JWKSURL: "http://127.0.0.1:1/jwks", Audiences: []string{"a"}},
+		"unreachable":    {IssuerURL: "http://127.0.0.1:1", Audiences: []string{"a"}},
+		"nothing at all": {},
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if v, err := authn.New(ctx, cfg); err == nil {
+				v.Close()
+				t.Fatal("accepted")
+			}
+		})
+	}
+}

@@ -1,0 +1,235 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	vault "github.com/hashicorp/vault/api"
+
+	"github.com/pgwarden/pgwarden/pgerror"
+)
+
+// fakeVault answers JWT logins (token "good-*" only, role "app-reader") and
+// creds reads, counting each, with lease and token TTLs set by the test.
+type fakeVault struct {
+	logins, reads      atomic.Int32
+	leaseTTL, tokenTTL int
+	delay              time.Duration
+}
+
+func (f *fakeVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	time.Sleep(f.delay)
+	w.Header().Set("Content-Type", "application/json")
+	switch {
+	case r.URL.Path == "/v1/auth/jwt/login":
+		var body struct{ Role, JWT string }
+		_ = json.NewDecoder(r.Body).Decode(&body)
+		n := f.logins.Add(1)
+		if !strings.HasPrefix(body.JWT, "good") || body.Role != "app-reader" {
+			w.WriteHeader(http.StatusBadRequest)
+			_, _ = w.Write([]byte(`{"errors":["error validating claims: claim \"groups\" does not match any associated bound claim values"]}`))
+			return
+		}
+		fmt.Fprintf(w, `{"auth":{"client_token":"hvs.vt-%d","lease_duration":%d,"renewable":true}}`, n, f.tokenTTL)
+	case strings.HasPrefix(r.URL.Path, "/v1/database/creds/"):
+		if !strings.HasPrefix(r.Header.Get("X-Vault-Token"), "hvs.vt-") {
+			w.WriteHeader(http.StatusForbidden)
+			_, _ = w.Write([]byte(`{"errors":["permission denied"]}`))
+			return
+		}
+		n := f.reads.Add(1)
+		fmt.Fprintf(w, `{"lease_id":"database/creds/app-reader/l%d","lease_duration":%d,"renewable":true,"data":{"username":"v-user-%d","password":"pw-%d"}}`, n, f.leaseTTL, n, n)
+	default:
+		w.WriteHeader(http.StatusNotFound)
+	}
+}
+
+type clock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *clock) Now() time.Time      { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *clock) Add(d time.Duration) { c.mu.Lock(); c.now = c.now.Add(d); c.mu.Unlock() }
+func newClock() *clock               { return &clock{now: time.Unix(1_800_000_000, 0)} }
+
+func newBroker(t *testing.T, fv *fakeVault, now func() time.Time) *Broker {
+	t.Helper()
+	srv := httptest.NewServer(fv)
+	t.Cleanup(srv.Close)
+	cfg := vault.DefaultConfig()
+	cfg.Address = srv.URL
+	cfg.MaxRetries = 0
+	c, err := vault.NewClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.ClearToken()
+	b, err := New(Config{Client: c, Now: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func req(tok string, exp time.Time) Request {
+	return Request{Token: tok, TokenExpiry: exp, VaultRole: "app-reader"}
+}
+
+func TestConcurrentFirstRequestsShareOneRead(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600, delay: 20 * time.Millisecond}
+	b := newBroker(t, fv, nil)
+	exp := time.Now().Add(time.Hour)
+	var wg sync.WaitGroup
+	users := make(chan string, 50)
+	for i := range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := b.Credential(context.Background(), req(fmt.Sprintf("good-%d", i), exp))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			users <- c.Username
+		}()
+	}
+	wg.Wait()
+	close(users)
+	for u := range users {
+		if u != "v-user-1" {
+			t.Fatalf("a client got %s; all should share the first credential", u)
+		}
+	}
+	if got := fv.reads.Load(); got != 1 {
+		t.Errorf("creds reads = %d, want 1", got)
+	}
+	if got := fv.logins.Load(); got != 50 {
+		t.Errorf("logins = %d, want one per distinct token (50)", got)
+	}
+}
+
+func TestLoginIsCachedPerTokenUntilItsEnd(t *testing.T) {
+	t.Parallel()
+	clk := newClock()
+	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 600}
+	b := newBroker(t, fv, clk.Now)
+	exp := clk.Now().Add(time.Hour)
+	for range 3 {
+		if _, err := b.Credential(context.Background(), req("good-a", exp)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := fv.logins.Load(); got != 1 {
+		t.Fatalf("logins for one token = %d, want 1", got)
+	}
+	clk.Add(601 * time.Second) // past the Vault token's TTL
+	if _, err := b.Credential(context.Background(), req("good-a", exp)); err != nil {
+		t.Fatal(err)
+	}
+	if got := fv.logins.Load(); got != 2 {
+		t.Fatalf("logins after the Vault token ended = %d, want 2", got)
+	}
+	// A JWT expiring before the Vault token bounds the cached login too.
+	short := clk.Now().Add(10 * time.Second)
+	if _, err := b.Credential(context.Background(), req("good-b", short)); err != nil {
+		t.Fatal(err)
+	}
+	clk.Add(11 * time.Second)
+	if _, err := b.Credential(context.Background(), req("good-b", short)); err != nil {
+		t.Fatal(err)
+	}
+	if got := fv.logins.Load(); got != 4 {
+		t.Fatalf("logins = %d, want 4: a login must not outlive its JWT", got)
+	}
+}
+
+func TestCredentialIsNotHandedOutPastRetirement(t *testing.T) {
+	t.Parallel()
+	clk := newClock()
+	fv := &fakeVault{leaseTTL: 20, tokenTTL: 3600}
+	b := newBroker(t, fv, clk.Now)
+	exp := clk.Now().Add(time.Hour)
+	c1, err := b.Credential(context.Background(), req("good-a", exp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := clk.Now().Add(20 * time.Second); !c1.ExpiresAt.Equal(want) {
+		t.Fatalf("ExpiresAt = %v, want %v", c1.ExpiresAt, want)
+	}
+	if m := c1.ExpiresAt.Sub(c1.RetireAt); m != 2*time.Second {
+		t.Fatalf("retire margin = %v, want 2s (a tenth of 20s)", m)
+	}
+	clk.Add(17 * time.Second)
+	if c, _ := b.Credential(context.Background(), req("good-b", exp)); c.Username != c1.Username {
+		t.Fatal("a credential inside its life was not shared")
+	}
+	clk.Add(2 * time.Second) // past RetireAt, before ExpiresAt
+	c2, err := b.Credential(context.Background(), req("good-a", exp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c2.Username == c1.Username {
+		t.Fatal("a retiring credential was handed out")
+	}
+}
+
+func TestLeaseIsBoundedByTheReadingToken(t *testing.T) {
+	t.Parallel()
+	clk := newClock()
+	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 60}
+	b := newBroker(t, fv, clk.Now)
+	c, err := b.Credential(context.Background(), req("good-a", clk.Now().Add(time.Hour)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := clk.Now().Add(time.Minute); !c.ExpiresAt.Equal(want) {
+		t.Fatalf("ExpiresAt = %v, want the Vault token's end %v: Vault revokes leases with their token", c.ExpiresAt, want)
+	}
+}
+
+func TestVaultRefusalAndOutage(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600}
+	b := newBroker(t, fv, nil)
+	_, err := b.Credential(context.Background(), req("bad-token", time.Now().Add(time.Hour)))
+	var ve *VaultError
+	if !errors.As(err, &ve) || !ve.Denied() || ve.Op != "login" {
+		t.Fatalf("err = %v, want a denied login VaultError", err)
+	}
+	pe := pgerror.From(err)
+	if pe.Code != pgerror.InsufficientPrivilege || !strings.Contains(pe.Detail, "bound claim") {
+		t.Fatalf("refusal = %s %q / %q", pe.Code, pe.Message, pe.Detail)
+	}
+	if strings.Contains(pe.Message+pe.Detail+pe.Hint, "bad-token") {
+		t.Fatal("token in the client-facing error")
+	}
+
+	cfg := vault.DefaultConfig()
+	cfg.Address = "http://127.0.0.1:1"
+	cfg.MaxRetries = 0
+	c, _ := vault.NewClient(cfg)
+	down, _ := New(Config{Client: c})
+	_, err = down.Credential(context.Background(), req("good-a", time.Now().Add(time.Hour)))
+	if !errors.As(err, &ve) || ve.Denied() || pgerror.Code(err) != pgerror.ConnectionFailure {
+		t.Fatalf("unreachable Vault: err = %v (code %s), want 08006", err, pgerror.Code(err))
+	}
+}
+
+func TestCredentialLogValueHidesPassword(t *testing.T) {
+	t.Parallel()
+	c := &Credential{Username: "u", Password: "hunter2", LeaseID: "l"}
+	if strings.Contains(c.LogValue().String(), "hunter2") {
+		t.Fatal("password in log value")
+	}
+}

@@ -116,6 +116,9 @@ func (c *clientConn) refuse(err error, reason string) {
 		_ = c.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
 		_ = sendFatal(c.w, err)
 	}
+	if errors.Is(err, errNoStartup) {
+		return // not an attempt: nothing to count or log
+	}
 	cfg.Observer.AuthResult(c.database, c.level, reason)
 	level := slog.LevelInfo
 	if pgerror.Code(err) == pgerror.InternalError {

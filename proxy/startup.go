@@ -30,6 +30,10 @@ const (
 // does for garbage before the startup packet completes.
 var errSilentClose = errors.New("malformed startup; closed silently")
 
+// errNoStartup is a connection that closed before sending a byte: a port
+// probe or health check, not an authentication attempt.
+var errNoStartup = fmt.Errorf("%w: no startup packet", errSilentClose)
+
 // bufConn lets the TLS handshake read bytes already buffered by r.
 type bufConn struct {
 	net.Conn
@@ -44,6 +48,9 @@ func (b bufConn) Read(p []byte) (int, error) { return b.r.Read(p) }
 // connection is closed.
 func (c *clientConn) readStartup(ctx context.Context) (pgproto3.FrontendMessage, error) {
 	negotiated := false
+	if _, err := c.r.Peek(1); err != nil {
+		return nil, errNoStartup
+	}
 	for {
 		if !c.tls && !negotiated && c.srv.cfg.TLS != nil {
 			first, err := c.r.Peek(1)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -48,6 +49,7 @@ func exchange(t *testing.T, addr string, local net.IP, chunks ...[]byte) []byte 
 			break // the server may already have closed
 		}
 	}
+	_ = c.(*net.TCPConn).CloseWrite() // the client has nothing more to say
 	out, err := io.ReadAll(c)
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
@@ -278,5 +280,34 @@ func TestDirectTLSNeedsALPN(t *testing.T) {
 		if alpn == nil && err == nil {
 			t.Fatalf("direct TLS without ALPN was served (%q)", hdr)
 		}
+	}
+}
+
+// countingObserver records auth results.
+type countingObserver struct {
+	nopObserver
+	mu      sync.Mutex
+	results []string
+}
+
+func (o *countingObserver) AuthResult(db, level, result string) {
+	o.mu.Lock()
+	o.results = append(o.results, result)
+	o.mu.Unlock()
+}
+
+func TestPortProbeIsNotAnAuthAttempt(t *testing.T) {
+	t.Parallel()
+	obs := &countingObserver{}
+	cfg := testConfig()
+	cfg.Observer = obs
+	addr := startServer(t, cfg)
+	exchange(t, addr, nil)                  // connect, send nothing, close
+	exchange(t, addr, nil, []byte{0, 0, 0}) // a truncated packet is an attempt
+	time.Sleep(100 * time.Millisecond)
+	obs.mu.Lock()
+	defer obs.mu.Unlock()
+	if len(obs.results) != 1 || obs.results[0] != "protocol" {
+		t.Fatalf("auth results = %v, want one protocol failure (the probe is not counted)", obs.results)
 	}
 }

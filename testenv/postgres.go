@@ -120,7 +120,7 @@ log_min_messages = warning
 		return nil, err
 	}
 	if out, err := exec.Command(filepath.Join(bin, "postgres"), "--version").Output(); err == nil {
-		p.Version = strings.TrimSpace(string(out))
+		p.Version = strings.TrimPrefix(strings.TrimSpace(string(out)), "postgres (PostgreSQL) ")
 	}
 	p.cmd = ra.command(context.Background(), filepath.Join(bin, "postgres"), "-D", data)
 	p.log.w = &bytes.Buffer{}

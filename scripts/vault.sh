@@ -2,7 +2,10 @@
 # Builds bin/vault from testenv/vaultbin (Vault's Go module, pinned there) once,
 # and again only when the pin changes. A cold build takes about ten minutes and
 # ~5 GB of memory on 2 cores, so it is cached in bin/ with a stamp of the pin.
-# Set PGWARDEN_VAULT_BIN to use another vault binary and skip the build.
+# A copy is kept in ${PGWARDEN_CACHE:-~/.cache/pgwarden}/vault-<pin>, so a fresh
+# clone on the same machine (CI's, for one) reuses it; PGWARDEN_CACHE=off
+# disables that. Set PGWARDEN_VAULT_BIN to use another vault binary and skip
+# the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +18,13 @@ if [ -x bin/vault ] && [ "$(cat bin/.vault-pin 2>/dev/null)" = "$pin" ]; then
   exit 0
 fi
 mkdir -p bin
+cache=${PGWARDEN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pgwarden}
+if [ "$cache" != off ] && [ -x "$cache/vault-$pin" ]; then
+  cp "$cache/vault-$pin" bin/vault.tmp && mv bin/vault.tmp bin/vault
+  echo "$pin" > bin/.vault-pin
+  echo "vault: reused $cache/vault-$pin"
+  exit 0
+fi
 echo "vault: building bin/vault from testenv/vaultbin (pin $pin); the first build takes ~10 minutes…"
 start=$(date +%s)
 (
@@ -24,4 +34,7 @@ start=$(date +%s)
 )
 mv bin/vault.tmp bin/vault
 echo "$pin" > bin/.vault-pin
+if [ "$cache" != off ] && mkdir -p "$cache" 2>/dev/null; then
+  cp bin/vault "$cache/vault-$pin.tmp" && mv "$cache/vault-$pin.tmp" "$cache/vault-$pin" || true
+fi
 echo "vault: built in $(( $(date +%s) - start ))s: $(bin/vault version)"

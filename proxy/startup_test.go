@@ -115,15 +115,21 @@ func TestMalformedStartupIsClosedSilently(t *testing.T) {
 	}
 }
 
-func TestBytesBehindSSLRequestCloseTheConnection(t *testing.T) {
-	t.Parallel()
+// startTLSServer serves the test config with a certificate for localhost.
+func startTLSServer(t *testing.T) (string, *pki.Certs) {
+	t.Helper()
 	certs, err := pki.New(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	cfg := testConfig()
 	cfg.TLS = &tls.Config{Certificates: []tls.Certificate{certs.Server}}
-	addr := startServer(t, cfg)
+	return startServer(t, cfg), certs
+}
+
+func TestBytesBehindSSLRequestCloseTheConnection(t *testing.T) {
+	t.Parallel()
+	addr, _ := startTLSServer(t)
 	// CVE-2021-23214: a startup packet injected behind the SSLRequest, in the
 	// same segment, must never be processed as if it came over TLS.
 	pkt := append(sslRequest(), startupPacket(t, pgproto3.ProtocolVersion30, map[string]string{"user": "reader", "database": "app"})...)
@@ -252,13 +258,7 @@ func TestAuthTimeoutIsATotalDeadline(t *testing.T) {
 
 func TestDirectTLSNeedsALPN(t *testing.T) {
 	t.Parallel()
-	certs, err := pki.New(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := testConfig()
-	cfg.TLS = &tls.Config{Certificates: []tls.Certificate{certs.Server}}
-	addr := startServer(t, cfg)
+	addr, certs := startTLSServer(t)
 	for _, alpn := range [][]string{{"postgresql"}, nil} {
 		tc := certs.ClientTLS()
 		tc.NextProtos = alpn

@@ -17,6 +17,10 @@ pin=$(cat testenv/vaultbin/go.mod testenv/vaultbin/go.sum testenv/vaultbin/main.
 if [ -x bin/vault ] && [ "$(cat bin/.vault-pin 2>/dev/null)" = "$pin" ]; then
   exit 0
 fi
+if command -v vault >/dev/null 2>&1; then
+  echo "vault: using $(command -v vault) ($(vault version 2>/dev/null | head -1)); remove it from PATH to build the pinned one"
+  exit 0
+fi
 mkdir -p bin
 cache=${PGWARDEN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pgwarden}
 if [ "$cache" != off ] && [ -x "$cache/vault-$pin" ]; then

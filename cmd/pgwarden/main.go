@@ -132,9 +132,7 @@ func vaultInit(ctx context.Context, cfg *config.Config, log *slog.Logger) error 
 }
 
 func check(ctx context.Context, cfg *config.Config, out io.Writer) error {
-	v, err := authn.New(ctx, authn.Config{IssuerURL: cfg.OIDC.IssuerURL, JWKSURL: cfg.OIDC.JWKSURL,
-		Issuer: cfg.OIDC.Issuer, Audiences: cfg.OIDC.Audiences, Algorithms: cfg.OIDC.Algorithms,
-		Leeway: cfg.OIDC.Leeway.D(), GroupsClaim: cfg.OIDC.GroupsClaim})
+	v, err := authn.New(ctx, app.VerifierConfig(cfg))
 	if err != nil {
 		return err
 	}

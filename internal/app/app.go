@@ -56,15 +56,20 @@ func NewVaultClient(cfg *config.Config) (*vault.Client, error) {
 	return vault.NewClient(vc)
 }
 
+// VerifierConfig is the token verifier's part of cfg.
+func VerifierConfig(cfg *config.Config) authn.Config {
+	return authn.Config{
+		IssuerURL: cfg.OIDC.IssuerURL, JWKSURL: cfg.OIDC.JWKSURL, Issuer: cfg.OIDC.Issuer,
+		Audiences: cfg.OIDC.Audiences, Algorithms: cfg.OIDC.Algorithms, Leeway: cfg.OIDC.Leeway.D(),
+		GroupsClaim: cfg.OIDC.GroupsClaim,
+	}
+}
+
 // New wires pgwarden. It fetches the issuer's keys, so it fails early when
 // the issuer is unreachable.
 func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error) {
 	a := &App{cfg: cfg, log: log, serveErr: make(chan error, 4)}
-	v, err := authn.New(ctx, authn.Config{
-		IssuerURL: cfg.OIDC.IssuerURL, JWKSURL: cfg.OIDC.JWKSURL, Issuer: cfg.OIDC.Issuer,
-		Audiences: cfg.OIDC.Audiences, Algorithms: cfg.OIDC.Algorithms, Leeway: cfg.OIDC.Leeway.D(),
-		GroupsClaim: cfg.OIDC.GroupsClaim,
-	})
+	v, err := authn.New(ctx, VerifierConfig(cfg))
 	if err != nil {
 		return nil, err
 	}

@@ -1,0 +1,47 @@
+// Package proxy is pgwarden's PostgreSQL side: it speaks Backend to clients
+// and Frontend to PostgreSQL. It accepts a connection, negotiates TLS, asks
+// for a cleartext password — the client's token — and hands it to a
+// TokenVerifier, an Authorizer and a CredentialSource (interfaces declared
+// here; authn and broker implement them). It then takes an upstream session
+// from the pool for (database, access level), greets the client and relays
+// frames until either side ends.
+//
+//	client                 pgwarden                      Vault              PostgreSQL
+//	  |-- SSLRequest -------->|                             |                    |
+//	  |<-------- 'S' ---------|  (bytes sent behind the     |                    |
+//	  |== TLS handshake ======|   request: connection closed)                    |
+//	  |-- StartupMessage ---->|  user = access level, database                   |
+//	  |<- AuthCleartextPwd ---|  only over TLS, a unix socket or a trusted net   |
+//	  |-- Password(JWT) ----->|  verify: JWKS signature, alg allow-list,         |
+//	  |                       |          iss, aud, exp, nbf; grants -> level     |
+//	  |                       |-- login(jwt, role) -------->|  (cached per token)|
+//	  |                       |<------- Vault token --------|                    |
+//	  |                       |-- read creds/<role> ------->|  (shared per role, |
+//	  |                       |<-- user, password, lease ---|   one call at once)|
+//	  |                       |-- pool: idle session, or pgconn connect -------->|
+//	  |                       |<------------------ SCRAM, ReadyForQuery ---------|
+//	  |                       |-- set_config(client settings) ------------------>|
+//	  |<- AuthenticationOk ---|                                                  |
+//	  |<- ParameterStatus* ---|                                                  |
+//	  |<- BackendKeyData -----|  pgwarden's own key, mapped to the backend's     |
+//	  |<- ReadyForQuery ------|                                                  |
+//	  |== frames, relayed as raw bytes; only ReadyForQuery's status is read =====|
+//	  |-- Terminate --------->|  idle: DISCARD ALL, back to the pool;            |
+//	  |                       |  in a transaction or broken: closed              |
+//
+// Refusals are ErrorResponses with severity FATAL and a SQLSTATE, built in one
+// place (errorResponse) from the *pgerror.Error or *pgconn.PgError in the
+// error chain; malformed framing before the startup packet completes is
+// closed without a word, as PostgreSQL does. The authentication timeout is one
+// deadline from accept to AuthenticationOk.
+//
+// An upstream session never outlives its credential: at the credential's
+// RetireAt the client gets FATAL 57P01 at its next idle point, at its lease's
+// end the session is cut, and idle pooled sessions are closed before either.
+// Vault drops a role when its lease ends, and a session of a dropped role still
+// answers `select 1` while failing every privilege check, so no liveness probe
+// could catch it.
+//
+// Pooling is per session for now: a client holds its upstream session from
+// greeting to Terminate.
+package proxy

@@ -1,9 +1,11 @@
 package testenv
 
 import (
+	"context"
 	"errors"
 	"os"
 	"testing"
+	"time"
 )
 
 // InCI reports whether we run under CI (CI=true), where integration tests
@@ -30,4 +32,17 @@ func Check(t testing.TB, err error) {
 		t.Fatalf("%v (integration tests need it; `make deps` installs it)", err)
 	}
 	t.Fatal(err)
+}
+
+// NewStack starts a Stack for one test and stops it when the test ends. It
+// skips under -short outside CI, like Integration.
+func NewStack(t testing.TB, opts StackOptions) *Stack {
+	t.Helper()
+	Integration(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	st, err := StartStack(ctx, opts)
+	Check(t, err)
+	t.Cleanup(st.Close)
+	return st
 }

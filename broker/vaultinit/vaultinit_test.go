@@ -15,12 +15,9 @@ import (
 // The stack has already run Apply once; running it again must succeed and
 // leave the same least-privilege configuration, which Vault then enforces.
 func TestApplyIsIdempotentAndLeastPrivilege(t *testing.T) {
-	testenv.Integration(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	st := testenv.NewStack(t, testenv.StackOptions{NoProxy: true})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	st, err := testenv.StartStack(ctx, testenv.StackOptions{NoProxy: true})
-	testenv.Check(t, err)
-	defer st.Close()
 	vc, err := st.Vault.Client()
 	if err != nil {
 		t.Fatal(err)

@@ -2,11 +2,9 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/pgwarden/pgwarden/testenv"
 )
@@ -35,12 +33,7 @@ func TestUsageAndBadInvocations(t *testing.T) {
 
 // vault-init and check as an operator runs them, against the real stack.
 func TestVaultInitAndCheckAgainstTheStack(t *testing.T) {
-	testenv.Integration(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	st, err := testenv.StartStack(ctx, testenv.StackOptions{NoProxy: true})
-	testenv.Check(t, err)
-	defer st.Close()
+	st := testenv.NewStack(t, testenv.StackOptions{NoProxy: true})
 	path := filepath.Join(t.TempDir(), "pgwarden.json")
 	if err := st.WriteConfig(path); err != nil {
 		t.Fatal(err)

@@ -15,26 +15,19 @@ import (
 // SQLSTATE codes pgwarden sends. See
 // https://www.postgresql.org/docs/current/errcodes-appendix.html.
 const (
-	ProtocolViolation        = "08P01" // protocol_violation
-	ConnectionFailure        = "08006" // connection_failure
-	InvalidAuthorization     = "28000" // invalid_authorization_specification
-	InvalidPassword          = "28P01" // invalid_password
-	InsufficientPrivilege    = "42501" // insufficient_privilege
-	InvalidCatalogName       = "3D000" // invalid_catalog_name: unknown database
-	FeatureNotSupported      = "0A000" // feature_not_supported
-	TooManyConnections       = "53300" // too_many_connections
-	AdminShutdown            = "57P01" // admin_shutdown
-	CannotConnectNow         = "57P03" // cannot_connect_now
-	QueryCanceled            = "57014" // query_canceled
-	InternalError            = "XX000" // internal_error
-	ConfigurationFileError   = "F0000" // config_file_error
-	InvalidParameterValue    = "22023" // invalid_parameter_value
-	IdleSessionTimeout       = "57P05" // idle_session_timeout
-	InvalidTransactionState  = "25000" // invalid_transaction_state
-	SystemError              = "58000" // system_error
-	ObjectNotInPrerequisite  = "55000" // object_not_in_prerequisite_state
-	CredentialLeaseEnded     = AdminShutdown
-	CredentialServiceFailure = ConnectionFailure
+	ProtocolViolation      = "08P01" // protocol_violation
+	ConnectionFailure      = "08006" // connection_failure
+	InvalidAuthorization   = "28000" // invalid_authorization_specification
+	InvalidPassword        = "28P01" // invalid_password
+	InsufficientPrivilege  = "42501" // insufficient_privilege
+	InvalidCatalogName     = "3D000" // invalid_catalog_name: unknown database
+	FeatureNotSupported    = "0A000" // feature_not_supported
+	TooManyConnections     = "53300" // too_many_connections
+	AdminShutdown          = "57P01" // admin_shutdown
+	InternalError          = "XX000" // internal_error
+	ConfigurationFileError = "F0000" // config_file_error
+	InvalidParameterValue  = "22023" // invalid_parameter_value
+	CredentialLeaseEnded   = AdminShutdown
 )
 
 // Error is a failure that carries the SQLSTATE and client-facing text for the

@@ -3,6 +3,8 @@ package proxy_test
 import (
 	"context"
 	"errors"
+	"io"
+	"log/slog"
 	"os"
 	"sync"
 	"testing"
@@ -24,7 +26,7 @@ var (
 )
 
 // logs collects pgwarden's log output, to check that no token reaches it.
-var logs = &syncBuffer{}
+var logs = &testenv.LockedBuffer{}
 
 const briefTTL = 20 * time.Second
 
@@ -110,4 +112,8 @@ func TestReaderGetsDynamicRole(t *testing.T) {
 	if validUntil == nil || validUntil.Before(time.Now()) {
 		t.Fatalf("dynamic role VALID UNTIL = %v, want a time in the future", validUntil)
 	}
+}
+
+func newJSONLogger(w io.Writer) *slog.Logger {
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }

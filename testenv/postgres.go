@@ -1,7 +1,6 @@
 package testenv
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -30,7 +29,7 @@ type Postgres struct {
 
 	cmd  *exec.Cmd
 	done chan struct{}
-	log  syncWriter
+	log  LockedBuffer
 }
 
 // PostgresBinDir finds the PostgreSQL server binaries: pg_config --bindir,
@@ -123,7 +122,6 @@ log_min_messages = warning
 		p.Version = strings.TrimPrefix(strings.TrimSpace(string(out)), "postgres (PostgreSQL) ")
 	}
 	p.cmd = ra.command(context.Background(), filepath.Join(bin, "postgres"), "-D", data)
-	p.log.w = &bytes.Buffer{}
 	p.cmd.Stdout, p.cmd.Stderr = &p.log, &p.log
 	if err := p.cmd.Start(); err != nil {
 		return nil, err

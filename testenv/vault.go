@@ -22,7 +22,7 @@ type Vault struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	home string
-	log  syncWriter
+	log  LockedBuffer
 }
 
 // VaultBinary finds a vault binary: $PGWARDEN_VAULT_BIN, then bin/vault in the
@@ -78,7 +78,6 @@ func StartVault(ctx context.Context) (*Vault, error) {
 		return nil, err
 	}
 	v := &Vault{Addr: fmt.Sprintf("http://127.0.0.1:%d", port), RootToken: "root-" + randomHex(12), home: home, done: make(chan struct{})}
-	v.log.w = &bytes.Buffer{}
 	v.cmd = runAs{}.command(context.Background(), bin, "server", "-dev",
 		"-dev-listen-address", fmt.Sprintf("127.0.0.1:%d", port),
 		"-dev-root-token-id", v.RootToken, "-dev-no-store-token", "-log-level", "warn")

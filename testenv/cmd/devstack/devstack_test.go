@@ -45,7 +45,7 @@ func TestMakeDevQuickStart(t *testing.T) {
 		}
 	}
 
-	var out bytes.Buffer
+	var out testenv.LockedBuffer
 	mk := exec.Command("make", "-s", "dev", "DEV_DIR="+dev, "DEV_PORT=0", "DEV_METRICS_PORT=0")
 	mk.Dir = root
 	mk.Env = append(os.Environ(), "TMPDIR="+tmp)

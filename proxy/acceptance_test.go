@@ -18,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/pgwarden/pgwarden/internal/app"
 	"github.com/pgwarden/pgwarden/testenv"
 )
 
@@ -481,5 +482,83 @@ func dumpActivity(t *testing.T, st *testenv.Stack) {
 		var user, state, wt, we, q string
 		_ = rows.Scan(&pid, &user, &state, &wt, &we, &q)
 		t.Logf("backend %d %s %s %s/%s %q", pid, user, state, wt, we, q)
+	}
+}
+
+func TestUnixSocketIsTrustedWithoutTLS(t *testing.T) {
+	st := needStack(t)
+	_, port, _ := net.SplitHostPort(st.App.Addr())
+	c, err := pgx.Connect(context.Background(), fmt.Sprintf("host=%s port=%s dbname=app user=reader password=%s sslmode=disable",
+		socketDir, port, token(t, "liam", "analyst")))
+	if err != nil {
+		t.Fatalf("over the unix socket: %v", err)
+	}
+	defer c.Close(context.Background())
+	if u := queryString(t, c, "select current_user"); !strings.HasPrefix(u, "v-") {
+		t.Fatalf("current_user = %q", u)
+	}
+}
+
+func TestShutdownDrainsSessionsAndRefusesNewOnes(t *testing.T) {
+	st := needStack(t)
+	// A second pgwarden on the same components, so this test can stop it.
+	cfg := *st.Config
+	cfg.Listen, cfg.MetricsListen, cfg.UnixSocketDir = "127.0.0.1:0", "off", ""
+	ctx := context.Background()
+	a, err := app.New(ctx, &cfg, newJSONLogger(io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Start(); err != nil {
+		t.Fatal(err)
+	}
+	host, port, _ := net.SplitHostPort(a.Addr())
+	conn := fmt.Sprintf("host=%s port=%s dbname=app user=reader password=%s sslmode=verify-full sslrootcert=%s",
+		host, port, token(t, "mia", "analyst"), st.Certs.CAFile)
+	c, err := pgx.Connect(ctx, conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Exec(ctx, "begin"); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		done <- a.Shutdown(sctx)
+	}()
+	// New clients are refused while the open session keeps working.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		nc, err := net.DialTimeout("tcp", a.Addr(), time.Second)
+		if err != nil {
+			break
+		}
+		nc.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("still accepting 10s after Shutdown began")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := c.Exec(ctx, "select count(*) from items"); err != nil {
+		t.Fatalf("a draining session failed: %v", err)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("Shutdown returned (%v) while a session was still open", err)
+	default:
+	}
+	if _, err := c.Exec(ctx, "commit"); err != nil {
+		t.Fatal(err)
+	}
+	c.Close(ctx)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Shutdown after the last session ended: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Shutdown did not return after the last session ended")
 	}
 }

@@ -25,6 +25,9 @@ var (
 	stackOnce sync.Once
 )
 
+// socketDir holds pgwarden's unix socket.
+var socketDir string
+
 // logs collects pgwarden's log output, to check that no token reaches it.
 var logs = &testenv.LockedBuffer{}
 
@@ -34,6 +37,9 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	if stack != nil {
 		stack.Close()
+	}
+	if socketDir != "" {
+		os.RemoveAll(socketDir)
 	}
 	os.Exit(code)
 }
@@ -46,8 +52,12 @@ func needStack(t *testing.T) *testenv.Stack {
 	stackOnce.Do(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
+		if socketDir, stackErr = os.MkdirTemp("", "pgwarden-sock-"); stackErr != nil {
+			return
+		}
 		stack, stackErr = testenv.StartStack(ctx, testenv.StackOptions{
-			Logger: newJSONLogger(logs),
+			UnixSocketDir: socketDir,
+			Logger:        newJSONLogger(logs),
 			ExtraLevels: []config.Level{
 				testenv.ReadLevel("brief", briefTTL, "analyst"),
 				testenv.ReadLevel("crowd", time.Hour, "analyst"),

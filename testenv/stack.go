@@ -87,6 +87,8 @@ type StackOptions struct {
 	Dir string
 	// TrustedNetworks for cleartext tokens; default pgwarden's (loopback).
 	TrustedNetworks []string
+	// UnixSocketDir, when set, makes pgwarden listen on a unix socket there too.
+	UnixSocketDir string
 	// ExtraLevels are added to the app database after Levels().
 	ExtraLevels []config.Level
 	// NoProxy starts everything but pgwarden (make dev runs the binary).
@@ -145,7 +147,8 @@ func StartStack(ctx context.Context, opts StackOptions) (s *Stack, err error) {
 	s.Config = &config.Config{
 		Listen: "127.0.0.1:0", MetricsListen: "127.0.0.1:0",
 		TLSCert: s.Certs.CertFile, TLSKey: s.Certs.KeyFile, TrustedNetworks: opts.TrustedNetworks,
-		LogLevel: "info", LogFormat: "json",
+		UnixSocketDir: opts.UnixSocketDir,
+		LogLevel:      "info", LogFormat: "json",
 		OIDC:  config.OIDC{IssuerURL: s.Issuer.URL, Audiences: []string{Audience}},
 		Vault: config.Vault{Address: s.Vault.Addr},
 		Databases: []config.Database{{

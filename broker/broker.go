@@ -26,6 +26,10 @@ type Config struct {
 	JWTMount string
 	// DatabaseMount is the path of the database secrets engine. Default "database".
 	DatabaseMount string
+	// VaultTimeout bounds one Vault call. A call shared by concurrent requests
+	// runs under it, detached from any one caller, so a client that gives up
+	// does not fail the others waiting on the same call. Default 10s.
+	VaultTimeout time.Duration
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
 	// ObserveVault, when set, is called after every Vault call with the
@@ -47,6 +51,9 @@ func (c *Config) checkAndSetDefaults() error {
 	}
 	c.JWTMount = strings.Trim(c.JWTMount, "/")
 	c.DatabaseMount = strings.Trim(c.DatabaseMount, "/")
+	if c.VaultTimeout == 0 {
+		c.VaultTimeout = 10 * time.Second
+	}
 	if c.Now == nil {
 		c.Now = time.Now
 	}
@@ -136,7 +143,7 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 	}
 	// The leader reads with its own Vault token; followers wait for it. A
 	// follower's own login above already proved Vault authorizes it.
-	v, err, _ := b.credFlight.Do(req.VaultRole, func() (any, error) {
+	v, err := b.shared(ctx, &b.credFlight, req.VaultRole, func(ctx context.Context) (any, error) {
 		b.mu.Lock()
 		c := b.creds[req.VaultRole]
 		b.mu.Unlock()
@@ -156,6 +163,24 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 		return nil, err
 	}
 	return v.(*Credential), nil
+}
+
+// shared runs fn once for key among concurrent callers. fn runs under a
+// context detached from any caller's cancellation and bounded by
+// VaultTimeout; each caller waits under its own ctx and gets its own
+// cancellation (tagged 08006) when it gives up first.
+func (b *Broker) shared(ctx context.Context, g *singleflight.Group, key string, fn func(context.Context) (any, error)) (any, error) {
+	ch := g.DoChan(key, func() (any, error) {
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.cfg.VaultTimeout)
+		defer cancel()
+		return fn(fctx)
+	})
+	select {
+	case r := <-ch:
+		return r.Val, r.Err
+	case <-ctx.Done():
+		return nil, pgerror.Wrap(ctx.Err(), pgerror.ConnectionFailure, "timed out waiting for the credential service (Vault)")
+	}
 }
 
 func loginKey(token, role string) [sha256.Size]byte {
@@ -178,7 +203,7 @@ func (b *Broker) login(ctx context.Context, req Request) (login, error) {
 	if ok && now.Before(l.expiresAt) {
 		return l, nil
 	}
-	v, err, _ := b.loginFlight.Do(string(key[:]), func() (any, error) {
+	v, err := b.shared(ctx, &b.loginFlight, string(key[:]), func(ctx context.Context) (any, error) {
 		c, err := b.cfg.Client.Clone()
 		if err != nil {
 			return nil, pgerror.Wrap(err, pgerror.InternalError, "pgwarden internal error")

@@ -233,3 +233,41 @@ func TestCredentialLogValueHidesPassword(t *testing.T) {
 		t.Fatal("password in log value")
 	}
 }
+
+// The client whose request leads a shared Vault call may give up; the
+// others waiting on the same call must still get their credential.
+func TestLeaderGivingUpDoesNotFailFollowers(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600, delay: 300 * time.Millisecond}
+	b := newBroker(t, fv, nil)
+	exp := time.Now().Add(time.Hour)
+	// Log both in first, so that only the creds read is shared.
+	for _, tok := range []string{"good-leader", "good-follower"} {
+		if _, err := b.login(context.Background(), req(tok, exp)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	leaderCtx, cancel := context.WithCancel(context.Background())
+	leaderErr := make(chan error, 1)
+	go func() {
+		_, err := b.Credential(leaderCtx, req("good-leader", exp))
+		leaderErr <- err
+	}()
+	followerErr := make(chan error, 1)
+	go func() {
+		time.Sleep(50 * time.Millisecond) // joins the read in flight
+		_, err := b.Credential(context.Background(), req("good-follower", exp))
+		followerErr <- err
+	}()
+	time.Sleep(150 * time.Millisecond)
+	cancel() // the leader's client hangs up mid-read
+	if err := <-followerErr; err != nil {
+		t.Fatalf("follower failed with the leader's cancellation: %v", err)
+	}
+	if err := <-leaderErr; !errors.Is(err, context.Canceled) {
+		t.Errorf("leader: err = %v, want its own cancellation", err)
+	}
+	if got := fv.reads.Load(); got != 1 {
+		t.Errorf("creds reads = %d, want 1", got)
+	}
+}

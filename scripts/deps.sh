@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what pgwarden's tests and dev stack need and the machine lacks:
-# Debian's PostgreSQL server (initdb, postgres) and client (psql, pgbench).
+# Debian's PostgreSQL server (initdb, postgres) and client (psql).
 # As root it installs them with apt-get; otherwise it says what to install.
 set -euo pipefail
 
@@ -12,7 +12,6 @@ have_server() {
 need=()
 have_server || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
-command -v pgbench >/dev/null 2>&1 || have_server || need+=(postgresql-contrib)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -82,17 +82,3 @@ func readMessage(r *bufio.Reader, buf []byte, maxBody int) (typ byte, body, newB
 	}
 	return typ, buf, buf, nil
 }
-
-// skipMessage discards one whole message from r.
-func skipMessage(r *bufio.Reader) error {
-	hdr, err := r.Peek(headerLen)
-	if err != nil {
-		return err
-	}
-	n := int(binary.BigEndian.Uint32(hdr[1:])) - 4
-	if n < 0 {
-		return errFraming
-	}
-	_, err = r.Discard(headerLen + n)
-	return err
-}

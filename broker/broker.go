@@ -17,6 +17,21 @@ import (
 	"github.com/pgwarden/pgwarden/pgerror"
 )
 
+// Default mount paths of Vault's JWT auth method and database secrets engine.
+const (
+	DefaultJWTMount      = "jwt"
+	DefaultDatabaseMount = "database"
+)
+
+// MountPath normalizes a Vault mount path ("/jwt/" is "jwt"), or returns def
+// when p is empty.
+func MountPath(p, def string) string {
+	if p = strings.Trim(p, "/"); p == "" {
+		return def
+	}
+	return p
+}
+
 // Config configures a Broker.
 type Config struct {
 	// Client is the Vault client (address, TLS). Its token, if any, is not used
@@ -43,14 +58,8 @@ func (c *Config) checkAndSetDefaults() error {
 	if c.Client == nil {
 		return errors.New("broker: Config.Client is required")
 	}
-	if c.JWTMount == "" {
-		c.JWTMount = "jwt"
-	}
-	if c.DatabaseMount == "" {
-		c.DatabaseMount = "database"
-	}
-	c.JWTMount = strings.Trim(c.JWTMount, "/")
-	c.DatabaseMount = strings.Trim(c.DatabaseMount, "/")
+	c.JWTMount = MountPath(c.JWTMount, DefaultJWTMount)
+	c.DatabaseMount = MountPath(c.DatabaseMount, DefaultDatabaseMount)
 	if c.VaultTimeout == 0 {
 		c.VaultTimeout = 10 * time.Second
 	}

@@ -562,3 +562,17 @@ func TestShutdownDrainsSessionsAndRefusesNewOnes(t *testing.T) {
 		t.Fatal("Shutdown did not return after the last session ended")
 	}
 }
+
+// A startup setting PostgreSQL rejects is refused with PostgreSQL's own
+// SQLSTATE and message, as a direct connection would be.
+func TestRejectedStartupSettingPassesPostgresErrorThrough(t *testing.T) {
+	st := needStack(t)
+	pe := refusal(t, st.ConnString("reader", token(t, "nina", "analyst"))+" options='-c statement_timeout=banana'")
+	if pe.Code != "22023" || !strings.Contains(pe.Message, "statement_timeout") {
+		t.Fatalf("got %s %q, want PostgreSQL's 22023 about statement_timeout", pe.Code, pe.Message)
+	}
+	// The pool is not poisoned: the next client is served.
+	if u := queryString(t, connect(t, "reader", token(t, "nina", "analyst")), "select current_user"); !strings.HasPrefix(u, "v-") {
+		t.Fatalf("current_user = %q", u)
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgwarden/pgwarden/authn"
@@ -87,7 +88,7 @@ func (c *clientConn) serve() {
 	if err := c.greet(ctx, up, settings, pid, target.secret); err != nil {
 		target.set(nil)
 		c.srv.pools.discard(up)
-		c.refuse(err, "upstream")
+		c.refuse(err, authReason(err))
 		return
 	}
 	cfg.Observer.AuthResult(c.database, c.level, "ok")
@@ -280,6 +281,13 @@ func authReason(err error) string {
 			return "vault_denied"
 		}
 		return "vault_error"
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		if strings.HasPrefix(pgErr.Code, "28") {
+			return "upstream_auth" // the database refused the credential itself
+		}
+		return "upstream_refused" // e.g. a startup setting PostgreSQL rejects
 	}
 	switch pgerror.Code(err) {
 	case pgerror.InvalidCatalogName:

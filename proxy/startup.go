@@ -144,7 +144,15 @@ func (c *clientConn) startTLS(ctx context.Context, under net.Conn, direct bool) 
 	}
 	c.nc = tc
 	c.tls = true
-	c.r = bufio.NewReaderSize(tc, ioBufSize)
-	c.w = bufio.NewWriterSize(tc, ioBufSize)
+	// After an SSLRequest the plaintext reader is empty (readStartup checked),
+	// so both buffers move onto the TLS conn. With direct TLS the old reader
+	// sits beneath the handshake and may hold the client's next record, so
+	// the TLS side gets a reader of its own.
+	if direct {
+		c.r = bufio.NewReaderSize(tc, ioBufSize)
+	} else {
+		c.r.Reset(tc)
+	}
+	c.w.Reset(tc)
 	return nil
 }

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	vault "github.com/hashicorp/vault/api"
+
+	"github.com/pgwarden/pgwarden/broker"
 )
 
 // Spec is what Apply writes.
@@ -81,14 +83,8 @@ type Level struct {
 func PolicyName(role string) string { return "pgwarden-" + role }
 
 func (s *Spec) checkAndSetDefaults() error {
-	if s.DatabaseMount == "" {
-		s.DatabaseMount = "database"
-	}
-	if s.JWTMount == "" {
-		s.JWTMount = "jwt"
-	}
-	s.DatabaseMount = strings.Trim(s.DatabaseMount, "/")
-	s.JWTMount = strings.Trim(s.JWTMount, "/")
+	s.DatabaseMount = broker.MountPath(s.DatabaseMount, broker.DefaultDatabaseMount)
+	s.JWTMount = broker.MountPath(s.JWTMount, broker.DefaultJWTMount)
 	if s.JWT.OIDCDiscoveryURL == "" && s.JWT.JWKSURL == "" {
 		return errors.New("vaultinit: JWT needs an OIDC discovery URL or a JWKS URL")
 	}

@@ -68,12 +68,24 @@ func (g *Grants) Granted(id *Identity, database string) []string {
 // user names a level, or equals id.Subject to mean "my default level" (the
 // least privileged granted). Refusals are *pgerror.Error: 3D000 for an unknown
 // database, 28000 for an unknown level, 42501 for a level not granted; the
-// message says which levels the token does grant.
+// message says which levels (or, for an unknown database, which databases)
+// the token does grant, and never what it does not: the configuration is not
+// shown to whoever holds some valid token.
 func (g *Grants) Decide(id *Identity, database, user string) (string, error) {
 	db, ok := g.dbs[database]
 	if !ok {
-		return "", pgerror.Newf(pgerror.InvalidCatalogName, "database %q does not exist", database).
-			WithHint("pgwarden serves: " + strings.Join(g.names, ", ") + ".")
+		e := pgerror.Newf(pgerror.InvalidCatalogName, "database %q does not exist", database)
+		var mine []string
+		for _, name := range g.names {
+			if len(g.Granted(id, name)) > 0 {
+				mine = append(mine, name)
+			}
+		}
+		if len(mine) == 0 {
+			return "", e.WithDetail("The token's groups grant access to no database here.")
+		}
+		return "", e.WithDetail("The token grants access to: " + strings.Join(mine, ", ") + ".").
+			WithHint("Connect with the database set to one of those.")
 	}
 	granted := g.Granted(id, database)
 	if user == id.Subject && !g.isLevel(db, user) {

@@ -41,7 +41,8 @@ func TestDecide(t *testing.T) {
 		{"no level at all", nobody, "app", "reader", "", pgerror.InsufficientPrivilege, "no access level"},
 		{"own subject with no level", nobody, "app", "eve", "", pgerror.InsufficientPrivilege, "any access level"},
 		{"unknown level lists levels", analyst, "app", "root", "", pgerror.InvalidAuthorization, "reader, writer, admin"},
-		{"unknown database lists databases", analyst, "payroll", "reader", "", pgerror.InvalidCatalogName, "app"},
+		{"unknown database lists the token's databases", analyst, "payroll", "reader", "", pgerror.InvalidCatalogName, "grants access to: app"},
+		{"unknown database, no grant anywhere", nobody, "payroll", "reader", "", pgerror.InvalidCatalogName, "no database"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -74,5 +75,24 @@ func TestNewGrantsRefusesAmbiguity(t *testing.T) {
 		if _, err := authn.NewGrants(dbs); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+}
+
+// An unknown database is refused naming only the databases the token grants,
+// never every database pgwarden serves (hardening issue, item 7).
+func TestUnknownDatabaseShowsOnlyWhatTheTokenGrants(t *testing.T) {
+	t.Parallel()
+	g, err := authn.NewGrants([]authn.Database{
+		{Name: "app", Levels: []authn.Level{{Name: "reader", Groups: []string{"analyst"}}}},
+		{Name: "hr", Levels: []authn.Level{{Name: "reader", Groups: []string{"people"}}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = g.Decide(&authn.Identity{Subject: "alice", Groups: []string{"analyst"}}, "payroll", "reader")
+	pe := pgerror.From(err)
+	text := pe.Message + " " + pe.Detail + " " + pe.Hint
+	if pe.Code != pgerror.InvalidCatalogName || !strings.Contains(text, "app") || strings.Contains(text, "hr") {
+		t.Fatalf("%s %q: want 3D000 naming app and not hr", pe.Code, text)
 	}
 }

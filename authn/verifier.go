@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
+	"net/url"
 	"slices"
 	"strings"
 	"time"
@@ -30,8 +32,11 @@ type Config struct {
 	// IssuerURL is the OIDC issuer; its discovery document
 	// (IssuerURL + "/.well-known/openid-configuration") names the JWKS. Used
 	// when JWKSURL is empty. It is also the expected iss when Issuer is empty.
+	// It must pass CheckFetchURL (https, or http to a loopback host), and the
+	// discovery document must name Issuer as its issuer.
 	IssuerURL string
-	// JWKSURL names the JWKS directly, skipping discovery.
+	// JWKSURL names the JWKS directly, skipping discovery. It must pass
+	// CheckFetchURL.
 	JWKSURL string
 	// Issuer is the required iss claim. Defaults to IssuerURL; one of them must be set.
 	Issuer string
@@ -57,6 +62,16 @@ type Config struct {
 func (c *Config) checkAndSetDefaults() error {
 	if c.IssuerURL == "" && c.JWKSURL == "" {
 		return errors.New("authn: one of IssuerURL or JWKSURL is required")
+	}
+	if c.IssuerURL != "" {
+		if err := CheckFetchURL(c.IssuerURL); err != nil {
+			return fmt.Errorf("authn: IssuerURL: %w", err)
+		}
+	}
+	if c.JWKSURL != "" {
+		if err := CheckFetchURL(c.JWKSURL); err != nil {
+			return fmt.Errorf("authn: JWKSURL: %w", err)
+		}
 	}
 	if c.Issuer == "" {
 		c.Issuer = strings.TrimSuffix(c.IssuerURL, "/")
@@ -106,15 +121,18 @@ type Verifier struct {
 }
 
 // New fetches the JWKS (after discovery, when configured so) and returns a
-// Verifier. It fails when the keys cannot be fetched, so a misconfigured issuer
-// is found at start, not at the first login.
+// Verifier. It fails when the keys cannot be fetched, when IssuerURL, JWKSURL
+// or the discovered jwks_uri fails CheckFetchURL, and when the discovery
+// document names an issuer other than the expected one (Issuer, default
+// IssuerURL; trailing slashes do not count), so a misconfigured issuer is
+// found at start, not at the first login.
 func New(ctx context.Context, cfg Config) (*Verifier, error) {
 	if err := cfg.checkAndSetDefaults(); err != nil {
 		return nil, err
 	}
 	jwksURL := cfg.JWKSURL
 	if jwksURL == "" {
-		u, err := discoverJWKS(ctx, cfg.HTTPClient, cfg.IssuerURL)
+		u, err := discoverJWKS(ctx, cfg.HTTPClient, cfg.IssuerURL, cfg.Issuer)
 		if err != nil {
 			return nil, err
 		}
@@ -151,9 +169,12 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 // Close stops the background JWKS refresh. It is idempotent.
 func (v *Verifier) Close() { v.cancel() }
 
-// discoverJWKS reads the OIDC discovery document and returns its jwks_uri.
-func discoverJWKS(ctx context.Context, client *http.Client, issuer string) (string, error) {
-	u := strings.TrimSuffix(issuer, "/") + "/.well-known/openid-configuration"
+// discoverJWKS reads the OIDC discovery document under issuerURL and returns
+// its jwks_uri. The document must name expected (the iss tokens must carry) as
+// its issuer, as OpenID Connect Discovery 1.0 section 4.3 requires, and its
+// jwks_uri must pass CheckFetchURL.
+func discoverJWKS(ctx context.Context, client *http.Client, issuerURL, expected string) (string, error) {
+	u := strings.TrimSuffix(issuerURL, "/") + "/.well-known/openid-configuration"
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return "", fmt.Errorf("authn: discovery: %w", err)
@@ -173,10 +194,58 @@ func discoverJWKS(ctx context.Context, client *http.Client, issuer string) (stri
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&doc); err != nil {
 		return "", fmt.Errorf("authn: discovery %s: %w", u, err)
 	}
+	if strings.TrimSuffix(doc.Issuer, "/") != strings.TrimSuffix(expected, "/") {
+		return "", fmt.Errorf("authn: discovery document at %s names issuer %q, but tokens are expected from %q (oidc.issuer, default oidc.issuer_url)",
+			u, doc.Issuer, expected)
+	}
 	if doc.JWKSURI == "" {
 		return "", fmt.Errorf("authn: discovery %s: no jwks_uri", u)
 	}
+	if err := CheckFetchURL(doc.JWKSURI); err != nil {
+		return "", fmt.Errorf("authn: discovery %s: jwks_uri: %w", u, err)
+	}
 	return doc.JWKSURI, nil
+}
+
+// IsLoopbackHost reports whether host (a URL's Hostname: no port, no
+// brackets) names this machine without leaving it: an IP address in
+// 127.0.0.0/8 or ::1 (also as an IPv4-mapped IPv6 address), or "localhost"
+// in any case. Other names are not resolved, so a name that happens to resolve
+// to a loopback address is not loopback here.
+func IsLoopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	a, err := netip.ParseAddr(host)
+	return err == nil && a.Unmap().IsLoopback()
+}
+
+// CheckFetchURL returns nil when raw is a URL that signing keys (an OIDC
+// discovery document or a JWKS) may be fetched from: an absolute https URL
+// with a host, or an http URL whose host is loopback (see IsLoopbackHost).
+// Otherwise it returns an error that says why; the error quotes raw with any
+// password in it redacted, and does not quote a raw that does not parse.
+func CheckFetchURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return fmt.Errorf("not a valid URL: %w", err)
+	}
+	shown := u.Redacted()
+	if u.Scheme != "https" && u.Scheme != "http" {
+		return fmt.Errorf("%q is not an https:// URL (scheme %q; http:// is allowed only to a loopback host)", shown, u.Scheme)
+	}
+	if u.Host == "" || u.Hostname() == "" {
+		return fmt.Errorf("%q has no host", shown)
+	}
+	if u.Scheme == "http" && !IsLoopbackHost(u.Hostname()) {
+		return fmt.Errorf("%q uses plain http to %q, which is not a loopback host (127.0.0.0/8, ::1, localhost): "+
+			"tokens' signing keys fetched over plain http can be replaced by anyone on the path; use https", shown, u.Hostname())
+	}
+	return nil
 }
 
 // TokenError is why a token was refused. Reason is one of the Reason* constants.

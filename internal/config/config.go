@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/caarlos0/env/v11"
+
+	"github.com/pgwarden/pgwarden/authn"
 )
 
 // EnvPrefix prefixes every environment variable pgwarden reads. Vault's own
@@ -62,6 +64,16 @@ type Config struct {
 	AllowCleartextUntrusted bool `json:"allow_cleartext_untrusted" env:"ALLOW_CLEARTEXT_UNTRUSTED"`
 	// AuthTimeout bounds accept to AuthenticationOk (AUTH_TIMEOUT). Default 30s.
 	AuthTimeout Duration `json:"auth_timeout" env:"AUTH_TIMEOUT"`
+	// WriteTimeout cuts a peer, client or PostgreSQL, that accepts no bytes
+	// for this long (WRITE_TIMEOUT). Default 60s; 0 means the default.
+	WriteTimeout Duration `json:"write_timeout" env:"WRITE_TIMEOUT"`
+	// MaxHandshakes is how many connections may be authenticating at once;
+	// more are refused with SQLSTATE 53300 (MAX_HANDSHAKES). Default 1000; 0
+	// means the default.
+	MaxHandshakes int `json:"max_handshakes" env:"MAX_HANDSHAKES"`
+	// MaxSubjectConnections is how many client sessions one token subject may
+	// hold at once (MAX_SUBJECT_CONNECTIONS). Default 0: no limit.
+	MaxSubjectConnections int `json:"max_subject_connections" env:"MAX_SUBJECT_CONNECTIONS"`
 	// LogLevel is debug, info, warn or error (LOG_LEVEL). Default info.
 	LogLevel string `json:"log_level" env:"LOG_LEVEL"`
 	// LogFormat is json or text (LOG_FORMAT). Default json.
@@ -77,11 +89,14 @@ type Config struct {
 
 // OIDC says which tokens are accepted.
 type OIDC struct {
-	// IssuerURL is the OIDC issuer; its discovery document names the JWKS (OIDC_ISSUER_URL).
+	// IssuerURL is the OIDC issuer; its discovery document names the JWKS
+	// (OIDC_ISSUER_URL). It must be https, or http to a loopback host.
 	IssuerURL string `json:"issuer_url" env:"ISSUER_URL"`
-	// JWKSURL skips discovery (OIDC_JWKS_URL).
+	// JWKSURL skips discovery (OIDC_JWKS_URL). It must be https, or http to a
+	// loopback host.
 	JWKSURL string `json:"jwks_url" env:"JWKS_URL"`
-	// Issuer is the required iss; default IssuerURL (OIDC_ISSUER).
+	// Issuer is the required iss; default IssuerURL (OIDC_ISSUER). Required
+	// when only JWKSURL is set.
 	Issuer string `json:"issuer" env:"ISSUER"`
 	// Audiences accepted (OIDC_AUDIENCES, comma separated). Required.
 	Audiences []string `json:"audiences" env:"AUDIENCES" envSeparator:","`
@@ -105,25 +120,35 @@ type Vault struct {
 	DatabaseMount string `json:"database_mount" env:"DATABASE_MOUNT"`
 	// JWTDiscoveryURL and JWTJWKSURL are where Vault fetches the issuer's keys
 	// (vault-init only); default the OIDC settings. They differ when Vault
-	// reaches the issuer by another address than pgwarden does.
+	// reaches the issuer by another address than pgwarden does. Each must be
+	// https, or http to a loopback host.
 	JWTDiscoveryURL string `json:"jwt_discovery_url" env:"JWT_DISCOVERY_URL"`
 	JWTJWKSURL      string `json:"jwt_jwks_url" env:"JWT_JWKS_URL"`
 }
 
-// Pool bounds upstream connections.
+// Pool bounds upstream connections. A zero field means its default; a
+// negative one is refused.
 type Pool struct {
 	MaxPerPool     int      `json:"max_per_pool" env:"MAX_PER_POOL"`       // default 50
 	MaxTotal       int      `json:"max_total" env:"MAX_TOTAL"`             // default 200
 	AcquireTimeout Duration `json:"acquire_timeout" env:"ACQUIRE_TIMEOUT"` // default 10s
 	IdleTimeout    Duration `json:"idle_timeout" env:"IDLE_TIMEOUT"`       // default 5m
+	DialTimeout    Duration `json:"dial_timeout" env:"DIAL_TIMEOUT"`       // default 10s
+	// PingAfterIdle: a pooled upstream session idle longer than this is
+	// pinged before it is handed out (POOL_PING_AFTER_IDLE). Default 1s.
+	PingAfterIdle Duration `json:"ping_after_idle" env:"PING_AFTER_IDLE"`
+	PingTimeout   Duration `json:"ping_timeout" env:"PING_TIMEOUT"` // default 2s
 }
 
 // Database is one database clients may ask for.
 type Database struct {
-	// Name is what clients put in dbname.
+	// Name is what clients put in dbname. Unique.
 	Name string `json:"name"`
 	// Upstream is a PostgreSQL connection string without user or password.
 	Upstream string `json:"upstream"`
+	// AllowInsecureUpstream lets an Upstream that is not on a loopback host
+	// use an sslmode weaker than verify-full. Default false.
+	AllowInsecureUpstream bool `json:"allow_insecure_upstream"`
 	// Admin is how Vault connects to manage roles (vault-init only).
 	Admin Admin `json:"admin"`
 	// Levels, least privileged first: the first one granted is a user's default.
@@ -143,20 +168,30 @@ type Admin struct {
 
 // Level is an access level.
 type Level struct {
+	// Name is unique within its database.
 	Name string `json:"name"`
 	// Groups whose members may use it.
 	Groups []string `json:"groups"`
 	// VaultRole names the Vault database role, policy and JWT auth role.
-	// Default "<database>-<level>".
+	// Default "<database>-<level>". It must be unique across all databases
+	// and levels, ignoring case (Vault's policy names do), and take only
+	// A-Z a-z 0-9 _ . - characters.
 	VaultRole            string   `json:"vault_role"`
 	CreationStatements   []string `json:"creation_statements"`
 	RevocationStatements []string `json:"revocation_statements"`
-	DefaultTTL           Duration `json:"default_ttl"`
-	MaxTTL               Duration `json:"max_ttl"`
+	// DefaultTTL and MaxTTL bound the leases of the Vault role; 0 leaves
+	// Vault's own defaults. DefaultTTL must not exceed MaxTTL when both are set.
+	DefaultTTL Duration `json:"default_ttl"`
+	MaxTTL     Duration `json:"max_ttl"`
 }
 
 // Load reads path (when not empty), then environ over it, then fills
-// defaults and validates.
+// defaults and validates. A configuration that is unsafe or would route
+// ambiguously (two levels sharing a Vault role, a negative duration, signing
+// keys fetched over plain http from a host that is not loopback…) is refused
+// with every problem found, joined by errors.Join; each starts with "config: "
+// and names its field by JSON path, such as databases[1].levels[0].vault_role,
+// whether the value came from the file or the environment.
 func Load(path string, environ map[string]string) (*Config, error) {
 	c := &Config{}
 	if path != "" {
@@ -179,7 +214,21 @@ func Load(path string, environ map[string]string) (*Config, error) {
 	return c, nil
 }
 
+// problems collects every refusal, so one run of `pgwarden check` lists them
+// all.
+type problems []error
+
+// addf adds a refusal; format names the field by its JSON path.
+func (p *problems) addf(format string, args ...any) {
+	*p = append(*p, fmt.Errorf("config: "+format, args...))
+}
+
+// setDefaultsAndValidate fills defaults and refuses a configuration that is
+// unsafe or that would route ambiguously. Every refusal names its field by
+// JSON path (databases[1].levels[0].vault_role); they come back together,
+// joined with errors.Join.
 func (c *Config) setDefaultsAndValidate() error {
+	var errs problems
 	if c.Listen == "" {
 		c.Listen = "127.0.0.1:6432"
 	}
@@ -196,44 +245,187 @@ func (c *Config) setDefaultsAndValidate() error {
 		c.Vault.Mode = "jwt"
 	}
 	if c.Vault.Mode != "jwt" {
-		return fmt.Errorf("config: vault mode %q is not supported yet (only jwt)", c.Vault.Mode)
+		errs.addf("vault.mode %q is not supported yet (only jwt)", c.Vault.Mode)
 	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
-		return errors.New("config: tls_cert and tls_key go together")
+		errs.addf("tls_cert and tls_key go together")
 	}
-	for _, n := range c.TrustedNetworks {
+	for i, n := range c.TrustedNetworks {
 		if _, err := netip.ParsePrefix(strings.TrimSpace(n)); err != nil {
-			return fmt.Errorf("config: trusted network %q: %w", n, err)
+			errs.addf("trusted_networks[%d] %q: %w", i, n, err)
 		}
 	}
+	c.checkDurations(&errs)
+	c.checkCounts(&errs)
+	c.checkOIDC(&errs)
+	if len(c.Databases) == 0 {
+		errs.addf("databases is empty: no databases configured")
+	}
+	c.checkDatabases(&errs)
+	return errors.Join(errs...)
+}
+
+// checkDurations refuses negative durations and fills the defaults of the
+// global ones.
+func (c *Config) checkDurations(errs *problems) {
+	for _, f := range []struct {
+		path string
+		d    *Duration
+		def  time.Duration
+	}{
+		{"auth_timeout", &c.AuthTimeout, 30 * time.Second},
+		{"write_timeout", &c.WriteTimeout, 60 * time.Second},
+		{"oidc.leeway", &c.OIDC.Leeway, 30 * time.Second},
+		{"pool.acquire_timeout", &c.Pool.AcquireTimeout, 10 * time.Second},
+		{"pool.idle_timeout", &c.Pool.IdleTimeout, 5 * time.Minute},
+		{"pool.dial_timeout", &c.Pool.DialTimeout, 10 * time.Second},
+		{"pool.ping_after_idle", &c.Pool.PingAfterIdle, time.Second},
+		{"pool.ping_timeout", &c.Pool.PingTimeout, 2 * time.Second},
+	} {
+		switch {
+		case *f.d < 0:
+			errs.addf("%s is %v: a duration must not be negative", f.path, f.d.D())
+		case *f.d == 0:
+			*f.d = Duration(f.def)
+		}
+	}
+	if c.OIDC.Leeway.D() > authn.MaxLeeway {
+		errs.addf("oidc.leeway %v is more than %v: clock skew beyond that is a broken clock", c.OIDC.Leeway.D(), authn.MaxLeeway)
+	}
+}
+
+// checkCounts refuses negative limits and fills their defaults.
+func (c *Config) checkCounts(errs *problems) {
+	for _, f := range []struct {
+		path string
+		n    *int
+		def  int
+	}{
+		{"max_handshakes", &c.MaxHandshakes, 1000},
+		{"max_subject_connections", &c.MaxSubjectConnections, 0},
+		{"pool.max_per_pool", &c.Pool.MaxPerPool, 50},
+		{"pool.max_total", &c.Pool.MaxTotal, 200},
+	} {
+		switch {
+		case *f.n < 0:
+			errs.addf("%s is %d: it must not be negative (0 means the default)", f.path, *f.n)
+		case *f.n == 0:
+			*f.n = f.def
+		}
+	}
+}
+
+// checkOIDC checks where tokens come from and where their keys are fetched.
+func (c *Config) checkOIDC(errs *problems) {
 	if c.OIDC.IssuerURL == "" && c.OIDC.JWKSURL == "" {
-		return errors.New("config: oidc.issuer_url or oidc.jwks_url is required")
+		errs.addf("oidc.issuer_url or oidc.jwks_url is required")
+	}
+	if c.OIDC.IssuerURL == "" && c.OIDC.JWKSURL != "" && c.OIDC.Issuer == "" {
+		errs.addf("oidc.issuer is required when only oidc.jwks_url is set: it is the iss every token must carry")
 	}
 	if len(c.OIDC.Audiences) == 0 {
-		return errors.New("config: oidc.audiences is required: tokens for other audiences must not open databases")
+		errs.addf("oidc.audiences is required: tokens for other audiences must not open databases")
 	}
-	if len(c.Databases) == 0 {
-		return errors.New("config: no databases configured")
+	for _, f := range []struct{ path, url string }{
+		{"oidc.issuer_url", c.OIDC.IssuerURL},
+		{"oidc.jwks_url", c.OIDC.JWKSURL},
+		{"vault.jwt_discovery_url", c.Vault.JWTDiscoveryURL},
+		{"vault.jwt_jwks_url", c.Vault.JWTJWKSURL},
+	} {
+		if f.url == "" {
+			continue
+		}
+		if err := authn.CheckFetchURL(f.url); err != nil {
+			errs.addf("%s: %w", f.path, err)
+		}
 	}
+}
+
+// checkDatabases checks names, Vault roles and lease TTLs, and fills the
+// defaults of databases and levels.
+func (c *Config) checkDatabases(errs *problems) {
+	dbAt := map[string]int{} // database name → index
+	type place struct{ db, level int }
+	roleAt := map[string]place{} // lower-cased Vault role → first level using it
 	for i := range c.Databases {
 		d := &c.Databases[i]
-		if d.Name == "" || d.Upstream == "" {
-			return fmt.Errorf("config: database #%d needs a name and an upstream", i+1)
+		if d.Name == "" {
+			errs.addf("databases[%d].name is required", i)
+		} else if prev, dup := dbAt[d.Name]; dup {
+			errs.addf("databases[%d].name %q is also databases[%d].name: clients could not tell them apart", i, d.Name, prev)
+		} else {
+			dbAt[d.Name] = i
+		}
+		if d.Upstream == "" {
+			errs.addf("databases[%d].upstream is required (database %q)", i, d.Name)
 		}
 		if len(d.Levels) == 0 {
-			return fmt.Errorf("config: database %q has no access levels", d.Name)
+			errs.addf("databases[%d].levels is empty: database %q has no access levels", i, d.Name)
 		}
 		if d.Admin.PasswordEnv == "" {
 			d.Admin.PasswordEnv = "PGWARDEN_DB_ADMIN_PASSWORD"
 		}
+		levelAt := map[string]int{}
 		for j := range d.Levels {
 			l := &d.Levels[j]
+			at := fmt.Sprintf("databases[%d].levels[%d]", i, j)
 			if l.Name == "" {
-				return fmt.Errorf("config: database %q: level #%d has no name", d.Name, j+1)
+				errs.addf("%s.name is required: level #%d of database %q has no name", at, j+1, d.Name)
+			} else if prev, dup := levelAt[l.Name]; dup {
+				errs.addf("%s.name %q is also databases[%d].levels[%d].name: database %q would have the level twice", at, l.Name, i, prev, d.Name)
+			} else {
+				levelAt[l.Name] = j
 			}
-			if l.VaultRole == "" {
+			defaulted := l.VaultRole == ""
+			if defaulted {
 				l.VaultRole = d.Name + "-" + l.Name
 			}
+			if err := checkVaultRole(l.VaultRole); err != nil {
+				how := ""
+				if defaulted {
+					how = ` (the default, "<database>-<level>"; set vault_role)`
+				}
+				errs.addf("%s.vault_role %q%s %w", at, l.VaultRole, how, err)
+			} else if prev, dup := roleAt[strings.ToLower(l.VaultRole)]; dup {
+				pd := c.Databases[prev.db]
+				pl := pd.Levels[prev.level]
+				caseNote := ""
+				if pl.VaultRole != l.VaultRole {
+					caseNote = fmt.Sprintf(" as %q (Vault's policy names ignore case)", pl.VaultRole)
+				}
+				errs.addf("%s.vault_role %q is also the Vault role of databases[%d].levels[%d] (database %q, level %q)%s: two levels would share credentials; set a distinct vault_role",
+					at, l.VaultRole, prev.db, prev.level, pd.Name, pl.Name, caseNote)
+			} else {
+				roleAt[strings.ToLower(l.VaultRole)] = place{i, j}
+			}
+			for _, f := range []struct {
+				name string
+				d    Duration
+			}{{"default_ttl", l.DefaultTTL}, {"max_ttl", l.MaxTTL}} {
+				if f.d < 0 {
+					errs.addf("%s.%s is %v: a duration must not be negative", at, f.name, f.d.D())
+				}
+			}
+			if l.DefaultTTL > 0 && l.MaxTTL > 0 && l.DefaultTTL > l.MaxTTL {
+				errs.addf("%s.default_ttl %v is more than %s.max_ttl %v: a lease's default cannot outlive its maximum",
+					at, l.DefaultTTL.D(), at, l.MaxTTL.D())
+			}
+		}
+	}
+}
+
+// checkVaultRole refuses a Vault role name that does not go safely into a
+// Vault path (database/creds/<role>, auth/jwt/role/<role>) and a policy name.
+func checkVaultRole(role string) error {
+	if role == "" {
+		return errors.New("is empty")
+	}
+	if role == "." || role == ".." {
+		return errors.New("is a path segment Vault's HTTP paths would resolve away")
+	}
+	for _, r := range role {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '.' || r == '-') {
+			return fmt.Errorf("has %q, a character Vault paths cannot take safely: use only A-Z a-z 0-9 _ . -", r)
 		}
 	}
 	return nil

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"strings"
 	"sync"
 	"time"
@@ -82,6 +81,10 @@ type Request struct {
 	Token string
 	// TokenExpiry is the token's exp; a cached login is not used past it.
 	TokenExpiry time.Time
+	// Database is the database (as clients name it) the credentials are for.
+	// With VaultRole it keys the credential cache, so two routes can never
+	// share a credential by accident of naming.
+	Database string
 	// VaultRole is the database secrets engine role to read creds for. The JWT
 	// auth role has the same name.
 	VaultRole string
@@ -118,8 +121,11 @@ type Broker struct {
 
 	mu     sync.Mutex
 	logins map[[sha256.Size]byte]login // guarded by mu; keyed by hash(token, role)
-	creds  map[string]*Credential      // guarded by mu; keyed by Vault role
+	creds  map[credKey]*Credential     // guarded by mu
 }
+
+// credKey keys the credential cache: the route (database) and the Vault role.
+type credKey struct{ database, role string }
 
 type login struct {
 	vaultToken string
@@ -131,7 +137,7 @@ func New(cfg Config) (*Broker, error) {
 	if err := cfg.checkAndSetDefaults(); err != nil {
 		return nil, err
 	}
-	return &Broker{cfg: cfg, logins: map[[sha256.Size]byte]login{}, creds: map[string]*Credential{}}, nil
+	return &Broker{cfg: cfg, logins: map[[sha256.Size]byte]login{}, creds: map[credKey]*Credential{}}, nil
 }
 
 // Credential logs in to Vault with req.Token (unless a login for it is cached)
@@ -144,17 +150,18 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 		return nil, err
 	}
 	now := b.cfg.Now()
+	key := credKey{req.Database, req.VaultRole}
 	b.mu.Lock()
-	c := b.creds[req.VaultRole]
+	c := b.creds[key]
 	b.mu.Unlock()
 	if c != nil && now.Before(c.RetireAt) {
 		return c, nil
 	}
 	// The leader reads with its own Vault token; followers wait for it. A
 	// follower's own login above already proved Vault authorizes it.
-	v, err := b.shared(ctx, &b.credFlight, req.VaultRole, func(ctx context.Context) (any, error) {
+	v, err := b.shared(ctx, &b.credFlight, req.Database+"\x00"+req.VaultRole, func(ctx context.Context) (any, error) {
 		b.mu.Lock()
-		c := b.creds[req.VaultRole]
+		c := b.creds[key]
 		b.mu.Unlock()
 		if c != nil && b.cfg.Now().Before(c.RetireAt) {
 			return c, nil
@@ -164,7 +171,7 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 			return nil, err
 		}
 		b.mu.Lock()
-		b.creds[req.VaultRole] = c
+		b.creds[key] = c
 		b.mu.Unlock()
 		return c, nil
 	})
@@ -295,7 +302,8 @@ func margin(life time.Duration) time.Duration {
 }
 
 // VaultError is a failed Vault call. Messages are Vault's own error strings,
-// which name roles and claims but never hold a token or password.
+// which never hold a token or password but may name roles, claims and their
+// bound values: they go to pgwarden's log, never to a client.
 type VaultError struct {
 	Op         string // "login" or "creds"
 	Role       string
@@ -324,12 +332,11 @@ func vaultFailure(op, role string, err error) error {
 		ve.Messages = re.Errors
 	}
 	if ve.Denied() {
-		e := pgerror.Newf(pgerror.InsufficientPrivilege, "Vault refused access level %q for this token", role)
+		// Vault's reasons (which claim did not match which binding) are for
+		// the operator's log; the client learns what to do about it.
+		e := pgerror.New(pgerror.InsufficientPrivilege, "the credential service (Vault) refused this token for the access level asked for")
 		e.Err = ve
-		if ve.StatusCode != http.StatusForbidden && len(ve.Messages) > 0 {
-			e.Detail = "Vault said: " + strings.Join(ve.Messages, "; ")
-		}
-		return e.WithHint("Vault's JWT auth role decides; ask for a level your groups are bound to.")
+		return e.WithHint("Vault's role bindings for the level decide, and refused this token; ask pgwarden's operator, who sees the reason in pgwarden's log.")
 	}
 	e := pgerror.New(pgerror.ConnectionFailure, "credential service (Vault) is unavailable")
 	e.Err = ve

@@ -198,6 +198,7 @@ func TestLeaseIsBoundedByTheReadingToken(t *testing.T) {
 	}
 }
 
+// Vault's error text (which can reveal claim bindings) stays in the log.
 func TestVaultRefusalAndOutage(t *testing.T) {
 	t.Parallel()
 	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600}
@@ -208,11 +209,19 @@ func TestVaultRefusalAndOutage(t *testing.T) {
 		t.Fatalf("err = %v, want a denied login VaultError", err)
 	}
 	pe := pgerror.From(err)
-	if pe.Code != pgerror.InsufficientPrivilege || !strings.Contains(pe.Detail, "bound claim") {
+	if pe.Code != pgerror.InsufficientPrivilege {
 		t.Fatalf("refusal = %s %q / %q", pe.Code, pe.Message, pe.Detail)
 	}
 	if strings.Contains(pe.Message+pe.Detail+pe.Hint, "bad-token") {
 		t.Fatal("token in the client-facing error")
+	}
+	// Vault's reason names claim bindings: the operator's log gets it (the
+	// error's text), the client does not (Message, Detail, Hint).
+	if client := pe.Message + pe.Detail + pe.Hint; strings.Contains(client, "bound claim") || strings.Contains(client, "groups") {
+		t.Fatalf("Vault's reason reaches the client: %q", client)
+	}
+	if !strings.Contains(err.Error(), "bound claim") {
+		t.Fatalf("Vault's reason is lost for the log: %v", err)
 	}
 
 	cfg := vault.DefaultConfig()
@@ -269,5 +278,26 @@ func TestLeaderGivingUpDoesNotFailFollowers(t *testing.T) {
 	}
 	if got := fv.reads.Load(); got != 1 {
 		t.Errorf("creds reads = %d, want 1", got)
+	}
+}
+
+// Two routes whose levels use the same Vault role name still get a
+// credential each: the cache is keyed by database and role.
+func TestCredentialCacheIsKeyedByDatabaseAndRole(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600}
+	b := newBroker(t, fv, nil)
+	ra, rb := req("good-a", time.Now().Add(time.Hour)), req("good-a", time.Now().Add(time.Hour))
+	ra.Database, rb.Database = "a", "b"
+	ca, err := b.Credential(context.Background(), ra)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cb, err := b.Credential(context.Background(), rb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ca.Username == cb.Username || fv.reads.Load() != 2 {
+		t.Fatalf("databases a and b share credential %s (%d reads)", ca.Username, fv.reads.Load())
 	}
 }

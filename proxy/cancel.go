@@ -4,13 +4,19 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/subtle"
+	"crypto/tls"
 	"encoding/binary"
+	"fmt"
+	"io"
 	"net"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 )
+
+// cancelTimeout bounds forwarding one cancel request, dial to close.
+const cancelTimeout = 5 * time.Second
 
 // cancelMap maps the BackendKeyData pgwarden gave each client to that
 // client's current upstream session, so a CancelRequest reaches the right
@@ -20,10 +26,15 @@ type cancelMap struct {
 	m  map[uint32]*cancelTarget // guarded by mu; keyed by the client-facing pid
 }
 
+// cancelTarget is one client's cancel key and the upstream it holds.
 type cancelTarget struct {
 	secret [4]byte
-	mu     sync.Mutex
-	up     *serverConn // guarded by mu; nil between upstreams
+	// mu is held while a cancel is forwarded to up, so the client cannot
+	// give up (set) its upstream until the cancel has landed: a cancel
+	// never reaches a session that has gone back to the pool, where it would
+	// hit another client's query.
+	mu sync.Mutex
+	up *serverConn // guarded by mu; nil while the client holds no upstream
 }
 
 func newCancelMap() *cancelMap { return &cancelMap{m: map[uint32]*cancelTarget{}} }
@@ -52,15 +63,19 @@ func (cm *cancelMap) unregister(pid uint32) {
 	cm.mu.Unlock()
 }
 
+// set records the client's upstream (nil when it gives it up). It waits for
+// a cancel being forwarded to the previous one to finish.
 func (t *cancelTarget) set(up *serverConn) {
 	t.mu.Lock()
 	t.up = up
 	t.mu.Unlock()
 }
 
-// forward sends a cancel for the upstream behind req, if req's key matches.
-// Like PostgreSQL, it answers nothing either way.
-func (cm *cancelMap) forward(ctx context.Context, req *pgproto3.CancelRequest, timeout time.Duration) bool {
+// forward sends a cancel for the upstream behind req, if req's key matches and
+// the client holds an upstream; it holds the client's target meanwhile (see
+// cancelTarget.mu). Like PostgreSQL, it answers the requester nothing either
+// way. It returns whether a cancel was delivered.
+func (cm *cancelMap) forward(ctx context.Context, req *pgproto3.CancelRequest) bool {
 	cm.mu.Lock()
 	t := cm.m[req.ProcessID]
 	cm.mu.Unlock()
@@ -68,27 +83,54 @@ func (cm *cancelMap) forward(ctx context.Context, req *pgproto3.CancelRequest, t
 		return false
 	}
 	t.mu.Lock()
-	up := t.up
-	t.mu.Unlock()
-	if up == nil {
+	defer t.mu.Unlock()
+	if t.up == nil {
 		return false
 	}
-	msg, err := (&pgproto3.CancelRequest{ProcessID: up.pid, SecretKey: up.secret}).Encode(nil)
+	ctx, cancel := context.WithTimeout(ctx, cancelTimeout)
+	defer cancel()
+	return sendCancel(ctx, t.up.cancel, t.up.pid, t.up.secret) == nil
+}
+
+// sendCancel opens a connection to the postmaster at addr — on the network
+// and address the session itself uses, encrypted when it is — sends a
+// CancelRequest for (pid, secret), and waits for the server to close the
+// connection, which it does once it has signalled the backend.
+func sendCancel(ctx context.Context, addr cancelAddr, pid uint32, secret []byte) error {
+	msg, err := (&pgproto3.CancelRequest{ProcessID: pid, SecretKey: secret}).Encode(nil)
 	if err != nil {
-		return false
+		return err
 	}
-	d := net.Dialer{Timeout: timeout}
-	nc, err := d.DialContext(ctx, "tcp", up.addr)
+	var d net.Dialer
+	nc, err := d.DialContext(ctx, addr.network, addr.address)
 	if err != nil {
-		return false
+		return err
 	}
 	defer nc.Close()
-	_ = nc.SetDeadline(time.Now().Add(timeout))
-	if _, err := nc.Write(msg); err != nil {
-		return false
+	if dl, ok := ctx.Deadline(); ok {
+		_ = nc.SetDeadline(dl)
 	}
-	// The server closes the connection once it has read the request; waiting
-	// for that makes the cancel land before we report done.
+	if addr.tls != nil {
+		req, _ := (&pgproto3.SSLRequest{}).Encode(nil)
+		if _, err := nc.Write(req); err != nil {
+			return err
+		}
+		var answer [1]byte
+		if _, err := io.ReadFull(nc, answer[:]); err != nil {
+			return err
+		}
+		if answer[0] != 'S' {
+			return fmt.Errorf("upstream refused TLS for a cancel request (%q)", answer[0])
+		}
+		tc := tls.Client(nc, addr.tls)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return err
+		}
+		nc = tc
+	}
+	if _, err := nc.Write(msg); err != nil {
+		return err
+	}
 	_, _ = nc.Read(make([]byte, 1))
-	return true
+	return nil
 }

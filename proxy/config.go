@@ -49,6 +49,8 @@ type Route struct {
 	Upstream string
 	// VaultRoles maps each access level to the Vault role that issues its credentials.
 	VaultRoles map[string]string
+	// Policy is what ParseUpstream enforces on Upstream (TLS, SCRAM).
+	Policy UpstreamPolicy
 }
 
 // Config configures a Server.
@@ -72,6 +74,17 @@ type Config struct {
 	AuthTimeout time.Duration
 	// MaxTokenBytes caps the password message. Default 64 KiB.
 	MaxTokenBytes int
+	// MaxHandshakes caps connections that are authenticating at once (from
+	// accept to AuthenticationOk); more are refused at once with 53300, before
+	// anything is read or allocated for them. Default 1000.
+	MaxHandshakes int
+	// MaxSubjectConnections caps the sessions one token subject may hold at
+	// once; more are refused with 53300. Default 0: no cap.
+	MaxSubjectConnections int
+	// WriteTimeout bounds every write to a client or an upstream: a peer that
+	// takes no bytes for this long is cut and what the session held is freed.
+	// Default 60s.
+	WriteTimeout time.Duration
 	// Pool limits and timers; see PoolConfig.
 	Pool PoolConfig
 	// Observer receives metric events. Default: none.
@@ -94,6 +107,12 @@ type PoolConfig struct {
 	IdleTimeout time.Duration
 	// DialTimeout bounds opening one upstream connection. Default 10s.
 	DialTimeout time.Duration
+	// PingAfterIdle: an idle connection unused for this long answers a
+	// round trip (within PingTimeout) before it is lent; a quicker check that
+	// the server has not closed it runs every time. Default 1s.
+	PingAfterIdle time.Duration
+	// PingTimeout bounds that round trip. Default 2s.
+	PingTimeout time.Duration
 }
 
 func (c *Config) checkAndSetDefaults() error {
@@ -112,6 +131,12 @@ func (c *Config) checkAndSetDefaults() error {
 	if c.MaxTokenBytes == 0 {
 		c.MaxTokenBytes = 64 << 10
 	}
+	if c.MaxHandshakes == 0 {
+		c.MaxHandshakes = 1000
+	}
+	if c.WriteTimeout == 0 {
+		c.WriteTimeout = 60 * time.Second
+	}
 	p := &c.Pool
 	if p.MaxPerPool == 0 {
 		p.MaxPerPool = 50
@@ -128,8 +153,19 @@ func (c *Config) checkAndSetDefaults() error {
 	if p.DialTimeout == 0 {
 		p.DialTimeout = 10 * time.Second
 	}
-	if p.MaxPerPool < 1 || p.MaxTotal < 1 {
-		return fmt.Errorf("proxy: pool limits must be positive")
+	if p.PingAfterIdle == 0 {
+		p.PingAfterIdle = time.Second
+	}
+	if p.PingTimeout == 0 {
+		p.PingTimeout = 2 * time.Second
+	}
+	if p.MaxPerPool < 1 || p.MaxTotal < 1 || c.MaxHandshakes < 1 || c.MaxSubjectConnections < 0 {
+		return fmt.Errorf("proxy: connection limits must be positive")
+	}
+	for _, d := range []time.Duration{c.AuthTimeout, c.WriteTimeout, p.AcquireTimeout, p.IdleTimeout, p.DialTimeout, p.PingAfterIdle, p.PingTimeout} {
+		if d < 0 {
+			return fmt.Errorf("proxy: negative duration %v", d)
+		}
 	}
 	if c.Observer == nil {
 		c.Observer = nopObserver{}

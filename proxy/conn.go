@@ -2,9 +2,11 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"strings"
@@ -22,8 +24,9 @@ import (
 // errAbandoned is a client that hung up while asked for its token.
 var errAbandoned = fmt.Errorf("%w: client hung up during authentication", errSilentClose)
 
-// clientConn is one accepted client. Its goroutine owns reading and, until
-// the relay starts, writing; kill may be called from any goroutine.
+// clientConn is one accepted client. Its goroutine owns the connection: it
+// reads and writes until the relay starts, waits for the relay, and closes
+// it. kill may be called from any goroutine.
 type clientConn struct {
 	srv    *Server
 	raw    net.Conn // as accepted
@@ -36,21 +39,41 @@ type clientConn struct {
 
 	killOnce sync.Once
 
+	// Owned by the serve goroutine.
+	handshakeOver bool // counted out of Server.handshakes
+	holdsSubject  bool // counted in Server.subjects
+
 	// Set during the handshake, for the relay and the audit record.
 	database, level string
 	id              *authn.Identity
-	cred            *broker.Credential
 }
+
+// Buffer sizes. A connection that is still authenticating gets small buffers
+// (the startup packet and the token are read into buffers of their own size,
+// capped before allocation); the relay's are allocated once it is
+// authenticated.
+const (
+	handshakeBufSize = 512
+	clientBufSize    = 16 << 10
+)
 
 func newClientConn(s *Server, nc net.Conn) *clientConn {
 	return &clientConn{
 		srv: s, raw: nc, nc: nc, start: s.cfg.Now(), remote: nc.RemoteAddr().String(),
-		r: bufio.NewReaderSize(nc, ioBufSize), w: bufio.NewWriterSize(nc, ioBufSize),
+		r: bufio.NewReaderSize(nc, handshakeBufSize), w: bufio.NewWriterSize(nc, handshakeBufSize),
 	}
 }
 
 // kill closes the client socket; the goroutines blocked on it return.
 func (c *clientConn) kill() { c.killOnce.Do(func() { c.raw.Close() }) }
+
+// endHandshake counts the connection out of MaxHandshakes, once.
+func (c *clientConn) endHandshake() {
+	if !c.handshakeOver {
+		c.handshakeOver = true
+		c.srv.handshakes.Add(-1)
+	}
+}
 
 // serve runs one connection from accept to close.
 func (c *clientConn) serve() {
@@ -58,6 +81,12 @@ func (c *clientConn) serve() {
 	cfg.Observer.ClientConnected()
 	defer cfg.Observer.ClientClosed()
 	defer c.kill()
+	defer c.endHandshake()
+	defer func() {
+		if c.holdsSubject {
+			c.srv.releaseSubject(c.id.Subject)
+		}
+	}()
 
 	// The authentication timeout is a total deadline from accept to
 	// AuthenticationOk, not an idle timer: trickling bytes buys nothing.
@@ -72,7 +101,7 @@ func (c *clientConn) serve() {
 		return
 	}
 	if cr, ok := msg.(*pgproto3.CancelRequest); ok {
-		c.srv.cancels.forward(ctx, cr, cfg.Pool.DialTimeout)
+		c.srv.cancels.forward(ctx, cr)
 		return
 	}
 	sm := msg.(*pgproto3.StartupMessage)
@@ -91,22 +120,57 @@ func (c *clientConn) serve() {
 		c.refuse(err, authReason(err))
 		return
 	}
-	cfg.Observer.AuthResult(c.database, c.level, "ok")
+	c.endHandshake()
+	cfg.Observer.AuthResult(c.dbLabel(), c.level, "ok")
 	_ = c.raw.SetDeadline(time.Time{})
+	c.growBuffers()
 
 	res := c.relay(up)
-	target.set(nil)
+	target.set(nil) // waits for a cancel in flight to land first
 	if res.reusable {
 		c.srv.pools.release(up)
 	} else {
 		c.srv.pools.discard(up)
 	}
+	// The session's own credential: a pooled session may have been opened
+	// under another credential of the same level than the one just read.
 	cfg.Logger.Info("session",
 		"subject", c.id.Subject, "name", c.id.Name, "remote", c.remote, "tls", c.tls,
-		"database", c.database, "level", c.level, "lease_id", c.cred.LeaseID, "db_user", c.cred.Username,
+		"database", c.database, "level", c.level, "lease_id", up.cred.LeaseID, "db_user", up.cred.Username,
 		"backend_pid", up.pid, "duration", cfg.Now().Sub(c.start).Round(time.Millisecond).String(),
 		"bytes_in", res.bytesIn, "bytes_out", res.bytesOut, "statements", res.statements,
 		"end", res.why, "upstream_reused", res.reusable)
+}
+
+// growBuffers swaps the small handshake buffers for the relay's, with a
+// write deadline under the writer. The client may already have sent its first
+// query: whatever the handshake reader holds is read first.
+func (c *clientConn) growBuffers() {
+	var src io.Reader = c.nc
+	if n := c.r.Buffered(); n > 0 {
+		b, _ := c.r.Peek(n)
+		src = io.MultiReader(bytes.NewReader(bytes.Clone(b)), c.nc)
+	}
+	c.r = bufio.NewReaderSize(src, clientBufSize)
+	c.w = bufio.NewWriterSize(&deadlineWriter{conn: c.nc, timeout: c.srv.cfg.WriteTimeout}, clientBufSize)
+}
+
+// dbLabel is the database for metric labels: a configured name, or
+// "unknown" for anything a client made up, since labels must stay bounded.
+func (c *clientConn) dbLabel() string {
+	if _, ok := c.srv.cfg.Routes[c.database]; ok || c.database == "" {
+		return c.database
+	}
+	return "unknown"
+}
+
+// logValue clips client-supplied text for a log line.
+func logValue(s string) string {
+	const limit = 64
+	if len(s) <= limit {
+		return s
+	}
+	return s[:limit] + "…"
 }
 
 // refuse sends a FATAL for err, unless err asks for a silent close, and
@@ -120,9 +184,9 @@ func (c *clientConn) refuse(err error, reason string) {
 	if errors.Is(err, errNoStartup) {
 		return // not an attempt: nothing to count or log
 	}
-	cfg.Observer.AuthResult(c.database, c.level, reason)
+	cfg.Observer.AuthResult(c.dbLabel(), c.level, reason)
 	level := slog.LevelInfo
-	if pgerror.Code(err) == pgerror.InternalError {
+	if pgerror.Code(err) == pgerror.InternalError && !errors.Is(err, errSilentClose) {
 		level = slog.LevelError
 	}
 	attrs := []any{"remote", c.remote, "reason", reason, "sqlstate", errorResponse("FATAL", err).Code, "error", err}
@@ -130,7 +194,7 @@ func (c *clientConn) refuse(err error, reason string) {
 		attrs = append(attrs, "subject", c.id.Subject)
 	}
 	if c.database != "" {
-		attrs = append(attrs, "database", c.database, "level", c.level)
+		attrs = append(attrs, "database", logValue(c.database), "level", c.level)
 	}
 	cfg.Logger.Log(context.Background(), level, "connection refused", attrs...)
 }
@@ -185,15 +249,21 @@ func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessa
 		return nil, nil, pgerror.Newf(pgerror.InvalidCatalogName, "database %q has no route for level %q", c.database, level).
 			WithHint("pgwarden's configuration grants this level but does not say where it goes; tell its operator.")
 	}
-	cred, err := cfg.Credentials.Credential(ctx, broker.Request{Token: token, TokenExpiry: id.Expiry, VaultRole: role})
+	if !c.srv.holdSubject(id.Subject) {
+		return nil, nil, pgerror.Newf(pgerror.TooManyConnections, "too many connections for %q", id.Subject).
+			WithDetail(fmt.Sprintf("Each identity may hold %d sessions at once (max_subject_connections).", cfg.MaxSubjectConnections)).
+			WithHint("Close a session you no longer use, or share one connection pool in your application.")
+	}
+	var up *serverConn
+	cred, err := cfg.Credentials.Credential(ctx, broker.Request{Token: token, TokenExpiry: id.Expiry, Database: c.database, VaultRole: role})
+	if err == nil {
+		up, err = c.srv.pools.acquire(ctx, c.database, level, route, cred)
+	}
 	if err != nil {
+		c.srv.releaseSubject(id.Subject)
 		return nil, nil, err
 	}
-	c.cred = cred
-	up, err := c.srv.pools.acquire(ctx, c.database, level, route, cred)
-	if err != nil {
-		return nil, nil, err
-	}
+	c.holdsSubject = true // serve releases it when the session ends
 	return up, settings, nil
 }
 

@@ -3,7 +3,9 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"io"
+	"os"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -33,31 +35,30 @@ func messages(t testing.TB) []byte {
 
 // The relay's steady state must not allocate per message.
 func TestCopyFrameDoesNotAllocate(t *testing.T) {
-	src := bufio.NewReaderSize(&loopReader{data: messages(t)}, ioBufSize)
-	dst := bufio.NewWriterSize(io.Discard, ioBufSize)
+	fc := frameCopier{src: bufio.NewReaderSize(&loopReader{data: messages(t)}, serverBufSize), dst: bufio.NewWriterSize(io.Discard, clientBufSize)}
 	allocs := testing.AllocsPerRun(1000, func() {
-		if _, _, _, err := copyFrame(dst, src); err != nil {
+		if _, _, _, err := fc.next(); err != nil {
 			t.Fatal(err)
 		}
 	})
 	if allocs != 0 {
-		t.Fatalf("copyFrame allocates %.1f times per message; the relay must not", allocs)
+		t.Fatalf("frameCopier.next allocates %.1f times per message; the relay must not", allocs)
 	}
 }
 
 func TestCopyFrameReportsReadyStatusAndLargeBodies(t *testing.T) {
 	t.Parallel()
-	big, _ := (&pgproto3.DataRow{Values: [][]byte{bytes.Repeat([]byte("y"), 3*ioBufSize)}}).Encode(nil)
+	big, _ := (&pgproto3.DataRow{Values: [][]byte{bytes.Repeat([]byte("y"), 3*serverBufSize)}}).Encode(nil)
 	z, _ := (&pgproto3.ReadyForQuery{TxStatus: 'T'}).Encode(nil)
 	in := append(big, z...)
-	src := bufio.NewReaderSize(bytes.NewReader(in), 4096)
 	var out bytes.Buffer
 	dst := bufio.NewWriter(&out)
-	typ, _, n, err := copyFrame(dst, src)
+	fc := frameCopier{src: bufio.NewReaderSize(bytes.NewReader(in), 4096), dst: dst}
+	typ, _, n, err := fc.next()
 	if err != nil || typ != 'D' || n != len(big) {
 		t.Fatalf("big DataRow: %q %d %v", typ, n, err)
 	}
-	typ, status, _, err := copyFrame(dst, src)
+	typ, status, _, err := fc.next()
 	if err != nil || typ != 'Z' || status != 'T' {
 		t.Fatalf("ReadyForQuery: %q %q %v", typ, status, err)
 	}
@@ -67,14 +68,79 @@ func TestCopyFrameReportsReadyStatusAndLargeBodies(t *testing.T) {
 	}
 }
 
+// interruptingReader hands out its data in pieces of at most step bytes and
+// fails with a deadline error before every piece after the first, as a relay
+// interrupted by a read deadline sees it.
+type interruptingReader struct {
+	data        []byte
+	step        int
+	interrupted bool
+}
+
+func (r *interruptingReader) Read(p []byte) (int, error) {
+	if len(r.data) == 0 {
+		return 0, io.EOF
+	}
+	if !r.interrupted {
+		r.interrupted = true
+		return 0, os.ErrDeadlineExceeded
+	}
+	r.interrupted = false
+	n := copy(p, r.data[:min(r.step, len(r.data))])
+	r.data = r.data[n:]
+	return n, nil
+}
+
+// Item 1 of the hardening issue: a read deadline that fires part-way through
+// a message (RetireAt while a large row streams) must not cost the copier its
+// place. Every interrupt is retried and the output is the input, byte for
+// byte, with the same messages reported.
+func TestRetirementInterruptMidMessageKeepsTheStream(t *testing.T) {
+	t.Parallel()
+	big, _ := (&pgproto3.DataRow{Values: [][]byte{bytes.Repeat([]byte("r"), 100_000)}}).Encode(nil)
+	cc, _ := (&pgproto3.CommandComplete{CommandTag: []byte("SELECT 1")}).Encode(nil)
+	z, _ := (&pgproto3.ReadyForQuery{TxStatus: 'I'}).Encode(nil)
+	in := append(append(append([]byte{}, big...), cc...), z...)
+	for _, step := range []int{1, 3, 7, 4096, 70_000} {
+		var out bytes.Buffer
+		dst := bufio.NewWriter(&out)
+		fc := frameCopier{src: bufio.NewReaderSize(&interruptingReader{data: in, step: step}, 8192), dst: dst}
+		var types []byte
+		interrupts := 0
+		for {
+			typ, _, _, err := fc.next()
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if isTimeout(err) {
+				interrupts++
+				continue // what serverToClient does after checking its flags
+			}
+			if err != nil {
+				t.Fatalf("step %d: %v", step, err)
+			}
+			types = append(types, typ)
+			if !fc.atBoundary() {
+				t.Fatalf("step %d: a whole message copied but not at a boundary", step)
+			}
+		}
+		_ = dst.Flush()
+		if string(types) != "DCZ" || !bytes.Equal(out.Bytes(), in) {
+			t.Fatalf("step %d: messages %q (want DCZ), %d of %d bytes match", step, types, len(out.Bytes()), len(in))
+		}
+		if interrupts < 2 {
+			t.Fatalf("step %d: only %d interrupts: the test did not interrupt mid-message", step, interrupts)
+		}
+	}
+}
+
 func BenchmarkCopyFrame(b *testing.B) {
 	msgs := messages(b)
-	src := bufio.NewReaderSize(&loopReader{data: msgs}, ioBufSize)
-	dst := bufio.NewWriterSize(io.Discard, ioBufSize)
+	fc := frameCopier{src: bufio.NewReaderSize(&loopReader{data: msgs}, serverBufSize), dst: bufio.NewWriterSize(io.Discard, clientBufSize)}
 	b.ReportAllocs()
 	b.SetBytes(int64(len(msgs)) / 3)
 	for b.Loop() {
-		if _, _, _, err := copyFrame(dst, src); err != nil {
+		if _, _, _, err := fc.next(); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -85,8 +85,9 @@ func FuzzStartupSettings(f *testing.F) {
 	})
 }
 
-// FuzzCopyFrame relays arbitrary bytes frame by frame: every byte that
-// forms complete frames comes out unchanged, and a short length is refused.
+// FuzzCopyFrame relays arbitrary bytes frame by frame, interrupted by a
+// deadline between every few bytes: every byte that forms complete frames
+// comes out unchanged, and a short length is refused.
 func FuzzCopyFrame(f *testing.F) {
 	z, _ := (&pgproto3.ReadyForQuery{TxStatus: 'I'}).Encode(nil)
 	q, _ := (&pgproto3.Query{String: "select 1"}).Encode(nil)
@@ -94,11 +95,14 @@ func FuzzCopyFrame(f *testing.F) {
 	f.Add([]byte{'X', 0, 0, 0, 3})
 	f.Add([]byte{'d', 0, 0, 0, 4})
 	f.Fuzz(func(t *testing.T, in []byte) {
-		src := bufio.NewReaderSize(bytes.NewReader(in), 16)
 		var out bytes.Buffer
 		dst := bufio.NewWriter(&out)
+		fc := frameCopier{src: bufio.NewReaderSize(&interruptingReader{data: in, step: 5}, 16), dst: dst}
 		for {
-			_, _, _, err := copyFrame(dst, src)
+			_, _, _, err := fc.next()
+			if isTimeout(err) {
+				continue
+			}
 			if err != nil {
 				break
 			}

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -12,18 +13,29 @@ import (
 	"github.com/pgwarden/pgwarden/pgerror"
 )
 
-// poolSet holds one pool per (database, access level) and bounds the total
-// number of upstream connections. A connection is never handed out, and never
-// kept idle, past its credential's RetireAt: Vault drops the role at the
-// lease's end and a session of a dropped role still answers `select 1` while
-// failing every privilege check, so no liveness probe could catch it.
+// poolSet holds one pool per (database, access level) and bounds the number
+// of upstream connections per pool and in total.
+//
+// It owns every upstream connection: it opens them, lends them to one client
+// at a time (acquire), takes them back (release, discard) and is the only one
+// to close them. A connection is never handed out, and never kept idle, past
+// its credential's RetireAt: Vault drops the role at the lease's end and a
+// session of a dropped role still answers `select 1` while failing every
+// privilege check, so no liveness probe could catch it. An idle connection is
+// checked before it is lent (see serverConn.alive), since the server may have
+// ended it meanwhile.
+//
+// When the total is reached and a pool needs a connection, the longest-idle
+// connection of another pool is closed to make room, so one pool's idle
+// connections never starve the others.
 type poolSet struct {
-	cfg   *Config
-	total chan struct{} // semaphore: one token per open upstream connection
+	cfg *Config
 
-	mu     sync.Mutex
-	pools  map[poolKey]*pool // guarded by mu
-	closed bool              // guarded by mu
+	mu      sync.Mutex
+	pools   map[poolKey]*pool // guarded by mu
+	total   int               // guarded by mu; connections open or being opened, all pools
+	changed chan struct{}     // guarded by mu; closed (and replaced) when a slot frees or a connection turns idle
+	closed  bool              // guarded by mu
 
 	stop      chan struct{}
 	reaperWG  sync.WaitGroup
@@ -33,19 +45,20 @@ type poolSet struct {
 type poolKey struct{ database, level string }
 
 type pool struct {
-	key    poolKey
-	tmpl   *pgconn.Config
-	sem    chan struct{} // one token per open connection of this pool
-	idle   []*serverConn // guarded by poolSet.mu; most recently used last
-	active int           // guarded by poolSet.mu
+	key  poolKey
+	tmpl *pgconn.Config
+	// All guarded by poolSet.mu.
+	open   int           // connections open or being opened: idle + active
+	active int           // lent to a client, being opened or being checked
+	idle   []*serverConn // least recently used first
 }
 
 func newPoolSet(cfg *Config) (*poolSet, error) {
-	ps := &poolSet{cfg: cfg, total: make(chan struct{}, cfg.Pool.MaxTotal), pools: map[poolKey]*pool{}, stop: make(chan struct{})}
+	ps := &poolSet{cfg: cfg, pools: map[poolKey]*pool{}, changed: make(chan struct{}), stop: make(chan struct{})}
 	// Parse every upstream now, so a bad connection string fails at start.
 	for db, r := range cfg.Routes {
-		if _, err := parseUpstream(r.Upstream); err != nil {
-			return nil, fmt.Errorf("proxy: route %q: %w", db, err)
+		if _, err := ParseUpstream(r.Upstream, r.Policy); err != nil {
+			return nil, fmt.Errorf("proxy: database %q: upstream: %w", db, err)
 		}
 	}
 	ps.reaperWG.Add(1)
@@ -53,16 +66,10 @@ func newPoolSet(cfg *Config) (*poolSet, error) {
 	return ps, nil
 }
 
-// parseUpstream parses a route's connection string. User and password are
-// replaced by each credential's; client settings are applied per session, so
-// none from the environment (PGAPPNAME, PGOPTIONS…) may ride along.
-func parseUpstream(conn string) (*pgconn.Config, error) {
-	cfg, err := pgconn.ParseConfig(conn)
-	if err != nil {
-		return nil, err
-	}
-	cfg.RuntimeParams = map[string]string{}
-	return cfg, nil
+// changedLocked wakes everyone waiting for room.
+func (ps *poolSet) changedLocked() {
+	close(ps.changed)
+	ps.changed = make(chan struct{})
 }
 
 func (ps *poolSet) get(database, level string, route Route) (*pool, error) {
@@ -70,126 +77,188 @@ func (ps *poolSet) get(database, level string, route Route) (*pool, error) {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	if ps.closed {
-		return nil, pgerror.New(pgerror.AdminShutdown, "pgwarden is shutting down")
+		return nil, errShuttingDown
 	}
 	if p := ps.pools[k]; p != nil {
 		return p, nil
 	}
-	tmpl, err := parseUpstream(route.Upstream)
+	tmpl, err := ParseUpstream(route.Upstream, route.Policy)
 	if err != nil {
 		return nil, pgerror.Wrap(err, pgerror.ConfigurationFileError, "upstream connection string is invalid")
 	}
-	p := &pool{key: k, tmpl: tmpl, sem: make(chan struct{}, ps.cfg.Pool.MaxPerPool)}
+	p := &pool{key: k, tmpl: tmpl}
 	ps.pools[k] = p
 	return p, nil
 }
 
-// acquire returns an idle connection of (database, level) whose credential is
-// still good, or opens one under cred, waiting up to AcquireTimeout for room.
+var errShuttingDown = pgerror.New(pgerror.AdminShutdown, "pgwarden is shutting down")
+
+// acquire lends a connection of (database, level): an idle one that is still
+// alive and whose credential has not retired, or a new one under cred. When
+// the pool or the total is full it waits up to AcquireTimeout for room.
 func (ps *poolSet) acquire(ctx context.Context, database, level string, route Route, cred *broker.Credential) (*serverConn, error) {
 	p, err := ps.get(database, level, route)
 	if err != nil {
 		return nil, err
 	}
-	now := ps.cfg.Now()
-	var stale []*serverConn
-	ps.mu.Lock()
-	var sc *serverConn
-	for len(p.idle) > 0 {
-		c := p.idle[len(p.idle)-1]
-		p.idle = p.idle[:len(p.idle)-1]
-		if now.Before(c.cred.RetireAt) {
-			sc = c
-			break
+	var wait context.Context
+	for {
+		ps.mu.Lock()
+		if ps.closed {
+			ps.mu.Unlock()
+			return nil, errShuttingDown
 		}
-		stale = append(stale, c)
+		if n := len(p.idle); n > 0 {
+			sc := p.idle[n-1]
+			p.idle[n-1] = nil
+			p.idle = p.idle[:n-1]
+			p.active++
+			ps.mu.Unlock()
+			if err := ps.check(sc); err != nil {
+				ps.cfg.Logger.Debug("idle upstream session not reusable; closing", "backend_pid", sc.pid, "error", err)
+				ps.discard(sc)
+				continue
+			}
+			return sc, nil
+		}
+		if p.open < ps.cfg.Pool.MaxPerPool {
+			var victim *serverConn
+			if ps.total >= ps.cfg.Pool.MaxTotal {
+				victim = ps.evictLocked()
+			}
+			if ps.total < ps.cfg.Pool.MaxTotal {
+				p.open++
+				p.active++
+				ps.total++
+				ps.mu.Unlock()
+				if victim != nil {
+					ps.cfg.Logger.Debug("closed an idle upstream session of another pool to make room",
+						"database", victim.pool.key.database, "level", victim.pool.key.level, "backend_pid", victim.pid)
+					victim.close()
+				}
+				sc, err := ps.open(ctx, p, cred)
+				if err != nil {
+					ps.mu.Lock()
+					p.open--
+					p.active--
+					ps.total--
+					ps.changedLocked()
+					ps.mu.Unlock()
+					return nil, err
+				}
+				return sc, nil
+			}
+		}
+		ch := ps.changed
+		ps.mu.Unlock()
+		if wait == nil {
+			var cancel context.CancelFunc
+			wait, cancel = context.WithTimeout(ctx, ps.cfg.Pool.AcquireTimeout)
+			defer cancel()
+		}
+		select {
+		case <-ch:
+		case <-wait.Done():
+			if ctx.Err() != nil {
+				return nil, pgerror.Wrap(ctx.Err(), pgerror.ConnectionFailure, "timed out waiting for an upstream connection")
+			}
+			return nil, pgerror.Newf(pgerror.TooManyConnections,
+				"too many upstream connections for database %q at level %q", p.key.database, p.key.level).
+				WithHint(fmt.Sprintf("Waited %v for a free connection; try again, or raise the pool limits.", ps.cfg.Pool.AcquireTimeout))
+		}
 	}
-	if sc != nil {
-		p.active++
-	}
-	ps.mu.Unlock()
-	for _, c := range stale {
-		ps.closeConn(c)
-	}
-	if sc != nil {
-		return sc, nil
-	}
-
-	wait, cancel := context.WithTimeout(ctx, ps.cfg.Pool.AcquireTimeout)
-	defer cancel()
-	if err := ps.slot(wait, p); err != nil {
-		return nil, err
-	}
-	sc, err = dialServer(ctx, p.tmpl, cred, ps.cfg.Pool.DialTimeout)
-	if err != nil {
-		<-ps.total
-		<-p.sem
-		return nil, err
-	}
-	sc.pool = p
-	ps.mu.Lock()
-	p.active++
-	ps.mu.Unlock()
-	return sc, nil
 }
 
-// slot takes one connection token from the pool and one from the total.
-func (ps *poolSet) slot(ctx context.Context, p *pool) error {
-	tooMany := func() error {
-		return pgerror.Newf(pgerror.TooManyConnections,
-			"too many upstream connections for database %q at level %q", p.key.database, p.key.level).
-			WithHint(fmt.Sprintf("Waited %v for a free connection; try again, or raise the pool limits.", ps.cfg.Pool.AcquireTimeout))
+// evictLocked takes the longest-idle connection of any pool out of the set
+// (its slot is the caller's now) and returns it for the caller to close, or
+// nil when no connection is idle.
+func (ps *poolSet) evictLocked() *serverConn {
+	var from *pool
+	for _, q := range ps.pools {
+		if len(q.idle) > 0 && (from == nil || q.idle[0].lastUsed.Before(from.idle[0].lastUsed)) {
+			from = q
+		}
 	}
-	select {
-	case p.sem <- struct{}{}:
-	case <-ctx.Done():
-		return tooMany()
-	}
-	select {
-	case ps.total <- struct{}{}:
+	if from == nil {
 		return nil
-	case <-ctx.Done():
-		<-p.sem
-		return tooMany()
+	}
+	sc := from.idle[0]
+	from.idle[0] = nil
+	from.idle = from.idle[1:]
+	from.open--
+	ps.total--
+	return sc
+}
+
+// check decides whether an idle connection may be lent: its credential has
+// not retired, and it is alive.
+func (ps *poolSet) check(sc *serverConn) error {
+	now := ps.cfg.Now()
+	if !now.Before(sc.cred.RetireAt) {
+		return errors.New("credential retired")
+	}
+	return sc.alive(now.Sub(sc.lastUsed) >= ps.cfg.Pool.PingAfterIdle, ps.cfg.Pool.PingTimeout)
+}
+
+// open dials a new connection of p under cred. A new session whose database
+// user carries role-level settings is replaced once they are removed (see
+// checkRoleSettings).
+func (ps *poolSet) open(ctx context.Context, p *pool, cred *broker.Credential) (*serverConn, error) {
+	for attempt := 0; ; attempt++ {
+		sc, err := dialServer(ctx, p.tmpl, cred, ps.cfg.Pool.DialTimeout, ps.cfg.WriteTimeout)
+		if err != nil {
+			return nil, err
+		}
+		err = sc.checkRoleSettings(ctx)
+		if err == nil {
+			sc.pool = p
+			return sc, nil
+		}
+		sc.close()
+		if !errors.Is(err, errRoleSettings) || attempt > 0 {
+			return nil, upstreamFailure(err)
+		}
+		ps.cfg.Logger.Warn("a shared database user had role-level settings (ALTER ROLE ... SET); removed them and opened a clean session",
+			"database", p.key.database, "level", p.key.level, "db_user", cred.Username, "error", err)
 	}
 }
 
 // release resets sc and makes it idle, or closes it when it cannot be reused:
-// reset failed, its credential retires soon, or the set is closed.
+// reset failed, its credential retires, or the set is closed.
 func (ps *poolSet) release(sc *serverConn) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	err := sc.reset(ctx)
 	cancel()
 	now := ps.cfg.Now()
 	ps.mu.Lock()
-	sc.pool.active--
+	p := sc.pool
+	p.active--
 	if err == nil && !ps.closed && now.Before(sc.cred.RetireAt) {
 		sc.lastUsed = now
-		sc.pool.idle = append(sc.pool.idle, sc)
+		p.idle = append(p.idle, sc)
+		ps.changedLocked()
 		ps.mu.Unlock()
 		return
 	}
+	p.open--
+	ps.total--
+	ps.changedLocked()
 	ps.mu.Unlock()
 	if err != nil {
 		ps.cfg.Logger.Debug("upstream reset failed; closing", "error", err, "backend_pid", sc.pid)
 	}
-	ps.closeConn(sc)
+	sc.close()
 }
 
-// discard closes an active connection that must not be reused.
+// discard closes a lent connection that must not be reused.
 func (ps *poolSet) discard(sc *serverConn) {
 	ps.mu.Lock()
 	sc.pool.active--
+	sc.pool.open--
+	ps.total--
+	ps.changedLocked()
 	ps.mu.Unlock()
-	ps.closeConn(sc)
-}
-
-// closeConn closes a connection no longer counted as idle or active and
-// frees its slots.
-func (ps *poolSet) closeConn(sc *serverConn) {
 	sc.close()
-	<-ps.total
-	<-sc.pool.sem
 }
 
 // reap closes idle connections whose credential retires or that sat idle too
@@ -212,6 +281,8 @@ func (ps *poolSet) reap() {
 			for _, c := range p.idle {
 				if !now.Before(c.cred.RetireAt) || now.Sub(c.lastUsed) >= ps.cfg.Pool.IdleTimeout {
 					dead = append(dead, c)
+					p.open--
+					ps.total--
 				} else {
 					keep = append(keep, c)
 				}
@@ -219,15 +290,19 @@ func (ps *poolSet) reap() {
 			clear(p.idle[len(keep):])
 			p.idle = keep
 		}
+		if len(dead) > 0 {
+			ps.changedLocked()
+		}
 		ps.mu.Unlock()
 		for _, c := range dead {
-			ps.closeConn(c)
+			c.close()
 		}
 	}
 }
 
 // close stops the reaper and closes idle connections; active ones are closed
-// by their sessions, which see closed and do not return them.
+// by their sessions, which see closed and do not return them. Waiters are
+// woken and refused.
 func (ps *poolSet) close() {
 	ps.closeOnce.Do(func() {
 		close(ps.stop)
@@ -237,11 +312,14 @@ func (ps *poolSet) close() {
 		var idle []*serverConn
 		for _, p := range ps.pools {
 			idle = append(idle, p.idle...)
+			p.open -= len(p.idle)
+			ps.total -= len(p.idle)
 			p.idle = nil
 		}
+		ps.changedLocked()
 		ps.mu.Unlock()
 		for _, c := range idle {
-			ps.closeConn(c)
+			c.close()
 		}
 	})
 }

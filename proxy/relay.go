@@ -2,12 +2,15 @@ package proxy
 
 import (
 	"errors"
-	"net"
 	"sync/atomic"
 	"time"
 
 	"github.com/pgwarden/pgwarden/pgerror"
 )
+
+// cutGrace is how long a session cut at its lease's end has to send the
+// client its FATAL before both sockets are closed regardless.
+const cutGrace = 2 * time.Second
 
 // relayResult is how a session ended.
 type relayResult struct {
@@ -17,8 +20,8 @@ type relayResult struct {
 	statements        int64
 }
 
-// relayState is what the two directions share. Counters are atomics: each
-// is written by one goroutine and read by the other at the end.
+// relayState is what the two directions and the session's timers share.
+// Counters are atomics: each is written by one goroutine and read by others.
 type relayState struct {
 	syncsSent  atomic.Int64  // Query, Sync and FunctionCall sent: each earns one ReadyForQuery
 	readyRecv  atomic.Int64  // ReadyForQuery received
@@ -26,6 +29,7 @@ type relayState struct {
 	txStatus   atomic.Uint32 // status byte of the last ReadyForQuery
 	stopping   atomic.Bool   // the client side ended; the server side should stop
 	retiring   atomic.Bool   // the credential's RetireAt passed: end at the next idle point
+	cut        atomic.Bool   // the credential's lease ended: end now
 	statements atomic.Int64
 	bytesIn    atomic.Int64
 	bytesOut   atomic.Int64
@@ -37,15 +41,37 @@ func (st *relayState) idle() bool {
 	return st.syncsSent.Load() == st.readyRecv.Load() && !st.unsynced.Load() && st.txStatus.Load() == 'I'
 }
 
+// end is how one direction of the relay stopped.
 type end struct {
-	why   string
-	clean bool // stopped between messages, nothing half-read
+	why string
+	// clean: stopped between messages with nothing of the next one read, so
+	// the stream it read from is intact.
+	clean bool
+	// upstreamFailed: PostgreSQL's side broke (closed, or took no bytes
+	// within the write timeout).
+	upstreamFailed bool
+	// For the server-to-client direction: whether the client's stream is
+	// between messages (so pgwarden may still add one), whether the last
+	// message it got was an ErrorResponse, and a FATAL to send it.
+	boundary  bool
+	lastError bool
+	notify    error
 }
 
-// relay copies frames both ways until either side ends, one goroutine per
-// direction. Only this session's two goroutines touch the sockets; the first
-// to finish makes the other return (the client side by closing the client,
-// the server side by a read deadline, so an idle upstream survives for reuse).
+// relay copies messages both ways until either side ends, one goroutine per
+// direction; the caller's goroutine waits for both.
+//
+// Writers: during the relay the client socket is written only by the
+// server-to-client goroutine and the upstream only by the client-to-server
+// one. A final FATAL to the client is written by the caller's goroutine, only
+// after the server-to-client goroutine has returned, and only if the client's
+// stream is between messages.
+//
+// Stopping: the client side is stopped by closing the client socket (kill).
+// The server side is interrupted by a read deadline on the upstream socket,
+// after a flag that says why (stopping, retiring, cut); the frame copier
+// resumes where the deadline caught it, so an interrupt never costs the
+// stream its place, and an idle upstream survives for reuse.
 func (c *clientConn) relay(up *serverConn) relayResult {
 	st := &relayState{}
 	st.txStatus.Store('I')
@@ -60,10 +86,13 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 	})
 	defer soft.Stop()
 	hard := time.AfterFunc(up.cred.ExpiresAt.Sub(now), func() {
-		c.kill()
-		up.close()
+		st.cut.Store(true)
+		_ = up.conn.SetReadDeadline(time.Now())
 	})
 	defer hard.Stop()
+	// A session stuck writing to a peer that reads nothing cannot say goodbye.
+	backstop := time.AfterFunc(up.cred.ExpiresAt.Sub(now)+cutGrace, func() { c.kill(); up.close() })
+	defer backstop.Stop()
 
 	fromClient := make(chan end, 1)
 	fromServer := make(chan end, 1)
@@ -73,14 +102,24 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 	res := relayResult{}
 	select {
 	case e := <-fromClient:
+		if !e.upstreamFailed {
+			c.kill() // the client is done: nothing may block writing to it
+		}
 		st.stopping.Store(true)
 		_ = up.conn.SetReadDeadline(time.Now())
 		s := <-fromServer
 		_ = up.conn.SetReadDeadline(time.Time{})
 		res.why = e.why
-		res.reusable = e.clean && s.clean && st.idle() && !st.retiring.Load()
+		res.reusable = e.clean && s.clean && !s.upstreamFailed && st.idle() && !st.retiring.Load() && !st.cut.Load()
+		if e.upstreamFailed && s.boundary && !s.lastError {
+			c.sendFinal(errUpstreamLost)
+		}
 	case s := <-fromServer:
+		if s.notify != nil && s.boundary {
+			c.sendFinal(s.notify)
+		}
 		c.kill()
+		up.close() // never reused after this; unblocks a write to it
 		<-fromClient
 		res.why = s.why
 	}
@@ -88,21 +127,38 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 	return res
 }
 
+// errUpstreamLost is what a client is told when PostgreSQL's side of its
+// session breaks without a word of its own.
+var errUpstreamLost = pgerror.New(pgerror.ConnectionFailure, "connection to the database server was lost").
+	WithHint("Reconnect; a transaction in progress was rolled back by the server.")
+
+// sendFinal writes a FATAL to the client, bounded by the write timeout. The
+// caller closes the connection afterwards.
+func (c *clientConn) sendFinal(err error) {
+	_ = sendFatal(c.w, err)
+}
+
 // clientToServer forwards the client's messages. It stops without forwarding
 // Terminate, so the upstream session can be pooled.
 func (c *clientConn) clientToServer(up *serverConn, st *relayState) end {
+	fc := frameCopier{src: c.r, dst: up.w}
 	for {
-		hdr, err := c.r.Peek(1)
-		if err != nil {
-			return end{why: "client disconnected", clean: c.r.Buffered() == 0 && len(hdr) == 0}
+		if fc.atBoundary() {
+			hdr, err := c.r.Peek(1)
+			if err != nil {
+				return end{why: "client disconnected", clean: c.r.Buffered() == 0 && len(hdr) == 0}
+			}
+			if hdr[0] == 'X' {
+				return end{why: "client terminated", clean: true}
+			}
 		}
-		if hdr[0] == 'X' {
-			return end{why: "client terminated", clean: true}
-		}
-		typ, _, n, err := copyFrame(up.w, c.r)
+		typ, _, n, err := fc.next()
 		if err != nil {
-			if errors.Is(err, errFraming) {
+			switch {
+			case errors.Is(err, errFraming):
 				return end{why: "client protocol violation"}
+			case fc.writeErr != nil:
+				return upstreamWriteFailed(fc.writeErr)
 			}
 			return end{why: "client disconnected mid-message"}
 		}
@@ -124,56 +180,104 @@ func (c *clientConn) clientToServer(up *serverConn, st *relayState) end {
 		}
 		if c.r.Buffered() == 0 {
 			if err := up.w.Flush(); err != nil {
-				return end{why: "upstream write failed"}
+				return upstreamWriteFailed(err)
 			}
 		}
 	}
 }
 
+func upstreamWriteFailed(err error) end {
+	if isTimeout(err) {
+		return end{why: "upstream took no bytes within the write timeout", upstreamFailed: true}
+	}
+	return end{why: "upstream write failed", upstreamFailed: true}
+}
+
 // serverToClient forwards the server's messages, watching ReadyForQuery.
 func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
+	fc := frameCopier{src: up.r, dst: c.w}
+	lastError := false
+	stop := func(e end) end {
+		e.boundary, e.lastError = fc.atBoundary(), lastError
+		e.clean = e.clean && fc.atBoundary() && up.r.Buffered() == 0
+		return e
+	}
 	for {
-		typ, status, n, err := copyFrame(c.w, up.r)
+		typ, status, n, err := fc.next()
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				clean := up.r.Buffered() == 0
-				if st.stopping.Load() {
-					return end{why: "stopped", clean: clean}
+			if fc.writeErr != nil {
+				if isTimeout(fc.writeErr) {
+					return stop(end{why: "client took no bytes within the write timeout"})
 				}
-				if st.retiring.Load() && clean && st.idle() {
-					return c.endRetired()
+				return stop(end{why: "client write failed"})
+			}
+			if isTimeout(err) {
+				if e, done := c.interrupted(up, st, &fc); done {
+					return stop(e)
 				}
-				_ = up.conn.SetReadDeadline(time.Time{})
-				continue
+				continue // resume, in the middle of a message if need be
+			}
+			if errors.Is(err, errFraming) {
+				return stop(end{why: "upstream protocol violation", upstreamFailed: true})
 			}
 			if st.stopping.Load() {
-				return end{why: "stopped"}
+				return stop(end{why: "stopped", upstreamFailed: true})
 			}
 			_ = c.w.Flush()
-			return end{why: "upstream closed"}
+			e := end{why: "upstream closed", upstreamFailed: true}
+			if !lastError {
+				// PostgreSQL's last word is a FATAL ErrorResponse when it
+				// ends a session itself; add one only when it said nothing.
+				e.notify = errUpstreamLost
+			}
+			return stop(e)
 		}
 		st.bytesOut.Add(int64(n))
+		lastError = typ == 'E'
 		if typ == 'Z' {
 			st.txStatus.Store(uint32(status))
 			st.readyRecv.Add(1)
 		}
 		if up.r.Buffered() == 0 {
 			if err := c.w.Flush(); err != nil {
-				return end{why: "client write failed"}
+				if isTimeout(err) {
+					return stop(end{why: "client took no bytes within the write timeout"})
+				}
+				return stop(end{why: "client write failed"})
 			}
 			if typ == 'Z' && status == 'I' && st.retiring.Load() && st.idle() {
-				return c.endRetired()
+				return stop(end{why: "credential retired", notify: errRetired})
 			}
 		}
 	}
 }
 
-// endRetired tells the client its session ended because its credential's
-// lease is ending; a reconnect gets fresh credentials.
-func (c *clientConn) endRetired() end {
-	_ = sendFatal(c.w, pgerror.New(pgerror.CredentialLeaseEnded,
-		"terminating connection because its database credential is expiring").
-		WithHint("Reconnect: the new session gets fresh credentials."))
-	return end{why: "credential retired"}
+// interrupted handles a read deadline on the upstream: it returns the end to
+// report when the interrupt means the server side must stop now, or done =
+// false to carry on reading (after clearing the deadline and checking the
+// flags once more, so an interrupt that raced with the clearing is not lost).
+func (c *clientConn) interrupted(up *serverConn, st *relayState, fc *frameCopier) (end, bool) {
+	for range 2 {
+		switch {
+		case st.stopping.Load():
+			return end{why: "stopped", clean: true}, true
+		case st.cut.Load():
+			return end{why: "credential lease ended", notify: errLeaseEnded}, true
+		case st.retiring.Load() && fc.atBoundary() && up.r.Buffered() == 0 && st.idle():
+			return end{why: "credential retired", notify: errRetired}, true
+		}
+		_ = up.conn.SetReadDeadline(time.Time{})
+	}
+	return end{}, false
 }
+
+// errRetired ends a session whose credential's lease is ending, at an idle
+// point; a reconnect gets fresh credentials.
+var errRetired = pgerror.New(pgerror.CredentialLeaseEnded,
+	"terminating connection because its database credential is expiring").
+	WithHint("Reconnect: the new session gets fresh credentials.")
+
+// errLeaseEnded ends a session still busy when its credential's lease ended.
+var errLeaseEnded = pgerror.New(pgerror.CredentialLeaseEnded,
+	"terminating connection because its database credential expired").
+	WithHint("Reconnect: the new session gets fresh credentials. Work not committed was rolled back.")

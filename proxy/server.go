@@ -7,6 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/pgwarden/pgwarden/pgerror"
 )
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
@@ -21,10 +23,12 @@ type Server struct {
 	cancels *cancelMap
 
 	inShutdown atomic.Bool
+	handshakes atomic.Int64 // connections between accept and AuthenticationOk (or their end)
 	mu         sync.Mutex
 	listeners  map[net.Listener]struct{} // guarded by mu
 	conns      map[*clientConn]struct{}  // guarded by mu
 	connsDone  chan struct{}             // closed when conns empties during shutdown; guarded by mu
+	subjects   map[string]int            // guarded by mu; sessions per token subject, entries > 0 only
 }
 
 // NewServer returns a Server; it starts the pool's background reaper, which
@@ -33,7 +37,8 @@ func NewServer(cfg Config) (*Server, error) {
 	if err := cfg.checkAndSetDefaults(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, cancels: newCancelMap(), listeners: map[net.Listener]struct{}{}, conns: map[*clientConn]struct{}{}}
+	s := &Server{cfg: cfg, cancels: newCancelMap(), listeners: map[net.Listener]struct{}{}, conns: map[*clientConn]struct{}{},
+		subjects: map[string]int{}}
 	pools, err := newPoolSet(&s.cfg)
 	if err != nil {
 		return nil, err
@@ -75,8 +80,14 @@ func (s *Server) Serve(ln net.Listener) error {
 			continue
 		}
 		delay = 0
+		if s.handshakes.Add(1) > int64(s.cfg.MaxHandshakes) {
+			s.handshakes.Add(-1)
+			go s.refuseBusy(nc)
+			continue
+		}
 		c := newClientConn(s, nc)
 		if !s.track(c) {
+			s.handshakes.Add(-1)
 			nc.Close()
 			return ErrServerClosed
 		}
@@ -84,6 +95,45 @@ func (s *Server) Serve(ln net.Listener) error {
 			defer s.untrack(c)
 			c.serve()
 		}()
+	}
+}
+
+// errBusy refuses a connection beyond MaxHandshakes.
+var errBusy = pgerror.New(pgerror.TooManyConnections, "sorry, too many clients are connecting to pgwarden at once").
+	WithHint("Try again in a moment.")
+
+// refuseBusy answers a connection over MaxHandshakes with a FATAL at once,
+// before reading anything, and closes it. PostgreSQL's postmaster answers a
+// failed fork the same way; libpq reports such an answer to an SSLRequest or
+// startup packet as the server's error.
+func (s *Server) refuseBusy(nc net.Conn) {
+	defer nc.Close()
+	s.cfg.Observer.AuthResult("", "", "busy")
+	buf, err := errorResponse("FATAL", errBusy).Encode(nil)
+	if err != nil {
+		return
+	}
+	_ = nc.SetWriteDeadline(time.Now().Add(time.Second))
+	_, _ = nc.Write(buf)
+}
+
+// holdSubject counts one more session of subject, unless that would pass
+// MaxSubjectConnections.
+func (s *Server) holdSubject(subject string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n := s.cfg.MaxSubjectConnections; n > 0 && s.subjects[subject] >= n {
+		return false
+	}
+	s.subjects[subject]++
+	return true
+}
+
+func (s *Server) releaseSubject(subject string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.subjects[subject]--; s.subjects[subject] <= 0 {
+		delete(s.subjects, subject)
 	}
 }
 

@@ -47,12 +47,16 @@ func (b bufConn) Read(p []byte) (int, error) { return b.r.Read(p) }
 // it has our answer are a protocol violation (CVE-2021-23214): such a
 // connection is closed.
 func (c *clientConn) readStartup(ctx context.Context) (pgproto3.FrontendMessage, error) {
-	negotiated := false
+	// As PostgreSQL's ProcessStartupPacket: each of SSLRequest and
+	// GSSENCRequest may come once, in either order; after TLS is up, neither.
+	// libpq with a Kerberos credential cache sends GSSENCRequest, takes 'N',
+	// then sends SSLRequest.
+	sslDone, gssDone := false, false
 	if _, err := c.r.Peek(1); err != nil {
 		return nil, errNoStartup
 	}
 	for {
-		if !c.tls && !negotiated && c.srv.cfg.TLS != nil {
+		if !sslDone && !gssDone && c.srv.cfg.TLS != nil {
 			first, err := c.r.Peek(1)
 			if err != nil {
 				return nil, errSilentClose
@@ -63,7 +67,7 @@ func (c *clientConn) readStartup(ctx context.Context) (pgproto3.FrontendMessage,
 				if err := c.startTLS(ctx, bufConn{c.nc, c.r}, true); err != nil {
 					return nil, err
 				}
-				negotiated = true
+				sslDone, gssDone = true, true
 				continue
 			}
 		}
@@ -82,14 +86,18 @@ func (c *clientConn) readStartup(ctx context.Context) (pgproto3.FrontendMessage,
 		code := binary.BigEndian.Uint32(body)
 		switch code {
 		case sslRequestCode, gssEncReqCode:
-			if negotiated || c.tls {
-				return nil, errSilentClose
+			if (code == sslRequestCode && sslDone) || (code == gssEncReqCode && gssDone) {
+				return nil, fmt.Errorf("%w: repeated encryption request", errSilentClose)
 			}
 			if c.r.Buffered() > 0 {
 				return nil, fmt.Errorf("%w: data sent behind an encryption request", errSilentClose)
 			}
-			negotiated = true
 			if code == gssEncReqCode || c.srv.cfg.TLS == nil {
+				if code == gssEncReqCode {
+					gssDone = true
+				} else {
+					sslDone = true
+				}
 				if err := c.writeRaw([]byte{'N'}); err != nil {
 					return nil, err
 				}
@@ -101,6 +109,7 @@ func (c *clientConn) readStartup(ctx context.Context) (pgproto3.FrontendMessage,
 			if err := c.startTLS(ctx, c.nc, false); err != nil {
 				return nil, err
 			}
+			sslDone, gssDone = true, true
 		case cancelReqCode:
 			var cr pgproto3.CancelRequest
 			if err := cr.Decode(body); err != nil {
@@ -149,7 +158,7 @@ func (c *clientConn) startTLS(ctx context.Context, under net.Conn, direct bool) 
 	// sits beneath the handshake and may hold the client's next record, so
 	// the TLS side gets a reader of its own.
 	if direct {
-		c.r = bufio.NewReaderSize(tc, ioBufSize)
+		c.r = bufio.NewReaderSize(tc, handshakeBufSize)
 	} else {
 		c.r.Reset(tc)
 	}

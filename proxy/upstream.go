@@ -3,9 +3,12 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
+	"net/url"
 	"strings"
 	"time"
 
@@ -17,15 +20,20 @@ import (
 )
 
 // serverConn is one upstream PostgreSQL session, opened by pgconn (which does
-// SCRAM and TLS) and then hijacked so the relay owns the socket. It is used by
-// one client at a time; the pool hands it out and takes it back.
+// SCRAM and TLS) and then hijacked so the relay owns the socket.
+//
+// Ownership: the pool owns it. A client borrows it from acquire to release
+// or discard, and while borrowed only that client's session goroutine (and
+// its relay goroutines) touch it; while idle only the pool does, under its
+// lock. Only the pool closes it for good.
 type serverConn struct {
 	conn   net.Conn
 	r      *bufio.Reader
 	w      *bufio.Writer
+	dw     *deadlineWriter // under w: bounds every write
 	pid    uint32
 	secret []byte
-	addr   string            // host:port dialed, for cancel requests
+	cancel cancelAddr        // where a CancelRequest for this backend goes
 	params map[string]string // last ParameterStatus of each parameter
 	cred   *broker.Credential
 	pool   *pool
@@ -35,14 +43,24 @@ type serverConn struct {
 	buf      []byte    // scratch for handshake-phase messages
 }
 
-const ioBufSize = 32 << 10
+// serverBufSize is the size of each upstream session's read and write
+// buffers. Messages larger than a buffer are streamed through it.
+const serverBufSize = 16 << 10
 
-// dialServer opens an upstream session under cred.
-func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credential, timeout time.Duration) (*serverConn, error) {
+// cancelAddr is how to reach the postmaster that runs a backend: the network
+// and address the session itself was opened on, and its TLS settings.
+type cancelAddr struct {
+	network, address string
+	tls              *tls.Config // nil: the session is not encrypted
+}
+
+// dialServer opens an upstream session under cred. The template's TLS and
+// authentication policy (see parseUpstream) apply.
+func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credential, dialTimeout, writeTimeout time.Duration) (*serverConn, error) {
 	cfg := tmpl.Copy()
 	cfg.User = cred.Username
 	cfg.Password = cred.Password
-	cfg.ConnectTimeout = timeout
+	cfg.ConnectTimeout = dialTimeout
 	pc, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, upstreamFailure(err)
@@ -64,16 +82,31 @@ func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credentia
 	for k, v := range hj.ParameterStatuses {
 		params[k] = v
 	}
+	dw := &deadlineWriter{conn: hj.Conn, timeout: writeTimeout}
+	now := time.Now()
 	return &serverConn{
-		conn: hj.Conn, r: bufio.NewReaderSize(hj.Conn, ioBufSize), w: bufio.NewWriterSize(hj.Conn, ioBufSize),
-		pid: hj.PID, secret: hj.SecretKey, addr: hj.Conn.RemoteAddr().String(), params: params, cred: cred,
-		created: time.Now(), lastUsed: time.Now(),
+		conn: hj.Conn, r: bufio.NewReaderSize(hj.Conn, serverBufSize), w: bufio.NewWriterSize(dw, serverBufSize), dw: dw,
+		pid: hj.PID, secret: hj.SecretKey, cancel: cancelAddrOf(hj), params: params, cred: cred,
+		created: now, lastUsed: now,
 	}, nil
 }
 
+// cancelAddrOf is where cancel requests for a hijacked session go. For TCP it
+// is the peer the session is connected to (so a multi-host connection string
+// cancels on the host it landed on). For a unix socket the peer name is the
+// path the server bound, which PostgreSQL makes relative; the configured
+// socket is used then, as pgconn's own CancelRequest does.
+func cancelAddrOf(hj *pgconn.HijackedConn) cancelAddr {
+	a := cancelAddr{network: hj.Conn.RemoteAddr().Network(), address: hj.Conn.RemoteAddr().String(), tls: hj.TLSConfig}
+	if a.network == "unix" && !strings.HasPrefix(a.address, "/") {
+		a.network, a.address = pgconn.NetworkAddress(hj.Config.Host, hj.Config.Port)
+	}
+	return a
+}
+
 // upstreamFailure passes a PostgreSQL error through with its own code and
-// turns anything else (dial, TLS, timeout) into 08006. pgconn's errors never
-// include the password.
+// turns anything else (dial, TLS, timeout, an authentication method pgwarden
+// will not use) into 08006. pgconn's errors never include the password.
 func upstreamFailure(err error) error {
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
@@ -82,14 +115,139 @@ func upstreamFailure(err error) error {
 	return pgerror.Wrap(err, pgerror.ConnectionFailure, "could not connect to the upstream database")
 }
 
-// simpleQuery runs sql with the simple protocol and reads through
-// ReadyForQuery, recording ParameterStatus changes. It returns the first
-// ErrorResponse as a *pgconn.PgError, and the final transaction status.
-func (sc *serverConn) simpleQuery(ctx context.Context, sql string) (txStatus byte, err error) {
-	if dl, ok := ctx.Deadline(); ok {
-		sc.conn.SetDeadline(dl)
-		defer sc.conn.SetDeadline(time.Time{})
+// UpstreamPolicy is what ParseUpstream enforces on a route's connection string.
+type UpstreamPolicy struct {
+	// AllowInsecure lets a non-loopback upstream use an sslmode weaker than
+	// verify-full (disable, prefer, require, verify-ca…). Default false.
+	AllowInsecure bool
+}
+
+// ParseUpstream parses a route's connection string and applies pgwarden's
+// policy for the upstream leg, which carries the dynamic credentials:
+//
+//   - A non-loopback upstream without an sslmode gets sslmode=verify-full
+//     (pgconn's default, prefer, neither verifies nor insists). One whose
+//     sslmode allows plaintext or skips verifying the server's certificate
+//     and name is refused unless policy.AllowInsecure is set. Loopback hosts
+//     and unix sockets keep what the string says.
+//   - The upstream must authenticate with SCRAM-SHA-256 (require_auth): a man
+//     in the middle asking for a cleartext or MD5 password gets nothing.
+//
+// User, password and run-time parameters are cleared: each credential and
+// client supplies its own. Errors say what to change.
+func ParseUpstream(conn string, policy UpstreamPolicy) (*pgconn.Config, error) {
+	cfg, err := pgconn.ParseConfig(conn)
+	if err != nil {
+		return nil, err
 	}
+	if !allLocal(cfg) {
+		// A setting given later in the string wins, so this is only a default.
+		if cfg, err = pgconn.ParseConfig(withDefaultSSLMode(conn, "verify-full")); err != nil {
+			return nil, err
+		}
+		if !policy.AllowInsecure {
+			// allow and prefer list each host twice, with TLS and without:
+			// report the weakest setting a host may be reached with.
+			var host, why string
+			rank := 0
+			for _, h := range upstreamHosts(cfg) {
+				if r, w := weakTLS(h.tls); r > rank && !isLocalHost(h.host) {
+					host, why, rank = h.host, w, r
+				}
+			}
+			if rank > 0 {
+				return nil, fmt.Errorf("upstream host %s is not loopback and %s: use sslmode=verify-full (with sslrootcert naming the server's CA), or allow it explicitly with allow_insecure_upstream", host, why)
+			}
+		}
+	}
+	switch cfg.RequireAuth {
+	case "", "scram-sha-256":
+		cfg.RequireAuth = "scram-sha-256"
+	default:
+		return nil, fmt.Errorf("require_auth=%s: pgwarden authenticates upstream with SCRAM-SHA-256 only; leave require_auth out", cfg.RequireAuth)
+	}
+	cfg.User, cfg.Password = "", ""
+	cfg.RuntimeParams = map[string]string{}
+	return cfg, nil
+}
+
+type upstreamHost struct {
+	host string
+	tls  *tls.Config
+}
+
+// upstreamHosts lists every (host, TLS setting) pgconn may try, in order.
+func upstreamHosts(cfg *pgconn.Config) []upstreamHost {
+	out := []upstreamHost{{cfg.Host, cfg.TLSConfig}}
+	for _, f := range cfg.Fallbacks {
+		out = append(out, upstreamHost{f.Host, f.TLSConfig})
+	}
+	return out
+}
+
+func allLocal(cfg *pgconn.Config) bool {
+	for _, h := range upstreamHosts(cfg) {
+		if !isLocalHost(h.host) {
+			return false
+		}
+	}
+	return true
+}
+
+// isLocalHost reports whether host is a unix socket directory or a loopback
+// address or name: a connection no one else on the network can sit in.
+func isLocalHost(host string) bool {
+	if strings.HasPrefix(host, "/") || host == "localhost" {
+		return true
+	}
+	a, err := netip.ParseAddr(host)
+	return err == nil && a.Unmap().IsLoopback()
+}
+
+// weakTLS says what is wrong with a TLS setting for a network upstream, and
+// how badly (0: nothing). pgconn encodes sslmode in its tls.Config: nil is
+// plaintext (disable, or the fallback of allow/prefer); InsecureSkipVerify
+// without a verifier is require; with VerifyPeerCertificate it is verify-ca
+// (the chain, not the name).
+func weakTLS(c *tls.Config) (rank int, why string) {
+	switch {
+	case c == nil:
+		return 3, "its sslmode allows an unencrypted connection"
+	case c.InsecureSkipVerify && c.VerifyPeerCertificate == nil:
+		return 2, "its sslmode does not verify the server's certificate"
+	case c.InsecureSkipVerify:
+		return 1, "its sslmode (verify-ca) does not verify the server's name"
+	}
+	return 0, ""
+}
+
+// withDefaultSSLMode returns conn with sslmode=mode unless conn sets one: for
+// a URL as a query parameter when absent, for keyword/value form in front,
+// where a later sslmode overrides it.
+func withDefaultSSLMode(conn, mode string) string {
+	if strings.HasPrefix(conn, "postgres://") || strings.HasPrefix(conn, "postgresql://") {
+		u, err := url.Parse(conn)
+		if err != nil {
+			return conn // ParseConfig has already accepted it; leave it be
+		}
+		q := u.Query()
+		if !q.Has("sslmode") {
+			q.Set("sslmode", mode)
+			u.RawQuery = q.Encode()
+		}
+		return u.String()
+	}
+	return "sslmode=" + mode + " " + conn
+}
+
+// simpleQuery runs sql with the simple protocol and reads through
+// ReadyForQuery, within ctx's deadline, recording ParameterStatus changes and
+// handing each DataRow's values to row (when not nil; they alias a buffer
+// reused by the next message). It returns the first ErrorResponse as a
+// *pgconn.PgError, and the final transaction status. It is for pgwarden's own
+// statements, never a client's.
+func (sc *serverConn) simpleQuery(ctx context.Context, sql string, row func(values [][]byte)) (txStatus byte, err error) {
+	defer sc.within(ctx)()
 	q := pgproto3.Query{String: sql}
 	if sc.buf, err = q.Encode(sc.buf[:0]); err != nil {
 		return 0, err
@@ -113,6 +271,11 @@ func (sc *serverConn) simpleQuery(ctx context.Context, sql string) (txStatus byt
 			if err := ps.Decode(body); err == nil {
 				sc.params[ps.Name] = ps.Value
 			}
+		case 'D':
+			var dr pgproto3.DataRow
+			if err := dr.Decode(body); err == nil && row != nil {
+				row(dr.Values)
+			}
 		case 'E':
 			var er pgproto3.ErrorResponse
 			if err := er.Decode(body); err == nil && firstErr == nil {
@@ -130,7 +293,7 @@ func (sc *serverConn) simpleQuery(ctx context.Context, sql string) (txStatus byt
 // reset returns the session to its startup state (DISCARD ALL) so the next
 // client inherits nothing. It fails if the session is not idle afterwards.
 func (sc *serverConn) reset(ctx context.Context) error {
-	st, err := sc.simpleQuery(ctx, "DISCARD ALL")
+	st, err := sc.simpleQuery(ctx, "DISCARD ALL", nil)
 	if err != nil {
 		return err
 	}
@@ -163,7 +326,7 @@ func (sc *serverConn) applySettings(ctx context.Context, settings [][2]string) e
 	if b.Len() == 0 {
 		return nil
 	}
-	st, err := sc.simpleQuery(ctx, b.String())
+	st, err := sc.simpleQuery(ctx, b.String(), nil)
 	if err != nil {
 		return err
 	}
@@ -181,4 +344,115 @@ func quoteLiteral(s string) string {
 	return `E'` + s + `'`
 }
 
-func (sc *serverConn) close() { sc.conn.Close() }
+// roleSettingsQuery lists the role-level defaults (ALTER ROLE ... SET) of the
+// session's own database user: the database they apply in ("" for all) and
+// the setting's name.
+const roleSettingsQuery = `SELECT coalesce(d.datname, ''), split_part(c, '=', 1)
+FROM pg_catalog.pg_db_role_setting s
+LEFT JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase, unnest(s.setconfig) c
+WHERE s.setrole = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)`
+
+// errRoleSettings marks a new session whose database user carried role-level
+// settings: they were removed, and the session (which started with them) must
+// be replaced.
+var errRoleSettings = errors.New("database user had role-level settings")
+
+// checkRoleSettings guards against one identity changing another's sessions.
+// A shared dynamic user may run ALTER ROLE CURRENT_USER SET search_path = …
+// (PostgreSQL lets any role set its own defaults), and every later session of
+// that user, whoever opens it, would start with it. So each new upstream
+// session looks for such defaults; when there are any it removes them (a role
+// may reset its own) and returns errRoleSettings, naming the settings (not
+// their values), so the caller closes this session and opens a clean one.
+// Sessions opened before the ALTER are unaffected: PostgreSQL reads role
+// defaults at login.
+func (sc *serverConn) checkRoleSettings(ctx context.Context) error {
+	var (
+		reset strings.Builder
+		names []string
+		seen  = map[string]bool{}
+	)
+	_, err := sc.simpleQuery(ctx, roleSettingsQuery, func(v [][]byte) {
+		if len(v) != 2 {
+			return
+		}
+		db := string(v[0])
+		if !seen[db] {
+			seen[db] = true
+			if db == "" {
+				reset.WriteString("ALTER ROLE CURRENT_USER RESET ALL;")
+			} else {
+				reset.WriteString("ALTER ROLE CURRENT_USER IN DATABASE " + quoteIdent(db) + " RESET ALL;")
+			}
+		}
+		names = append(names, string(v[1]))
+	})
+	if err != nil || reset.Len() == 0 {
+		return err
+	}
+	if _, err := sc.simpleQuery(ctx, reset.String(), nil); err != nil {
+		return fmt.Errorf("removing role-level settings %s: %w", strings.Join(names, ", "), err)
+	}
+	return fmt.Errorf("%w (%s); removed", errRoleSettings, strings.Join(names, ", "))
+}
+
+// quoteIdent quotes s as an SQL identifier.
+func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
+
+func (sc *serverConn) close() { _ = sc.conn.Close() }
+
+// alive decides whether an idle session may be lent. Bytes waiting or a
+// closed socket mean the server ended it (restart, pg_terminate_backend,
+// idle_session_timeout): that check reads nothing and costs one syscall. A
+// silent network cut shows only in a round trip, so after an idle period
+// (ping) the session must also answer a Sync within pingTimeout.
+func (sc *serverConn) alive(ping bool, pingTimeout time.Duration) error {
+	if sc.r.Buffered() > 0 {
+		return errUnexpectedData
+	}
+	if err := peekClosed(sc.conn); err != nil {
+		return err
+	}
+	if !ping {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), pingTimeout)
+	defer cancel()
+	return sc.sync(ctx)
+}
+
+// sync sends Sync, which PostgreSQL answers with ReadyForQuery even outside
+// an extended-protocol exchange, and expects ReadyForQuery 'I' back.
+func (sc *serverConn) sync(ctx context.Context) error {
+	defer sc.within(ctx)()
+	if _, err := sc.w.Write([]byte{'S', 0, 0, 0, 4}); err != nil {
+		return err
+	}
+	if err := sc.w.Flush(); err != nil {
+		return err
+	}
+	typ, body, buf, err := readMessage(sc.r, sc.buf, 1<<20)
+	sc.buf = buf
+	switch {
+	case err != nil:
+		return fmt.Errorf("no answer to a ping: %w", err)
+	case typ != 'Z' || len(body) != 1 || body[0] != 'I':
+		return fmt.Errorf("unexpected answer to a ping (message type %q)", typ)
+	}
+	return nil
+}
+
+// within bounds reads and writes on the session by ctx's deadline, for one of
+// pgwarden's own exchanges; the returned func lifts the bound.
+func (sc *serverConn) within(ctx context.Context) (undo func()) {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return func() {}
+	}
+	_ = sc.conn.SetReadDeadline(dl)
+	sc.dw.setLimit(dl)
+	return func() {
+		_ = sc.conn.SetReadDeadline(time.Time{})
+		sc.dw.setLimit(time.Time{})
+	}
+}

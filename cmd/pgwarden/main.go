@@ -131,7 +131,16 @@ func vaultInit(ctx context.Context, cfg *config.Config, log *slog.Logger) error 
 	return vaultinit.Apply(ctx, vc, spec, log)
 }
 
+// check reports on out what it verified: the config (already loaded and
+// validated by config.Load, which refuses with the field named), the issuer
+// (authn.New: https or loopback http, the discovery document's issuer, the
+// JWKS) and Vault. The first failure is returned as is, so its message names
+// the problem.
 func check(ctx context.Context, cfg *config.Config, out io.Writer) error {
+	if err := app.CheckUpstreams(cfg); err != nil {
+		return err
+	}
+	fmt.Fprintln(out, "config: ok")
 	v, err := authn.New(ctx, app.VerifierConfig(cfg))
 	if err != nil {
 		return err

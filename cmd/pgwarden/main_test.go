@@ -2,10 +2,15 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/pgwarden/pgwarden/internal/config"
 	"github.com/pgwarden/pgwarden/testenv"
 )
 
@@ -65,6 +70,106 @@ func TestVaultInitAndCheckAgainstTheStack(t *testing.T) {
 	for _, want := range []string{"issuer: ok", "vault: ok", "databases: 1"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("check output lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+// validConfig is a config check accepts as far as config.Load goes.
+const validConfig = `{
+  "oidc": {"issuer_url": "https://idp.example", "audiences": ["pgwarden"]},
+  "databases": [
+    {"name": "a-b", "upstream": "host=127.0.0.1 dbname=ab",
+      "levels": [{"name": "reader", "groups": ["g"], "default_ttl": "1h"}, {"name": "c", "groups": ["g"], "vault_role": "ab-c"}]},
+    {"name": "a", "upstream": "host=127.0.0.1 dbname=a",
+      "levels": [{"name": "b-c", "groups": ["g"]}]}
+  ]
+}`
+
+func writeConfig(t *testing.T, s string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "pgwarden.json")
+	if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// check refuses, before it reaches anything, a config that would misroute,
+// and names the field to fix.
+func TestCheckRefusesMisconfigurationNamingTheField(t *testing.T) {
+	t.Parallel()
+	if _, err := config.Load(writeConfig(t, validConfig), nil); err != nil {
+		t.Fatalf("the base of every case must be valid: %v", err)
+	}
+	replace := func(old, new string) string {
+		if !strings.Contains(validConfig, old) {
+			t.Fatalf("validConfig lacks %q", old)
+		}
+		return strings.Replace(validConfig, old, new, 1)
+	}
+	top := func(setting string) string { return replace(`"oidc"`, setting+`, "oidc"`) }
+	cases := map[string]struct{ file, field string }{
+		"default vault roles collide":      {replace(`"vault_role": "ab-c"`, `"vault_role": ""`), "databases[1].levels[0].vault_role"},
+		"explicit vault role is another's": {replace(`"vault_role": "ab-c"`, `"vault_role": "a-b-reader"`), "databases[0].levels[1].vault_role"},
+		"vault role with a slash":          {replace(`"vault_role": "ab-c"`, `"vault_role": "ab/c"`), "databases[0].levels[1].vault_role"},
+		"database named twice":             {replace(`"name": "a", `, `"name": "a-b", `), "databases[1].name"},
+		"level named twice":                {replace(`{"name": "c", `, `{"name": "reader", `), "databases[0].levels[1].name"},
+		"negative auth_timeout":            {top(`"auth_timeout": "-1s"`), "auth_timeout"},
+		"negative write_timeout":           {top(`"write_timeout": "-1s"`), "write_timeout"},
+		"negative max_handshakes":          {top(`"max_handshakes": -1`), "max_handshakes"},
+		"negative max_subject_connections": {top(`"max_subject_connections": -1`), "max_subject_connections"},
+		"negative oidc.leeway":             {replace(`"audiences"`, `"leeway": "-1s", "audiences"`), "oidc.leeway"},
+		"oidc.leeway over 5m":              {replace(`"audiences"`, `"leeway": "1h", "audiences"`), "oidc.leeway"},
+		"negative pool.acquire_timeout":    {top(`"pool": {"acquire_timeout": "-1s"}`), "pool.acquire_timeout"},
+		"negative pool.idle_timeout":       {top(`"pool": {"idle_timeout": "-1s"}`), "pool.idle_timeout"},
+		"negative pool.dial_timeout":       {top(`"pool": {"dial_timeout": "-1s"}`), "pool.dial_timeout"},
+		"negative pool.ping_after_idle":    {top(`"pool": {"ping_after_idle": "-1s"}`), "pool.ping_after_idle"},
+		"negative pool.ping_timeout":       {top(`"pool": {"ping_timeout": "-1s"}`), "pool.ping_timeout"},
+		"negative pool.max_per_pool":       {top(`"pool": {"max_per_pool": -1}`), "pool.max_per_pool"},
+		"negative pool.max_total":          {top(`"pool": {"max_total": -1}`), "pool.max_total"},
+		"negative default_ttl":             {replace(`"default_ttl": "1h"`, `"default_ttl": "-1h"`), "databases[0].levels[0].default_ttl"},
+		"negative max_ttl":                 {replace(`"default_ttl": "1h"`, `"max_ttl": "-1h"`), "databases[0].levels[0].max_ttl"},
+		"default_ttl over max_ttl":         {replace(`"default_ttl": "1h"`, `"default_ttl": "1h", "max_ttl": "1m"`), "databases[0].levels[0].max_ttl"},
+		"http issuer_url to another host":  {replace(`"https://idp.example"`, `"http://idp.example"`), "oidc.issuer_url"},
+		"http jwks_url to another host":    {replace(`"issuer_url": "https://idp.example"`, `"jwks_url": "http://idp.example/jwks", "issuer": "https://idp.example"`), "oidc.jwks_url"},
+		"issuer_url of another scheme":     {replace(`"https://idp.example"`, `"ldap://idp.example"`), "oidc.issuer_url"},
+		"http vault.jwt_discovery_url":     {top(`"vault": {"jwt_discovery_url": "http://idp.example"}`), "vault.jwt_discovery_url"},
+		"http vault.jwt_jwks_url":          {top(`"vault": {"jwt_jwks_url": "http://idp.example/jwks"}`), "vault.jwt_jwks_url"},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			var out, errb bytes.Buffer
+			code := run([]string{"check", "-config", writeConfig(t, tc.file)}, &out, &errb)
+			if code != 2 {
+				t.Fatalf("exit %d, want 2\nstdout %s\nstderr %s", code, out.String(), errb.String())
+			}
+			if !strings.Contains(errb.String(), tc.field) {
+				t.Errorf("stderr does not name %s:\n%s", tc.field, errb.String())
+			}
+		})
+	}
+}
+
+// check reports an issuer whose discovery document names another issuer: the
+// config is valid, authn.New refuses.
+func TestCheckRefusesAnIssuerThatNamesAnother(t *testing.T) {
+	t.Parallel()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_ = json.NewEncoder(w).Encode(map[string]string{"issuer": "https://evil.example", "jwks_uri": "http://" + r.Host + "/jwks"})
+	}))
+	defer srv.Close()
+	file := strings.Replace(validConfig, `"https://idp.example"`, `"`+srv.URL+`"`, 1)
+	var out, errb bytes.Buffer
+	if code := run([]string{"check", "-config", writeConfig(t, file)}, &out, &errb); code != 1 {
+		t.Fatalf("exit %d, want 1\nstdout %s\nstderr %s", code, out.String(), errb.String())
+	}
+	if !strings.Contains(out.String(), "config: ok") || strings.Contains(out.String(), "issuer: ok") {
+		t.Errorf("stdout:\n%s", out.String())
+	}
+	for _, want := range []string{"names issuer", "evil.example", "oidc.issuer"} {
+		if !strings.Contains(errb.String(), want) {
+			t.Errorf("stderr lacks %q:\n%s", want, errb.String())
 		}
 	}
 }

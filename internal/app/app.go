@@ -65,9 +65,24 @@ func VerifierConfig(cfg *config.Config) authn.Config {
 	}
 }
 
+// CheckUpstreams applies the proxy's upstream policy (TLS verified off
+// loopback, SCRAM) to every database's connection string, naming the field of
+// the first one refused.
+func CheckUpstreams(cfg *config.Config) error {
+	for i, d := range cfg.Databases {
+		if _, err := proxy.ParseUpstream(d.Upstream, proxy.UpstreamPolicy{AllowInsecure: d.AllowInsecureUpstream}); err != nil {
+			return fmt.Errorf("config: databases[%d].upstream: %w", i, err)
+		}
+	}
+	return nil
+}
+
 // New wires pgwarden. It fetches the issuer's keys, so it fails early when
 // the issuer is unreachable.
 func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error) {
+	if err := CheckUpstreams(cfg); err != nil {
+		return nil, err
+	}
 	a := &App{cfg: cfg, log: log, serveErr: make(chan error, 4)}
 	v, err := authn.New(ctx, VerifierConfig(cfg))
 	if err != nil {
@@ -78,7 +93,8 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 	routes := make(map[string]proxy.Route, len(cfg.Databases))
 	for _, d := range cfg.Databases {
 		ad := authn.Database{Name: d.Name}
-		r := proxy.Route{Upstream: d.Upstream, VaultRoles: map[string]string{}}
+		r := proxy.Route{Upstream: d.Upstream, VaultRoles: map[string]string{},
+			Policy: proxy.UpstreamPolicy{AllowInsecure: d.AllowInsecureUpstream}}
 		for _, l := range d.Levels {
 			ad.Levels = append(ad.Levels, authn.Level{Name: l.Name, Groups: l.Groups})
 			r.VaultRoles[l.Name] = l.VaultRole
@@ -126,9 +142,11 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 	srv, err = proxy.NewServer(proxy.Config{
 		Verifier: v, Authorizer: grants, Credentials: b, Routes: routes, TLS: tlsCfg,
 		TrustedNetworks: cfg.TrustedPrefixes(), AllowCleartextUntrusted: cfg.AllowCleartextUntrusted,
-		AuthTimeout: cfg.AuthTimeout.D(),
+		AuthTimeout: cfg.AuthTimeout.D(), WriteTimeout: cfg.WriteTimeout.D(),
+		MaxHandshakes: cfg.MaxHandshakes, MaxSubjectConnections: cfg.MaxSubjectConnections,
 		Pool: proxy.PoolConfig{MaxPerPool: cfg.Pool.MaxPerPool, MaxTotal: cfg.Pool.MaxTotal,
-			AcquireTimeout: cfg.Pool.AcquireTimeout.D(), IdleTimeout: cfg.Pool.IdleTimeout.D()},
+			AcquireTimeout: cfg.Pool.AcquireTimeout.D(), IdleTimeout: cfg.Pool.IdleTimeout.D(),
+			DialTimeout: cfg.Pool.DialTimeout.D(), PingAfterIdle: cfg.Pool.PingAfterIdle.D(), PingTimeout: cfg.Pool.PingTimeout.D()},
 		Observer: a.metrics, Logger: log,
 	})
 	if err != nil {

@@ -1,0 +1,515 @@
+package proxy_test
+
+// Regression tests for the hardening issue, one per numbered defect; each
+// name says which. They fail on the code before the fixes and pass after.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/pgwarden/pgwarden/broker"
+	"github.com/pgwarden/pgwarden/proxy"
+	"github.com/pgwarden/pgwarden/testenv"
+)
+
+// 1. RetireAt fires while a client slowly reads a large row: the row arrives
+// whole and intact, and the session then ends at its idle point with 57P01.
+func TestItem01RetirementMidStreamKeepsTheRowIntact(t *testing.T) {
+	st := needStack(t)
+	cred := pgRole(t, st)
+	cred.RetireAt = time.Now().Add(1500 * time.Millisecond)
+	_, addr := startProxy(t, proxy.Config{Credentials: fixedCred(cred), Routes: appRoute(st, "")})
+
+	cfg := harnessConfig(t, addr, "reader", "alice")
+	d := net.Dialer{}
+	cfg.DialFunc = func(ctx context.Context, network, a string) (net.Conn, error) {
+		nc, err := d.DialContext(ctx, network, a)
+		if err != nil {
+			return nil, err
+		}
+		return slowConn{Conn: nc, chunk: 32 << 10, pause: 10 * time.Millisecond}, nil // ~3 MB/s
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	c, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(context.Background())
+	const size = 8_000_000 // streams for ~2.5s: RetireAt passes in the middle
+	row, err := query1(ctx, c, fmt.Sprintf("select repeat('x', %d)", size))
+	if err != nil {
+		t.Fatalf("streaming a large row across RetireAt: %v", err)
+	}
+	if len(row) != size || strings.Trim(row, "x") != "" {
+		t.Fatalf("row of %d bytes arrived damaged (%d bytes)", size, len(row))
+	}
+	_, err = query1(ctx, c, "select 1")
+	if code := pgErrCode(err); code != "57P01" {
+		t.Fatalf("after the row, at its idle point: err = %v, want FATAL 57P01 (credential retired)", err)
+	}
+}
+
+// 2a. A client that stops reading a huge result is cut after the write
+// timeout, and its upstream session (a pool slot) is freed.
+func TestItem02ClientThatStopsReadingIsCutAndFreesItsSlot(t *testing.T) {
+	st := needStack(t)
+	cred := pgRole(t, st)
+	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(cred), Routes: appRoute(st, ""), WriteTimeout: time.Second})
+	nc, fe := rawLogin(t, addr, "reader", "bob")
+	fe.Send(&pgproto3.Query{String: "select repeat('x', 1000000) from generate_series(1, 10000)"}) // 10 GB
+	if err := fe.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	_ = nc // never read again
+	eventually(t, 30*time.Second, func() bool { _, a := poolActive(srv, "reader"); return a == 0 },
+		"a client that reads nothing still holds its upstream session")
+	eventually(t, 10*time.Second, func() bool { return len(backendPids(t, st, cred.Username)) == 0 },
+		"the upstream backend of a cut session is still there")
+}
+
+// 2b. An upstream that stops reading (a stalled network) is cut after the
+// write timeout: the client gets FATAL 08006 and the slot is freed.
+func TestItem02UpstreamThatStopsReadingIsCutAndTheClientTold(t *testing.T) {
+	st := needStack(t)
+	fwd, err := testenv.StartForwarder(st.PG.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fwd.Close()
+	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, fwd.Addr), WriteTimeout: time.Second})
+	nc, fe := rawLogin(t, addr, "reader", "carol")
+	fwd.Stall()
+	// A 64 MB statement: more than the socket buffers between pgwarden and
+	// the stalled route can take.
+	go func() {
+		q := "select '" + strings.Repeat("y", 64<<20) + "'"
+		fe.Send(&pgproto3.Query{String: q})
+		_ = fe.Flush()
+	}()
+	_ = nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+	for {
+		m, err := fe.Receive()
+		if err != nil {
+			t.Fatalf("no FATAL before the connection ended: %v", err)
+		}
+		if e, ok := m.(*pgproto3.ErrorResponse); ok {
+			if e.Code != "08006" || e.Severity != "FATAL" {
+				t.Fatalf("got %s %s %q, want FATAL 08006", e.Severity, e.Code, e.Message)
+			}
+			break
+		}
+	}
+	eventually(t, 10*time.Second, func() bool { _, a := poolActive(srv, "reader"); return a == 0 },
+		"a session whose upstream stopped reading still holds its slot")
+}
+
+// 3a. A pooled session the server ended while it sat idle
+// (pg_terminate_backend; a restart or idle_session_timeout look the same) is
+// not handed to the next client.
+func TestItem03DeadPooledSessionIsNotHandedOut(t *testing.T) {
+	st := needStack(t)
+	cred := pgRole(t, st)
+	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(cred), Routes: appRoute(st, ""),
+		Pool: proxy.PoolConfig{PingAfterIdle: time.Hour}}) // only the no-round-trip check may catch it
+	ctx := context.Background()
+	first := dial(t, addr, "reader", "dan")
+	pid, err := query1(ctx, first, "select pg_backend_pid()")
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.Close(ctx)
+	eventually(t, 10*time.Second, func() bool { i, _ := poolActive(srv, "reader"); return i == 1 }, "session not pooled")
+	if err := st.PG.Exec(ctx, "postgres", "select pg_terminate_backend("+pid+")"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, func() bool { return len(backendPids(t, st, cred.Username)) == 0 }, "backend not terminated")
+
+	next := dial(t, addr, "reader", "erin")
+	got, err := query1(ctx, next, "select pg_backend_pid()")
+	if err != nil {
+		t.Fatalf("the next client's first query: %v (it was handed the dead session)", err)
+	}
+	if got == pid {
+		t.Fatalf("served by the terminated backend %s", pid)
+	}
+}
+
+// 3b. A pooled session behind a silent network cut is found by the ping
+// after an idle period and replaced.
+func TestItem03PooledSessionBehindANetworkCutIsReplaced(t *testing.T) {
+	st := needStack(t)
+	fwd, err := testenv.StartForwarder(st.PG.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fwd.Close()
+	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, fwd.Addr),
+		Pool: proxy.PoolConfig{PingAfterIdle: time.Millisecond, PingTimeout: 500 * time.Millisecond}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	dial(t, addr, "reader", "fay").Close(ctx)
+	eventually(t, 10*time.Second, func() bool { i, _ := poolActive(srv, "reader"); return i == 1 }, "session not pooled")
+	fwd.Stall()
+	next := dial(t, addr, "reader", "gus")
+	if got, err := query1(ctx, next, "select 'served'"); err != nil || got != "served" {
+		t.Fatalf("the next client after a network cut: %q %v", got, err)
+	}
+}
+
+// 3c. When the upstream dies mid-session without a word, the client gets
+// FATAL 08006 before the connection closes.
+func TestItem03UpstreamLostMidSessionIsReportedAs08006(t *testing.T) {
+	st := needStack(t)
+	fwd, err := testenv.StartForwarder(st.PG.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fwd.Close()
+	_, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, fwd.Addr)})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c := dial(t, addr, "reader", "hal")
+	if _, err := query1(ctx, c, "select 1"); err != nil {
+		t.Fatal(err)
+	}
+	fwd.Cut()
+	_, err = query1(ctx, c, "select 1")
+	if code := pgErrCode(err); code != "08006" {
+		t.Fatalf("after the upstream was lost: err = %v, want FATAL 08006", err)
+	}
+}
+
+// 4. Database names from unauthenticated clients never become metric
+// labels: 1,000 refused attempts with random 9 KB names add no series.
+func TestItem04RandomDatabaseNamesAddNoMetricSeries(t *testing.T) {
+	st := needStack(t)
+	attempt := func() {
+		name := make([]byte, 9000)
+		for i := range name {
+			name[i] = 'a' + byte(rand.IntN(26))
+		}
+		nc, err := net.DialTimeout("tcp", st.App.Addr(), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		_ = nc.SetDeadline(time.Now().Add(10 * time.Second))
+		fe := pgproto3.NewFrontend(nc, nc)
+		fe.Send(&pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30,
+			Parameters: map[string]string{"user": "reader", "database": string(name)}})
+		fe.Send(&pgproto3.PasswordMessage{Password: "junk"})
+		_ = fe.Flush()
+		for {
+			if _, err := fe.Receive(); err != nil {
+				return
+			}
+		}
+	}
+	attempt() // the first may add the one "unknown" series
+	reg := st.App.Metrics().Registry()
+	before := testutil.CollectAndCount(reg)
+	for range 1000 {
+		attempt()
+	}
+	if after := testutil.CollectAndCount(reg); after != before {
+		t.Fatalf("1,000 attempts with random database names: %d series before, %d after", before, after)
+	}
+	if strings.Contains(logs.String(), strings.Repeat("a", 0)+"database\":\""+strings.Repeat("x", 65)) {
+		t.Fatal("an unclipped database name reached the log")
+	}
+}
+
+// 6. One identity cannot change another's sessions through role-level
+// settings of the shared database user.
+func TestItem06AlterRoleSetDoesNotReachAnotherIdentity(t *testing.T) {
+	needStack(t)
+	ctx := context.Background()
+	alice := connect(t, "reader", token(t, "alice-rs", "analyst"))
+	user := queryString(t, alice, "select current_user")
+	if _, err := alice.Exec(ctx, "ALTER ROLE CURRENT_USER SET search_path = evil, public"); err != nil {
+		t.Fatalf("alice's ALTER ROLE (PostgreSQL lets a role set its own defaults): %v", err)
+	}
+	// alice keeps her session, so bob's needs a new upstream session of the
+	// same shared database user.
+	bob := connect(t, "reader", token(t, "bob-rs", "analyst"))
+	if got := queryString(t, bob, "select current_user"); got != user {
+		t.Fatalf("bob runs as %s, alice as %s: the test needs a shared credential", got, user)
+	}
+	if got := queryString(t, bob, "show search_path"); strings.Contains(got, "evil") {
+		t.Fatalf("bob's session starts with alice's role setting: search_path = %s", got)
+	}
+	var n int
+	if err := superuserQuery(ctx, stack, "select count(*) from pg_db_role_setting where setrole = (select oid from pg_roles where rolname = '"+user+"')", &n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 0 {
+		t.Fatalf("the role-level setting is still stored (%d rows)", n)
+	}
+}
+
+// 7. A client refused for an unknown database is not shown every database
+// pgwarden serves, only what its token grants.
+func TestItem07UnknownDatabaseDoesNotListTheConfiguration(t *testing.T) {
+	st := needStack(t)
+	host, port, _ := net.SplitHostPort(st.App.Addr())
+	conn := func(tok string) string {
+		return fmt.Sprintf("host=%s port=%s dbname=payroll user=reader password=%s sslmode=verify-full sslrootcert=%s", host, port, tok, st.Certs.CAFile)
+	}
+	pe := refusal(t, conn(token(t, "ivy", "marketing"))) // a valid token that grants nothing
+	if pe.Code != "3D000" {
+		t.Fatalf("SQLSTATE %s, want 3D000", pe.Code)
+	}
+	if text := pe.Message + pe.Detail + pe.Hint; strings.Contains(text, "app") {
+		t.Fatalf("a token that grants nothing is told the served databases: %q", text)
+	}
+	pe = refusal(t, conn(token(t, "ivy", "analyst")))
+	if !strings.Contains(pe.Message+pe.Detail+pe.Hint, "app") {
+		t.Fatalf("a token that grants app is not told so: %q / %q / %q", pe.Message, pe.Detail, pe.Hint)
+	}
+}
+
+// 9. libpq with a Kerberos credential cache sends GSSENCRequest, takes 'N',
+// then asks for TLS: that sequence logs in.
+func TestItem09GSSENCThenSSLRequestLogsIn(t *testing.T) {
+	st := needStack(t)
+	cfg, err := pgx.ParseConfig(st.ConnString("reader", token(t, "jay", "analyst")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := net.Dialer{Timeout: 5 * time.Second}
+	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		nc, err := d.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		req, _ := (&pgproto3.GSSEncRequest{}).Encode(nil)
+		var answer [1]byte
+		if _, err := nc.Write(req); err == nil {
+			_, err = nc.Read(answer[:])
+		}
+		if err != nil || answer[0] != 'N' {
+			nc.Close()
+			return nil, fmt.Errorf("GSSENCRequest: answer %q, %v", answer[0], err)
+		}
+		return nc, nil // pgx sends its SSLRequest next
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		t.Fatalf("GSSENCRequest → N → SSLRequest → S → TLS → login: %v", err)
+	}
+	defer c.Close(ctx)
+	var ssl bool
+	if err := c.QueryRow(ctx, "select ssl from pg_stat_ssl where pid = pg_backend_pid()").Scan(&ssl); err != nil {
+		t.Fatal(err)
+	}
+	if tlsState := c.PgConn().Conn(); tlsState == nil {
+		t.Fatal("no connection")
+	}
+}
+
+// 10a. A cancel reaches a backend behind a unix-socket upstream.
+func TestItem10CancelThroughAUnixSocketUpstream(t *testing.T) {
+	st := needStack(t)
+	cred := pgRole(t, st)
+	routes := map[string]proxy.Route{"app": {
+		Upstream:   fmt.Sprintf("host=%s port=%d dbname=app", st.PG.Dir, st.PG.Port),
+		VaultRoles: map[string]string{"reader": "r"},
+	}}
+	_, addr := startProxy(t, proxy.Config{Credentials: fixedCred(cred), Routes: routes})
+	c := dial(t, addr, "reader", "kay")
+	ctx := context.Background()
+	done := make(chan error, 1)
+	go func() {
+		_, err := query1(ctx, c, "select pg_sleep(30)")
+		done <- err
+	}()
+	eventually(t, 10*time.Second, func() bool {
+		var n int
+		_ = superuserQuery(ctx, st, "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and usename = '"+cred.Username+"'", &n)
+		return n == 1
+	}, "pg_sleep never started")
+	if err := c.CancelRequest(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if pgErrCode(err) != "57014" {
+			t.Fatalf("cancelled query: %v, want 57014", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("pg_sleep(30) still running 15s after the cancel: it did not reach a unix-socket upstream")
+	}
+}
+
+// 11. The audit record names the database user the session actually ran
+// as: a pooled session opened under an earlier credential of the level, not
+// the credential the client's request returned.
+func TestItem11AuditNamesTheSessionsOwnDatabaseUser(t *testing.T) {
+	st := needStack(t)
+	first, second := pgRole(t, st), pgRole(t, st)
+	creds := []*broker.Credential{first, second}
+	var out lockedLines
+	srv, addr := startProxy(t, proxy.Config{
+		Credentials: credFunc(func(broker.Request) (*broker.Credential, error) {
+			c := creds[0]
+			if len(creds) > 1 {
+				creds = creds[1:]
+			}
+			return c, nil
+		}),
+		Routes: appRoute(st, ""), Logger: newJSONLogger(&out),
+	})
+	ctx := context.Background()
+	dial(t, addr, "reader", "lee").Close(ctx)
+	eventually(t, 10*time.Second, func() bool { i, _ := poolActive(srv, "reader"); return i == 1 }, "session not pooled")
+	c := dial(t, addr, "reader", "max") // asks for `second`, is lent the pooled `first`
+	user, err := query1(ctx, c, "select current_user")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close(ctx)
+	var audit struct {
+		Subject string `json:"subject"`
+		DBUser  string `json:"db_user"`
+		LeaseID string `json:"lease_id"`
+	}
+	eventually(t, 10*time.Second, func() bool {
+		for _, l := range out.lines() {
+			if strings.Contains(l, `"msg":"session"`) && strings.Contains(l, `"subject":"max"`) {
+				return json.Unmarshal([]byte(l), &audit) == nil
+			}
+		}
+		return false
+	}, "no audit record for max")
+	if user != first.Username || audit.DBUser != user || audit.LeaseID != first.LeaseID {
+		t.Fatalf("session ran as %s; audit says db_user %s lease %s", user, audit.DBUser, audit.LeaseID)
+	}
+}
+
+// 12a. Idle sessions of one pool do not starve another: when the total is
+// reached, an idle session elsewhere is closed to make room.
+func TestItem12IdleSessionsOfOnePoolDoNotStarveAnother(t *testing.T) {
+	st := needStack(t)
+	reader, writer := pgRole(t, st), pgRole(t, st)
+	srv, addr := startProxy(t, proxy.Config{
+		Credentials: credFunc(func(r broker.Request) (*broker.Credential, error) {
+			if r.VaultRole == "w" {
+				return writer, nil
+			}
+			return reader, nil
+		}),
+		Routes: appRoute(st, ""),
+		Pool:   proxy.PoolConfig{MaxTotal: 2, MaxPerPool: 2, AcquireTimeout: 2 * time.Second},
+	})
+	ctx := context.Background()
+	a, b := dial(t, addr, "reader", "nia"), dial(t, addr, "reader", "ned")
+	a.Close(ctx)
+	b.Close(ctx)
+	eventually(t, 10*time.Second, func() bool { i, _ := poolActive(srv, "reader"); return i == 2 }, "reader sessions not pooled")
+	w, err := pgconn.ConnectConfig(ctx, harnessConfig(t, addr, "writer", "ola"))
+	if err == nil {
+		defer w.Close(ctx)
+		_, err = query1(ctx, w, "select 1")
+	}
+	if err != nil {
+		t.Fatalf("writer while the reader pool idles on every slot: %v", err)
+	}
+}
+
+// 12b. max_subject_connections caps one identity's sessions with its own
+// refusal; others are unaffected, and the cap frees when a session ends.
+func TestItem12PerSubjectConnectionCap(t *testing.T) {
+	st := needStack(t)
+	_, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, ""), MaxSubjectConnections: 2})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	one, two := dial(t, addr, "reader", "pat"), dial(t, addr, "reader", "pat")
+	_, err := pgconn.ConnectConfig(ctx, harnessConfig(t, addr, "reader", "pat"))
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "53300" || !strings.Contains(pe.Message, `"pat"`) || !strings.Contains(pe.Detail, "max_subject_connections") {
+		t.Fatalf("third session of one subject: %v, want 53300 naming the subject and the setting", err)
+	}
+	dial(t, addr, "reader", "quin") // another identity is not affected
+	one.Close(ctx)
+	eventually(t, 10*time.Second, func() bool { // the cap frees when pgwarden has seen the session end
+		c, err := pgconn.ConnectConfig(ctx, harnessConfig(t, addr, "reader", "pat"))
+		if err == nil {
+			c.Close(ctx)
+		}
+		return err == nil
+	}, "the cap did not free when a session ended")
+	two.Close(ctx)
+}
+
+// 5. pgwarden never answers an upstream's request for a cleartext or MD5
+// password: the dynamic credential must only ever travel inside SCRAM.
+func TestItem05UpstreamMustAuthenticateWithSCRAM(t *testing.T) {
+	for _, ask := range []pgproto3.BackendMessage{&pgproto3.AuthenticationCleartextPassword{}, &pgproto3.AuthenticationMD5Password{Salt: [4]byte{1, 2, 3, 4}}} {
+		t.Run(fmt.Sprintf("%T", ask), func(t *testing.T) {
+			mitm, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer mitm.Close()
+			got := make(chan []byte, 1)
+			go func() {
+				nc, err := mitm.Accept()
+				if err != nil {
+					return
+				}
+				defer nc.Close()
+				_ = nc.SetDeadline(time.Now().Add(10 * time.Second))
+				be := pgproto3.NewBackend(nc, nc)
+				if _, err := be.ReceiveStartupMessage(); err != nil {
+					return
+				}
+				be.Send(ask)
+				_ = be.Flush()
+				var buf bytes.Buffer
+				b := make([]byte, 1024)
+				for {
+					n, err := nc.Read(b)
+					buf.Write(b[:n])
+					if err != nil {
+						got <- buf.Bytes()
+						return
+					}
+				}
+			}()
+			cred := &broker.Credential{Username: "v-dynamic", Password: "the-dynamic-secret", ExpiresAt: time.Now().Add(time.Hour), RetireAt: time.Now().Add(time.Hour)}
+			routes := map[string]proxy.Route{"app": {Upstream: "host=127.0.0.1 port=" + fmt.Sprint(mitm.Addr().(*net.TCPAddr).Port) + " dbname=app sslmode=disable",
+				VaultRoles: map[string]string{"reader": "r"}}}
+			_, addr := startProxy(t, proxy.Config{Credentials: fixedCred(cred), Routes: routes})
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_, err = pgconn.ConnectConfig(ctx, harnessConfig(t, addr, "reader", "rae"))
+			if code := pgErrCode(err); code != "08006" {
+				t.Fatalf("client: %v, want 08006", err)
+			}
+			select {
+			case b := <-got:
+				if bytes.Contains(b, []byte("the-dynamic-secret")) || bytes.Contains(b, []byte{'p'}) && len(b) > 0 {
+					t.Fatalf("pgwarden answered the password request: %q", b)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the fake upstream never saw pgwarden hang up")
+			}
+		})
+	}
+}

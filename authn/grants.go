@@ -74,7 +74,7 @@ func (g *Grants) Granted(id *Identity, database string) []string {
 func (g *Grants) Decide(id *Identity, database, user string) (string, error) {
 	db, ok := g.dbs[database]
 	if !ok {
-		e := pgerror.Newf(pgerror.InvalidCatalogName, "database %q does not exist", database)
+		e := pgerror.Newf(pgerror.InvalidCatalogName, "database %q does not exist", pgerror.Clip(database))
 		var mine []string
 		for _, name := range g.names {
 			if len(g.Granted(id, name)) > 0 {
@@ -100,7 +100,7 @@ func (g *Grants) Decide(id *Identity, database, user string) (string, error) {
 			levels = append(levels, l.Name)
 		}
 		return "", pgerror.Newf(pgerror.InvalidAuthorization,
-			"unknown access level %q for database %q", user, database).
+			"unknown access level %q for database %q", pgerror.Clip(user), database).
 			WithHint("Connect with the user set to one of: " + strings.Join(levels, ", ") + ", or to your own subject for your default level.")
 	}
 	if !slices.Contains(granted, user) {

@@ -10,6 +10,7 @@ package pgerror
 import (
 	"errors"
 	"fmt"
+	"unicode/utf8"
 )
 
 // SQLSTATE codes pgwarden sends. See
@@ -93,3 +94,22 @@ func From(err error) *Error {
 // Code returns the SQLSTATE of the outermost *Error in err's chain, or
 // InternalError when there is none.
 func Code(err error) string { return From(err).Code }
+
+// clipLen is how much of a client-supplied name an error message quotes.
+const clipLen = 64
+
+// Clip shortens text a client supplied (a database or level name, a startup
+// option) for quoting in an error message or a log line: such text can be
+// kilobytes long before the client has proved who it is, and every refused
+// attempt is logged. It keeps the first 64 bytes, cut at a rune boundary,
+// and marks the cut with "…".
+func Clip(s string) string {
+	if len(s) <= clipLen {
+		return s
+	}
+	cut := clipLen
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
+}

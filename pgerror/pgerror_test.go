@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"testing"
+	"unicode/utf8"
 )
 
 func TestCodeWalksWrapChain(t *testing.T) {
@@ -30,5 +32,17 @@ func TestUntaggedErrorHidesItsText(t *testing.T) {
 	}
 	if From(nil) != nil || Wrap(nil, InternalError, "x") != nil {
 		t.Fatal("nil must stay nil")
+	}
+}
+
+func TestClipKeepsShortTextAndCutsLongAtARune(t *testing.T) {
+	t.Parallel()
+	if got := Clip("app"); got != "app" {
+		t.Fatalf("Clip(app) = %q", got)
+	}
+	long := strings.Repeat("é", 100) // 2 bytes each
+	got := Clip(long)
+	if !utf8.ValidString(got) || len(got) > clipLen+len("…") || !strings.HasSuffix(got, "…") {
+		t.Fatalf("Clip(200 bytes) = %q (%d bytes)", got, len(got))
 	}
 }

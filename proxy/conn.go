@@ -33,6 +33,7 @@ type clientConn struct {
 	nc     net.Conn // raw, or TLS over it
 	r      *bufio.Reader
 	w      *bufio.Writer
+	dw     *deadlineWriter // under w once the relay's buffers are in place
 	tls    bool
 	start  time.Time
 	remote string
@@ -152,7 +153,8 @@ func (c *clientConn) growBuffers() {
 		src = io.MultiReader(bytes.NewReader(bytes.Clone(b)), c.nc)
 	}
 	c.r = bufio.NewReaderSize(src, clientBufSize)
-	c.w = bufio.NewWriterSize(&deadlineWriter{conn: c.nc, timeout: c.srv.cfg.WriteTimeout}, clientBufSize)
+	c.dw = &deadlineWriter{conn: c.nc, timeout: c.srv.cfg.WriteTimeout}
+	c.w = bufio.NewWriterSize(c.dw, clientBufSize)
 }
 
 // dbLabel is the database for metric labels: a configured name, or
@@ -162,15 +164,6 @@ func (c *clientConn) dbLabel() string {
 		return c.database
 	}
 	return "unknown"
-}
-
-// logValue clips client-supplied text for a log line.
-func logValue(s string) string {
-	const limit = 64
-	if len(s) <= limit {
-		return s
-	}
-	return s[:limit] + "…"
 }
 
 // refuse sends a FATAL for err, unless err asks for a silent close, and
@@ -194,7 +187,7 @@ func (c *clientConn) refuse(err error, reason string) {
 		attrs = append(attrs, "subject", c.id.Subject)
 	}
 	if c.database != "" {
-		attrs = append(attrs, "database", logValue(c.database), "level", c.level)
+		attrs = append(attrs, "database", pgerror.Clip(c.database), "level", c.level)
 	}
 	cfg.Logger.Log(context.Background(), level, "connection refused", attrs...)
 }
@@ -250,9 +243,11 @@ func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessa
 			WithHint("pgwarden's configuration grants this level but does not say where it goes; tell its operator.")
 	}
 	if !c.srv.holdSubject(id.Subject) {
-		return nil, nil, pgerror.Newf(pgerror.TooManyConnections, "too many connections for %q", id.Subject).
+		e := pgerror.Newf(pgerror.TooManyConnections, "too many connections for %q", id.Subject).
 			WithDetail(fmt.Sprintf("Each identity may hold %d sessions at once (max_subject_connections).", cfg.MaxSubjectConnections)).
 			WithHint("Close a session you no longer use, or share one connection pool in your application.")
+		e.Err = errSubjectLimit
+		return nil, nil, e
 	}
 	var up *serverConn
 	cred, err := cfg.Credentials.Credential(ctx, broker.Request{Token: token, TokenExpiry: id.Expiry, Database: c.database, VaultRole: role})
@@ -336,8 +331,14 @@ func (c *clientConn) greet(ctx context.Context, up *serverConn, settings [][2]st
 	return c.w.Flush()
 }
 
+// errSubjectLimit marks a refusal by max_subject_connections.
+var errSubjectLimit = errors.New("subject connection limit reached")
+
 // authReason maps a refusal to a bounded metric label.
 func authReason(err error) string {
+	if errors.Is(err, errSubjectLimit) {
+		return "subject_limit"
+	}
 	var te *authn.TokenError
 	if errors.As(err, &te) {
 		return te.Reason

@@ -35,12 +35,34 @@
 // closed without a word, as PostgreSQL does. The authentication timeout is one
 // deadline from accept to AuthenticationOk.
 //
+// Who owns what. A client connection is owned by its serve goroutine, which
+// reads and writes it until the relay starts, waits for the relay and closes
+// it; anything else may only kill it (close the socket). An upstream session
+// is owned by the pool (poolSet): it opens it, lends it to one client at a
+// time, takes it back (release resets it with DISCARD ALL; discard closes it)
+// and reaps it when idle too long or when its credential retires; nobody else
+// closes it for good. While lent, the relay's two goroutines use it — the
+// client-to-server one writes it, the server-to-client one reads it — and the
+// client's cancel target points at it; the client gives it back only after a
+// cancel in flight has landed. A credential's lease is the broker's; the
+// relay only reads its RetireAt and ExpiresAt.
+//
+// The relay never loses its place in a message. The server-to-client side is
+// interrupted only by a read deadline on the upstream, after a flag that says
+// why (the client side ended, the credential retires, its lease ended); the
+// frame copier resumes a message the deadline caught half-copied. pgwarden
+// adds a message of its own to the client's stream (FATAL 57P01 or 08006) only
+// when that stream is between messages. Every write to either side is bounded
+// by WriteTimeout, so a peer that stops reading frees what its session holds.
+//
 // An upstream session never outlives its credential: at the credential's
 // RetireAt the client gets FATAL 57P01 at its next idle point, at its lease's
-// end the session is cut, and idle pooled sessions are closed before either.
+// end the session is ended, and idle pooled sessions are closed before either.
 // Vault drops a role when its lease ends, and a session of a dropped role still
 // answers `select 1` while failing every privilege check, so no liveness probe
-// could catch it.
+// could catch it. Liveness is still checked before an idle session is lent:
+// PostgreSQL may have ended it (restart, pg_terminate_backend,
+// idle_session_timeout), or the network may have gone silent.
 //
 // Pooling is per session for now: a client holds its upstream session from
 // greeting to Terminate.

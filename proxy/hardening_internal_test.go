@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgwarden/pgwarden/testenv/pki"
@@ -275,5 +276,36 @@ func TestItem09GSSENCThenSSLRequestNegotiatesTLS(t *testing.T) {
 	_, _ = d.Write(gss)
 	if n, _ := d.Read(ans); n != 0 {
 		t.Fatalf("a repeated GSSENCRequest was answered %q", ans[:n])
+	}
+}
+
+// peerConn reports a chosen peer address.
+type peerConn struct {
+	net.Conn
+	peer net.Addr
+}
+
+func (p peerConn) RemoteAddr() net.Addr { return p.peer }
+
+// 10a (unit). A cancel goes to the session's own network and address; a unix
+// peer name is the path PostgreSQL bound, which may be relative, and then
+// the configured socket directory is used.
+func TestItem10CancelAddressFollowsTheSessionsNetwork(t *testing.T) {
+	t.Parallel()
+	cfg := &pgconn.Config{Host: "/var/run/postgresql", Port: 5433}
+	cases := []struct {
+		peer          net.Addr
+		network, addr string
+	}{
+		{&net.UnixAddr{Name: "./.s.PGSQL.5433", Net: "unix"}, "unix", "/var/run/postgresql/.s.PGSQL.5433"},
+		{&net.UnixAddr{Name: ".s.PGSQL.5433", Net: "unix"}, "unix", "/var/run/postgresql/.s.PGSQL.5433"},
+		{&net.UnixAddr{Name: "/run/pg/.s.PGSQL.5433", Net: "unix"}, "unix", "/run/pg/.s.PGSQL.5433"},
+		{&net.TCPAddr{IP: net.IPv4(10, 0, 0, 7), Port: 5432}, "tcp", "10.0.0.7:5432"},
+	}
+	for _, tc := range cases {
+		got := cancelAddrOf(&pgconn.HijackedConn{Conn: peerConn{peer: tc.peer}, Config: cfg})
+		if got.network != tc.network || got.address != tc.addr {
+			t.Errorf("peer %s: cancel to %s %s, want %s %s", tc.peer, got.network, got.address, tc.network, tc.addr)
+		}
 	}
 }

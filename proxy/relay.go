@@ -130,11 +130,15 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 // errUpstreamLost is what a client is told when PostgreSQL's side of its
 // session breaks without a word of its own.
 var errUpstreamLost = pgerror.New(pgerror.ConnectionFailure, "connection to the database server was lost").
-	WithHint("Reconnect; a transaction in progress was rolled back by the server.")
+	WithHint("Reconnect. Work not committed is lost; if a COMMIT was in flight, check whether it took effect.")
 
-// sendFinal writes a FATAL to the client, bounded by the write timeout. The
-// caller closes the connection afterwards.
+// finalWriteTimeout bounds the last message to a client whose session ends.
+const finalWriteTimeout = 5 * time.Second
+
+// sendFinal writes a FATAL to the client, within finalWriteTimeout (or the
+// write timeout, if shorter). The caller closes the connection afterwards.
 func (c *clientConn) sendFinal(err error) {
+	c.dw.setLimit(time.Now().Add(finalWriteTimeout))
 	_ = sendFatal(c.w, err)
 }
 

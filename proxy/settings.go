@@ -38,12 +38,12 @@ func startupSettings(params map[string]string) ([][2]string, error) {
 		case strings.HasPrefix(o, "--"):
 			kv = o[2:]
 		default:
-			return nil, pgerror.Newf(pgerror.FeatureNotSupported, "unsupported startup option %q", o).
+			return nil, pgerror.Newf(pgerror.FeatureNotSupported, "unsupported startup option %q", pgerror.Clip(o)).
 				WithHint("pgwarden accepts only -c name=value and --name=value in options.")
 		}
 		name, value, ok := strings.Cut(kv, "=")
 		if !ok || name == "" {
-			return nil, pgerror.Newf(pgerror.InvalidParameterValue, "invalid startup option %q: expected name=value", o)
+			return nil, pgerror.Newf(pgerror.InvalidParameterValue, "invalid startup option %q: expected name=value", pgerror.Clip(o))
 		}
 		out = append(out, [2]string{strings.ReplaceAll(name, "-", "_"), value})
 	}

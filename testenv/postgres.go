@@ -22,7 +22,7 @@ import (
 type Postgres struct {
 	Host     string
 	Port     int
-	Dir      string
+	Dir      string // holds a unix socket; so does Dir/data, bound by a relative path
 	Super    string // superuser name
 	Password string // superuser password
 	Version  string
@@ -101,7 +101,7 @@ func StartPostgres(ctx context.Context) (*Postgres, error) {
 	conf := fmt.Sprintf(`
 listen_addresses = '127.0.0.1'
 port = %d
-unix_socket_directories = '%s'
+unix_socket_directories = '%s, .'
 max_connections = 300
 fsync = off
 synchronous_commit = off

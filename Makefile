@@ -49,11 +49,13 @@ bench:
 	@echo "bench: not yet — benchmarks against direct PostgreSQL and PgBouncer come in a later issue"
 
 ## fuzz: run each fuzzer of untrusted input for FUZZTIME
+# (minimizing each new input is capped, so the time goes to fuzzing)
 FUZZTIME ?= 30s
+FUZZFLAGS = -run '^$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzStartup$$' -fuzztime $(FUZZTIME) ./proxy
-	$(GO) test -run '^$$' -fuzz '^FuzzStartupSettings$$' -fuzztime $(FUZZTIME) ./proxy
-	$(GO) test -run '^$$' -fuzz '^FuzzCopyFrame$$' -fuzztime $(FUZZTIME) ./proxy
+	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzStartup$$' ./proxy
+	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzStartupSettings$$' ./proxy
+	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzCopyFrame$$' ./proxy
 
 clean:
 	rm -rf bin/pgwarden bin/devtoken bin/devstack $(DEV_DIR)

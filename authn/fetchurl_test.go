@@ -77,7 +77,7 @@ func TestCheckFetchURL(t *testing.T) {
 	}
 }
 
-func TestNewRefusesKeysOverPlainHTTPToAnotherHost(t *testing.T) {
+func TestItem08NewRefusesKeysOverPlainHTTPToAnotherHost(t *testing.T) {
 	t.Parallel()
 	for name, cfg := range map[string]authn.Config{
 		"issuer url": {IssuerURL: "http://idp.example", Audiences: []string{"a"}},
@@ -119,7 +119,7 @@ func discovery(t *testing.T, doc func(self string) (issuer, jwksURI string)) *ht
 	return srv
 }
 
-func TestNewComparesTheDiscoveredIssuer(t *testing.T) {
+func TestItem08NewComparesTheDiscoveredIssuer(t *testing.T) {
 	t.Parallel()
 	is, err := testenv.StartIssuer("pgwarden")
 	if err != nil {

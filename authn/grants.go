@@ -95,13 +95,12 @@ func (g *Grants) Decide(id *Identity, database, user string) (string, error) {
 		return granted[0], nil
 	}
 	if !g.isLevel(db, user) {
-		levels := make([]string, 0, len(db.Levels))
-		for _, l := range db.Levels {
-			levels = append(levels, l.Name)
+		e := pgerror.Newf(pgerror.InvalidAuthorization, "unknown access level %q for database %q", pgerror.Clip(user), database)
+		if len(granted) == 0 {
+			return "", e.WithDetail("The token's groups grant no access level on this database.")
 		}
-		return "", pgerror.Newf(pgerror.InvalidAuthorization,
-			"unknown access level %q for database %q", pgerror.Clip(user), database).
-			WithHint("Connect with the user set to one of: " + strings.Join(levels, ", ") + ", or to your own subject for your default level.")
+		return "", e.WithDetail("The token grants: " + strings.Join(granted, ", ") + ".").
+			WithHint("Connect with the user set to one of those, or to your own subject for your default level.")
 	}
 	if !slices.Contains(granted, user) {
 		return "", noGrant(id, database, fmt.Sprintf("access level %q", user), granted)

@@ -181,6 +181,22 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 	return v.(*Credential), nil
 }
 
+// Forget drops c from the cache, if it is still the cached credential for its
+// route, so the next request reads a new one. The proxy calls it when
+// PostgreSQL refuses c: its lease was revoked early, or a session of the
+// shared user changed its password (ALTER ROLE CURRENT_USER PASSWORD, which
+// PostgreSQL allows any role). A credential that was already replaced is left
+// alone, so many clients refused at once cause one new read, not many.
+func (b *Broker) Forget(c *Credential) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for k, v := range b.creds {
+		if v == c {
+			delete(b.creds, k)
+		}
+	}
+}
+
 // shared runs fn once for key among concurrent callers. fn runs under a
 // context detached from any caller's cancellation and bounded by
 // VaultTimeout; each caller waits under its own ctx and gets its own

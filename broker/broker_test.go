@@ -198,8 +198,9 @@ func TestLeaseIsBoundedByTheReadingToken(t *testing.T) {
 	}
 }
 
-// Vault's error text (which can reveal claim bindings) stays in the log.
-func TestVaultRefusalAndOutage(t *testing.T) {
+// Hardening item 7: Vault's error text (which can reveal claim bindings)
+// stays in the log; an outage is 08006.
+func TestItem07VaultRefusalReasonStaysInTheLog(t *testing.T) {
 	t.Parallel()
 	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600}
 	b := newBroker(t, fv, nil)
@@ -283,7 +284,7 @@ func TestLeaderGivingUpDoesNotFailFollowers(t *testing.T) {
 
 // Two routes whose levels use the same Vault role name still get a
 // credential each: the cache is keyed by database and role.
-func TestCredentialCacheIsKeyedByDatabaseAndRole(t *testing.T) {
+func TestItem08CredentialCacheIsKeyedByDatabaseAndRole(t *testing.T) {
 	t.Parallel()
 	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600}
 	b := newBroker(t, fv, nil)
@@ -299,5 +300,32 @@ func TestCredentialCacheIsKeyedByDatabaseAndRole(t *testing.T) {
 	}
 	if ca.Username == cb.Username || fv.reads.Load() != 2 {
 		t.Fatalf("databases a and b share credential %s (%d reads)", ca.Username, fv.reads.Load())
+	}
+}
+
+// Forget drops the refused credential so the next request reads a new one,
+// but only while it is still the cached one: clients refused together cause
+// one new read.
+func TestForgetDropsOnlyTheRefusedCredential(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600}
+	b := newBroker(t, fv, nil)
+	ctx := context.Background()
+	r := req("good-a", time.Now().Add(time.Hour))
+	old, err := b.Credential(ctx, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.Forget(old)
+	fresh, err := b.Credential(ctx, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fresh == old || fv.reads.Load() != 2 {
+		t.Fatalf("after Forget: same credential %v (%d reads)", fresh == old, fv.reads.Load())
+	}
+	b.Forget(old) // a late refusal of the old one
+	if again, _ := b.Credential(ctx, r); again != fresh || fv.reads.Load() != 2 {
+		t.Fatalf("forgetting a replaced credential dropped its successor (%d reads)", fv.reads.Load())
 	}
 }

@@ -29,6 +29,9 @@ type Authorizer interface {
 // CredentialSource issues database credentials. *broker.Broker implements it.
 type CredentialSource interface {
 	Credential(ctx context.Context, req broker.Request) (*broker.Credential, error)
+	// Forget drops a credential PostgreSQL refused, so the next request
+	// gets another.
+	Forget(c *broker.Credential)
 }
 
 // Observer receives events for metrics. Implementations must be fast and

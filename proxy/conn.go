@@ -249,17 +249,36 @@ func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessa
 		e.Err = errSubjectLimit
 		return nil, nil, e
 	}
-	var up *serverConn
-	cred, err := cfg.Credentials.Credential(ctx, broker.Request{Token: token, TokenExpiry: id.Expiry, Database: c.database, VaultRole: role})
-	if err == nil {
-		up, err = c.srv.pools.acquire(ctx, c.database, level, route, cred)
-	}
+	req := broker.Request{Token: token, TokenExpiry: id.Expiry, Database: c.database, VaultRole: role}
+	up, err := c.upstream(ctx, req, level, route)
 	if err != nil {
 		c.srv.releaseSubject(id.Subject)
 		return nil, nil, err
 	}
 	c.holdsSubject = true // serve releases it when the session ends
 	return up, settings, nil
+}
+
+// upstream gets a credential and lends a session of (database, level) under
+// it. When PostgreSQL refuses the credential (28xxx) it was revoked early or a
+// session of the shared user changed its password: the credential source
+// forgets it, and the client gets a session under a fresh one (once).
+func (c *clientConn) upstream(ctx context.Context, req broker.Request, level string, route Route) (*serverConn, error) {
+	cfg := &c.srv.cfg
+	for attempt := 0; ; attempt++ {
+		cred, err := cfg.Credentials.Credential(ctx, req)
+		if err != nil {
+			return nil, err
+		}
+		up, err := c.srv.pools.acquire(ctx, c.database, level, route, cred)
+		var pgErr *pgconn.PgError
+		if attempt > 0 || !errors.As(err, &pgErr) || !strings.HasPrefix(pgErr.Code, "28") {
+			return up, err
+		}
+		cfg.Logger.Warn("PostgreSQL refused a credential Vault issued (revoked, or its password changed by a session of it); reading a new one",
+			"database", c.database, "level", level, "db_user", cred.Username, "lease_id", cred.LeaseID, "error", err)
+		cfg.Credentials.Forget(cred)
+	}
 }
 
 // negotiateProtocol answers a client that asks for a newer minor version or
@@ -317,7 +336,7 @@ func (c *clientConn) readPassword(maxBytes int) (string, error) {
 // the session's parameters, pgwarden's own BackendKeyData and ReadyForQuery.
 func (c *clientConn) greet(ctx context.Context, up *serverConn, settings [][2]string, pid uint32, secret [4]byte) error {
 	if err := up.applySettings(ctx, settings); err != nil {
-		return err
+		return upstreamFailure(err) // PostgreSQL's refusal of a setting passes through
 	}
 	buf, _ := (&pgproto3.AuthenticationOk{}).Encode(nil)
 	for k, v := range up.params {

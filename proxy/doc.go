@@ -40,8 +40,9 @@
 // it; anything else may only kill it (close the socket). An upstream session
 // is owned by the pool (poolSet): it opens it, lends it to one client at a
 // time, takes it back (release resets it with DISCARD ALL; discard closes it)
-// and reaps it when idle too long or when its credential retires; nobody else
-// closes it for good. While lent, the relay's two goroutines use it — the
+// and reaps it when idle too long or when its credential retires. The relay
+// may close the socket of a session it is ending (to unblock its other
+// goroutine), but only the pool lets go of the session and its slot. While lent, the relay's two goroutines use it — the
 // client-to-server one writes it, the server-to-client one reads it — and the
 // client's cancel target points at it; the client gives it back only after a
 // cancel in flight has landed. A credential's lease is the broker's; the

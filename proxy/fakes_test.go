@@ -33,6 +33,8 @@ func (fakeCreds) Credential(context.Context, broker.Request) (*broker.Credential
 	return nil, pgerror.New(pgerror.ConnectionFailure, "no upstream in unit tests")
 }
 
+func (fakeCreds) Forget(*broker.Credential) {}
+
 var (
 	_ TokenVerifier    = fakeVerifier{}
 	_ Authorizer       = fakeAuthorizer{}

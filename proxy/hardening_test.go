@@ -13,6 +13,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -31,8 +32,14 @@ import (
 func TestItem01RetirementMidStreamKeepsTheRowIntact(t *testing.T) {
 	st := needStack(t)
 	cred := pgRole(t, st)
-	cred.RetireAt = time.Now().Add(1500 * time.Millisecond)
-	_, addr := startProxy(t, proxy.Config{Credentials: fixedCred(cred), Routes: appRoute(st, "")})
+	// RetireAt is 2s after the credential is handed out, just before the
+	// session opens; the row below takes ~5s to stream.
+	_, addr := startProxy(t, proxy.Config{Routes: appRoute(st, ""),
+		Credentials: credFunc(func(broker.Request) (*broker.Credential, error) {
+			c := *cred
+			c.RetireAt = time.Now().Add(2 * time.Second)
+			return &c, nil
+		})})
 
 	cfg := harnessConfig(t, addr, "reader", "alice")
 	d := net.Dialer{}
@@ -50,7 +57,7 @@ func TestItem01RetirementMidStreamKeepsTheRowIntact(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close(context.Background())
-	const size = 8_000_000 // streams for ~2.5s: RetireAt passes in the middle
+	const size = 16_000_000 // streams for ~5s: RetireAt passes in the middle
 	row, err := query1(ctx, c, fmt.Sprintf("select repeat('x', %d)", size))
 	if err != nil {
 		t.Fatalf("streaming a large row across RetireAt: %v", err)
@@ -530,5 +537,133 @@ func TestItem05UpstreamMustAuthenticateWithSCRAM(t *testing.T) {
 				t.Fatal("the fake upstream never saw pgwarden hang up")
 			}
 		})
+	}
+}
+
+// 6b. A session that tampers with its shared user's role settings — the ones
+// that would turn item 6's fix into a lock-out (read-only transactions, a
+// 1ms statement_timeout) included — cannot reach the next identity's
+// session, and a setting the operator's creation statements gave the level
+// survives.
+func TestItem06TamperedRoleSettingsAreRestored(t *testing.T) {
+	st := needStack(t)
+	cred := pgRole(t, st)
+	ctx := context.Background()
+	// What an operator's creation statements may do for a level.
+	if err := st.PG.Exec(ctx, "postgres", "ALTER ROLE "+cred.Username+" SET statement_timeout = '5s'"); err != nil {
+		t.Fatal(err)
+	}
+	_, addr := startProxy(t, proxy.Config{Credentials: fixedCred(cred), Routes: appRoute(st, "")})
+	alice := dial(t, addr, "reader", "alice-t") // the credential's first session: its settings are recorded
+	for _, q := range []string{
+		"ALTER ROLE CURRENT_USER SET default_transaction_read_only = on",
+		"ALTER ROLE CURRENT_USER SET statement_timeout = '1ms'",
+		"ALTER ROLE CURRENT_USER SET lock_timeout = '1ms'",
+		"ALTER ROLE CURRENT_USER IN DATABASE app SET search_path = evil, pg_catalog",
+		"ALTER ROLE CURRENT_USER SET role = app_read",
+	} {
+		if _, err := query1(ctx, alice, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	bob := dial(t, addr, "reader", "bob-t") // alice holds hers: bob's session is new
+	for q, want := range map[string]string{
+		"show statement_timeout":             "5s",
+		"show default_transaction_read_only": "off",
+		"show lock_timeout":                  "0",
+		"show search_path":                   `"$user", public`,
+		"select current_user":                cred.Username,
+	} {
+		if got, err := query1(ctx, bob, q); err != nil || got != want {
+			t.Errorf("bob's %s = %q (%v), want %q", q, got, err, want)
+		}
+	}
+	var n int
+	if err := superuserQuery(ctx, st, "select count(*) from pg_db_role_setting where setrole = (select oid from pg_roles where rolname = '"+cred.Username+"')", &n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 {
+		t.Errorf("%d pg_db_role_setting rows for the role, want the operator's one", n)
+	}
+}
+
+// rotatingCreds hands out creds[0] until it is forgotten, then the next.
+type rotatingCreds struct {
+	mu        sync.Mutex
+	creds     []*broker.Credential
+	forgotten []string
+}
+
+func (r *rotatingCreds) Credential(context.Context, broker.Request) (*broker.Credential, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.creds[0], nil
+}
+
+func (r *rotatingCreds) Forget(c *broker.Credential) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.forgotten = append(r.forgotten, c.Username)
+	if len(r.creds) > 1 && r.creds[0] == c {
+		r.creds = r.creds[1:]
+	}
+}
+
+// 6c. PostgreSQL lets a role change its own password. A session that does so
+// does not lock every other identity out of the shared credential: the
+// refused credential is forgotten and the next session opens under a fresh
+// one.
+func TestItem06PasswordChangeDoesNotLockOutAnotherIdentity(t *testing.T) {
+	st := needStack(t)
+	first, second := pgRole(t, st), pgRole(t, st)
+	src := &rotatingCreds{creds: []*broker.Credential{first, second}}
+	_, addr := startProxy(t, proxy.Config{Credentials: src, Routes: appRoute(st, "")})
+	ctx := context.Background()
+	alice := dial(t, addr, "reader", "alice-p")
+	if _, err := query1(ctx, alice, "ALTER ROLE CURRENT_USER PASSWORD 'chosen-by-alice'"); err != nil {
+		t.Fatalf("a role changing its own password: %v", err)
+	}
+	bob := dial(t, addr, "reader", "bob-p") // alice holds hers: bob's session is new
+	if got, err := query1(ctx, bob, "select current_user"); err != nil || got != second.Username {
+		t.Fatalf("bob runs as %q (%v), want the fresh credential %s", got, err, second.Username)
+	}
+	src.mu.Lock()
+	defer src.mu.Unlock()
+	if len(src.forgotten) != 1 || src.forgotten[0] != first.Username {
+		t.Fatalf("forgotten = %v, want the refused credential %s once", src.forgotten, first.Username)
+	}
+}
+
+// 3d. After a silent network cut, a client pays for one ping, not one per
+// idle session: the others idle as long are dropped with the first, and no
+// ping outlasts the client's authentication deadline.
+func TestItem03StalledPoolCostsTheClientOnePing(t *testing.T) {
+	st := needStack(t)
+	fwd, err := testenv.StartForwarder(st.PG.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fwd.Close()
+	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, fwd.Addr),
+		AuthTimeout: 2500 * time.Millisecond,
+		Pool:        proxy.PoolConfig{PingAfterIdle: time.Millisecond, PingTimeout: time.Second}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var held []*pgconn.PgConn
+	for i := range 4 {
+		held = append(held, dial(t, addr, "reader", fmt.Sprint("stall-", i)))
+	}
+	for _, c := range held {
+		c.Close(ctx)
+	}
+	eventually(t, 10*time.Second, func() bool { i, _ := poolActive(srv, "reader"); return i == 4 }, "sessions not pooled")
+	fwd.Stall()
+	// Four pings of a second each would pass the 2.5s authentication deadline.
+	next := dial(t, addr, "reader", "after-stall")
+	if got, err := query1(ctx, next, "select 'served'"); err != nil || got != "served" {
+		t.Fatalf("after the stall: %q %v", got, err)
+	}
+	if i, _ := poolActive(srv, "reader"); i != 0 {
+		t.Fatalf("%d stale sessions still idle after one timed out", i)
 	}
 }

@@ -49,6 +49,8 @@ func (f credFunc) Credential(_ context.Context, r broker.Request) (*broker.Crede
 	return f(r)
 }
 
+func (credFunc) Forget(*broker.Credential) {}
+
 func fixedCred(c *broker.Credential) credFunc {
 	return func(broker.Request) (*broker.Credential, error) { return c, nil }
 }

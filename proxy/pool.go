@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -36,6 +37,10 @@ type poolSet struct {
 	total   int               // guarded by mu; connections open or being opened, all pools
 	changed chan struct{}     // guarded by mu; closed (and replaced) when a slot frees or a connection turns idle
 	closed  bool              // guarded by mu
+	// baselines are each credential's role-level settings as its first
+	// session found them (see rolesettings.go); guarded by mu, dropped when
+	// the credential expires.
+	baselines map[*broker.Credential][]roleSetting
 
 	stop      chan struct{}
 	reaperWG  sync.WaitGroup
@@ -54,7 +59,8 @@ type pool struct {
 }
 
 func newPoolSet(cfg *Config) (*poolSet, error) {
-	ps := &poolSet{cfg: cfg, pools: map[poolKey]*pool{}, changed: make(chan struct{}), stop: make(chan struct{})}
+	ps := &poolSet{cfg: cfg, pools: map[poolKey]*pool{}, changed: make(chan struct{}), stop: make(chan struct{}),
+		baselines: map[*broker.Credential][]roleSetting{}}
 	// Parse every upstream now, so a bad connection string fails at start.
 	for db, r := range cfg.Routes {
 		if _, err := ParseUpstream(r.Upstream, r.Policy); err != nil {
@@ -114,9 +120,14 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 			p.idle = p.idle[:n-1]
 			p.active++
 			ps.mu.Unlock()
-			if err := ps.check(sc); err != nil {
+			if err := ps.check(ctx, sc); err != nil {
 				ps.cfg.Logger.Debug("idle upstream session not reusable; closing", "backend_pid", sc.pid, "error", err)
 				ps.discard(sc)
+				if isTimeout(err) {
+					// A silent network: the sessions idle as long as this one
+					// most likely went with it. Do not ping each in turn.
+					ps.dropIdleSince(p, sc.lastUsed)
+				}
 				continue
 			}
 			return sc, nil
@@ -191,35 +202,84 @@ func (ps *poolSet) evictLocked() *serverConn {
 }
 
 // check decides whether an idle connection may be lent: its credential has
-// not retired, and it is alive.
-func (ps *poolSet) check(sc *serverConn) error {
+// not retired, and it is alive. A ping waits PingTimeout at most, and never
+// past ctx's deadline (the client's authentication deadline).
+func (ps *poolSet) check(ctx context.Context, sc *serverConn) error {
 	now := ps.cfg.Now()
 	if !now.Before(sc.cred.RetireAt) {
 		return errors.New("credential retired")
 	}
-	return sc.alive(now.Sub(sc.lastUsed) >= ps.cfg.Pool.PingAfterIdle, ps.cfg.Pool.PingTimeout)
+	if now.Sub(sc.lastUsed) < ps.cfg.Pool.PingAfterIdle {
+		return sc.alive(ctx, false)
+	}
+	ctx, cancel := context.WithTimeout(ctx, ps.cfg.Pool.PingTimeout)
+	defer cancel()
+	return sc.alive(ctx, true)
 }
 
-// open dials a new connection of p under cred. A new session whose database
-// user carries role-level settings is replaced once they are removed (see
-// checkRoleSettings).
+// dropIdleSince closes p's idle connections last used at or before t.
+func (ps *poolSet) dropIdleSince(p *pool, t time.Time) {
+	ps.mu.Lock()
+	var dead []*serverConn
+	keep := p.idle[:0]
+	for _, c := range p.idle {
+		if !c.lastUsed.After(t) {
+			dead = append(dead, c)
+			p.open--
+			ps.total--
+		} else {
+			keep = append(keep, c)
+		}
+	}
+	clear(p.idle[len(keep):])
+	p.idle = keep
+	if len(dead) > 0 {
+		ps.changedLocked()
+	}
+	ps.mu.Unlock()
+	for _, c := range dead {
+		c.close()
+	}
+}
+
+// open dials a new connection of p under cred. The first session under a
+// credential records its role-level settings; a later one that finds them
+// changed (by some session of that shared user) restores them and is
+// replaced by a clean session (see rolesettings.go).
 func (ps *poolSet) open(ctx context.Context, p *pool, cred *broker.Credential) (*serverConn, error) {
 	for attempt := 0; ; attempt++ {
 		sc, err := dialServer(ctx, p.tmpl, cred, ps.cfg.Pool.DialTimeout, ps.cfg.WriteTimeout)
 		if err != nil {
 			return nil, err
 		}
-		err = sc.checkRoleSettings(ctx)
-		if err == nil {
+		got, err := sc.readRoleSettings(ctx)
+		if err != nil {
+			sc.close()
+			return nil, upstreamFailure(err)
+		}
+		ps.mu.Lock()
+		want, known := ps.baselines[cred]
+		if !known {
+			ps.baselines[cred] = got
+			want = got
+		}
+		ps.mu.Unlock()
+		if sameRoleSettings(got, want) {
 			sc.pool = p
 			return sc, nil
 		}
+		changed, err := sc.restoreRoleSettings(ctx, got, want)
 		sc.close()
-		if !errors.Is(err, errRoleSettings) || attempt > 0 {
-			return nil, upstreamFailure(err)
+		log := ps.cfg.Logger.With("database", p.key.database, "level", p.key.level, "db_user", cred.Username,
+			"settings", strings.Join(changed, ", "))
+		if err != nil || attempt > 0 {
+			log.Error("a shared database user's role-level settings were changed and could not be restored", "error", err)
+			e := pgerror.New(pgerror.ConnectionFailure, "the database user's settings were changed by one of its sessions and could not be restored").
+				WithHint("Try again; pgwarden's operator sees the details in its log.")
+			e.Err = fmt.Errorf("role-level settings of %s changed (%s): %v", cred.Username, strings.Join(changed, ", "), err)
+			return nil, e
 		}
-		ps.cfg.Logger.Warn("a shared database user had role-level settings (ALTER ROLE ... SET); removed them and opened a clean session",
-			"database", p.key.database, "level", p.key.level, "db_user", cred.Username, "error", err)
+		log.Warn("a session of a shared database user changed its role-level settings (ALTER ROLE ... SET); restored them and opened a clean session")
 	}
 }
 
@@ -292,6 +352,11 @@ func (ps *poolSet) reap() {
 		}
 		if len(dead) > 0 {
 			ps.changedLocked()
+		}
+		for c := range ps.baselines {
+			if !now.Before(c.ExpiresAt) {
+				delete(ps.baselines, c)
+			}
 		}
 		ps.mu.Unlock()
 		for _, c := range dead {

@@ -222,7 +222,7 @@ func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
 				continue // resume, in the middle of a message if need be
 			}
 			if errors.Is(err, errFraming) {
-				return stop(end{why: "upstream protocol violation", upstreamFailed: true})
+				return stop(end{why: "upstream protocol violation", upstreamFailed: true, notify: errUpstreamLost})
 			}
 			if st.stopping.Load() {
 				return stop(end{why: "stopped", upstreamFailed: true})
@@ -258,19 +258,19 @@ func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
 
 // interrupted handles a read deadline on the upstream: it returns the end to
 // report when the interrupt means the server side must stop now, or done =
-// false to carry on reading (after clearing the deadline and checking the
-// flags once more, so an interrupt that raced with the clearing is not lost).
+// false to carry on reading. It clears the deadline before it looks at the
+// flags: whoever interrupts sets its flag before the deadline, so an
+// interrupt that comes after the clearing either shows in the flags or
+// leaves a deadline that fires again; none is lost.
 func (c *clientConn) interrupted(up *serverConn, st *relayState, fc *frameCopier) (end, bool) {
-	for range 2 {
-		switch {
-		case st.stopping.Load():
-			return end{why: "stopped", clean: true}, true
-		case st.cut.Load():
-			return end{why: "credential lease ended", notify: errLeaseEnded}, true
-		case st.retiring.Load() && fc.atBoundary() && up.r.Buffered() == 0 && st.idle():
-			return end{why: "credential retired", notify: errRetired}, true
-		}
-		_ = up.conn.SetReadDeadline(time.Time{})
+	_ = up.conn.SetReadDeadline(time.Time{})
+	switch {
+	case st.stopping.Load():
+		return end{why: "stopped", clean: true}, true
+	case st.cut.Load():
+		return end{why: "credential lease ended", notify: errLeaseEnded}, true
+	case st.retiring.Load() && fc.atBoundary() && up.r.Buffered() == 0 && st.idle():
+		return end{why: "credential retired", notify: errRetired}, true
 	}
 	return end{}, false
 }

@@ -344,58 +344,6 @@ func quoteLiteral(s string) string {
 	return `E'` + s + `'`
 }
 
-// roleSettingsQuery lists the role-level defaults (ALTER ROLE ... SET) of the
-// session's own database user: the database they apply in ("" for all) and
-// the setting's name.
-const roleSettingsQuery = `SELECT coalesce(d.datname, ''), split_part(c, '=', 1)
-FROM pg_catalog.pg_db_role_setting s
-LEFT JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase, unnest(s.setconfig) c
-WHERE s.setrole = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)`
-
-// errRoleSettings marks a new session whose database user carried role-level
-// settings: they were removed, and the session (which started with them) must
-// be replaced.
-var errRoleSettings = errors.New("database user had role-level settings")
-
-// checkRoleSettings guards against one identity changing another's sessions.
-// A shared dynamic user may run ALTER ROLE CURRENT_USER SET search_path = …
-// (PostgreSQL lets any role set its own defaults), and every later session of
-// that user, whoever opens it, would start with it. So each new upstream
-// session looks for such defaults; when there are any it removes them (a role
-// may reset its own) and returns errRoleSettings, naming the settings (not
-// their values), so the caller closes this session and opens a clean one.
-// Sessions opened before the ALTER are unaffected: PostgreSQL reads role
-// defaults at login.
-func (sc *serverConn) checkRoleSettings(ctx context.Context) error {
-	var (
-		reset strings.Builder
-		names []string
-		seen  = map[string]bool{}
-	)
-	_, err := sc.simpleQuery(ctx, roleSettingsQuery, func(v [][]byte) {
-		if len(v) != 2 {
-			return
-		}
-		db := string(v[0])
-		if !seen[db] {
-			seen[db] = true
-			if db == "" {
-				reset.WriteString("ALTER ROLE CURRENT_USER RESET ALL;")
-			} else {
-				reset.WriteString("ALTER ROLE CURRENT_USER IN DATABASE " + quoteIdent(db) + " RESET ALL;")
-			}
-		}
-		names = append(names, string(v[1]))
-	})
-	if err != nil || reset.Len() == 0 {
-		return err
-	}
-	if _, err := sc.simpleQuery(ctx, reset.String(), nil); err != nil {
-		return fmt.Errorf("removing role-level settings %s: %w", strings.Join(names, ", "), err)
-	}
-	return fmt.Errorf("%w (%s); removed", errRoleSettings, strings.Join(names, ", "))
-}
-
 // quoteIdent quotes s as an SQL identifier.
 func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
 
@@ -405,8 +353,8 @@ func (sc *serverConn) close() { _ = sc.conn.Close() }
 // closed socket mean the server ended it (restart, pg_terminate_backend,
 // idle_session_timeout): that check reads nothing and costs one syscall. A
 // silent network cut shows only in a round trip, so after an idle period
-// (ping) the session must also answer a Sync within pingTimeout.
-func (sc *serverConn) alive(ping bool, pingTimeout time.Duration) error {
+// (ping) the session must also answer a Sync within ctx.
+func (sc *serverConn) alive(ctx context.Context, ping bool) error {
 	if sc.r.Buffered() > 0 {
 		return errUnexpectedData
 	}
@@ -416,8 +364,6 @@ func (sc *serverConn) alive(ping bool, pingTimeout time.Duration) error {
 	if !ping {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), pingTimeout)
-	defer cancel()
 	return sc.sync(ctx)
 }
 

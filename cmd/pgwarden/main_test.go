@@ -96,7 +96,7 @@ func writeConfig(t *testing.T, s string) string {
 
 // check refuses, before it reaches anything, a config that would misroute,
 // and names the field to fix.
-func TestCheckRefusesMisconfigurationNamingTheField(t *testing.T) {
+func TestItem08CheckRefusesMisroutingConfigNamingTheField(t *testing.T) {
 	t.Parallel()
 	if _, err := config.Load(writeConfig(t, validConfig), nil); err != nil {
 		t.Fatalf("the base of every case must be valid: %v", err)
@@ -153,7 +153,7 @@ func TestCheckRefusesMisconfigurationNamingTheField(t *testing.T) {
 
 // check reports an issuer whose discovery document names another issuer: the
 // config is valid, authn.New refuses.
-func TestCheckRefusesAnIssuerThatNamesAnother(t *testing.T) {
+func TestItem08CheckRefusesAnIssuerThatNamesAnother(t *testing.T) {
 	t.Parallel()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_ = json.NewEncoder(w).Encode(map[string]string{"issuer": "https://evil.example", "jwks_uri": "http://" + r.Host + "/jwks"})

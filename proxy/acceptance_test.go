@@ -306,6 +306,31 @@ func TestConcurrentClientsShareOneLease(t *testing.T) {
 	}
 }
 
+// idleSessions is how many upstream sessions of (app, level) the stack's
+// pgwarden holds idle, from its metrics.
+func idleSessions(t *testing.T, level string) int {
+	t.Helper()
+	mfs, err := stack.App.Metrics().Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "pgwarden_pool_connections" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["database"] == "app" && labels["level"] == level && labels["state"] == "idle" {
+				return int(m.GetGauge().GetValue())
+			}
+		}
+	}
+	return 0
+}
+
 func vaultCalls(t *testing.T, op string) float64 {
 	t.Helper()
 	mfs, err := stack.App.Metrics().Registry().Gather()

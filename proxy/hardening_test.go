@@ -266,8 +266,12 @@ func TestItem06AlterRoleSetDoesNotReachAnotherIdentity(t *testing.T) {
 	if _, err := alice.Exec(ctx, "ALTER ROLE CURRENT_USER SET search_path = evil, public"); err != nil {
 		t.Fatalf("alice's ALTER ROLE (PostgreSQL lets a role set its own defaults): %v", err)
 	}
-	// alice keeps her session, so bob's needs a new upstream session of the
-	// same shared database user.
+	// alice keeps her session; so do the clients below, one per session
+	// idle in the pool (opened before the ALTER, and so clean), so that bob's
+	// needs a new upstream session of the same shared database user.
+	for i := range idleSessions(t, "reader") {
+		connect(t, "reader", token(t, fmt.Sprint("holder-", i), "analyst"))
+	}
 	bob := connect(t, "reader", token(t, "bob-rs", "analyst"))
 	if got := queryString(t, bob, "select current_user"); got != user {
 		t.Fatalf("bob runs as %s, alice as %s: the test needs a shared credential", got, user)

@@ -16,7 +16,7 @@ build:
 	$(GO) build -o bin/devtoken ./testenv/cmd/devtoken
 	$(GO) build -o bin/devstack ./testenv/cmd/devstack
 
-## deps: install Debian's PostgreSQL when missing (as root), else say what to install
+## deps: install Debian's PostgreSQL, its client and PgBouncer when missing (as root), else say what to install
 deps:
 	@scripts/deps.sh
 
@@ -44,9 +44,10 @@ lint:
 fmt:
 	gofmt -w $$(git ls-files '*.go')
 
-## bench: side-by-side benchmarks (not yet)
-bench:
-	@echo "bench: not yet — benchmarks against direct PostgreSQL and PgBouncer come in a later issue"
+## bench: pgwarden beside direct PostgreSQL and PgBouncer; BENCH=quick (under 10 minutes) or full
+BENCH ?= quick
+bench: deps vault build
+	$(GO) run ./bench -profile $(BENCH) -out bench/results
 
 ## fuzz: run each fuzzer of untrusted input for FUZZTIME
 # (minimizing each new input is capped, so the time goes to fuzzing)

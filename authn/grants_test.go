@@ -96,3 +96,18 @@ func TestUnknownDatabaseShowsOnlyWhatTheTokenGrants(t *testing.T) {
 		t.Fatalf("%s %q: want 3D000 naming app and not hr", pe.Code, text)
 	}
 }
+
+func BenchmarkDecide(b *testing.B) {
+	g, err := authn.NewGrants([]authn.Database{{Name: "app", Levels: []authn.Level{
+		{Name: "reader", Groups: []string{"analyst", "engineer"}}, {Name: "writer", Groups: []string{"engineer"}}}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	id := &authn.Identity{Subject: "bob", Groups: []string{"engineer"}}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := g.Decide(id, "app", "writer"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -196,7 +197,17 @@ func (a *App) Start() error {
 			a.server.Close()
 			return err
 		}
-		a.httpSrv = &http.Server{Handler: a.metrics.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		handler := a.metrics.Handler()
+		if a.cfg.Pprof {
+			mux := http.NewServeMux()
+			mux.Handle("/", handler)
+			mux.HandleFunc("/debug/pprof/", pprof.Index)
+			mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+			mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+			handler = mux
+		}
+		a.httpSrv = &http.Server{Handler: handler, ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = a.httpSrv.Serve(a.httpLn) }()
 	}
 	a.log.Info("pgwarden listening", "addr", ln.Addr().String(), "metrics", a.MetricsAddr(), "tls", a.cfg.TLSCert != "")

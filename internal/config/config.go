@@ -52,6 +52,10 @@ type Config struct {
 	// MetricsListen serves /metrics, /healthz and /readyz (METRICS_LISTEN).
 	// Default 127.0.0.1:9632; "off" disables it.
 	MetricsListen string `json:"metrics_listen" env:"METRICS_LISTEN"`
+	// Pprof also serves Go's profiler at /debug/pprof/ on the metrics
+	// listener (PPROF). Default false: profiles show what the process is
+	// doing, so only turn it on where the metrics port is private.
+	Pprof bool `json:"pprof" env:"PPROF"`
 	// TLSCert and TLSKey are PEM files (TLS_CERT, TLS_KEY). Without them
 	// clients are told TLS is not available.
 	TLSCert string `json:"tls_cert" env:"TLS_CERT"`

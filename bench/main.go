@@ -1,0 +1,127 @@
+// Command bench measures pgwarden beside direct PostgreSQL and PgBouncer on
+// the same machine, in the same run, and writes a report of absolute figures
+// and ratios (`make bench`, `make bench BENCH=full`).
+//
+// It starts the stack through testenv as the tests do — a throwaway
+// PostgreSQL, a Vault dev server, the OIDC issuer — then the real
+// bin/pgwarden as a process of its own, and two of Debian's PgBouncer (SCRAM,
+// and trust for the connection-storm ceiling), pooling in session mode with
+// pgwarden's pool size. Every measurement runs its targets interleaved (A, B,
+// C, A, B, C…) so that drift hits them alike, and reports medians over the
+// profile's repetitions:
+//
+//   - steady throughput: pgbench select-only (simple and prepared) and
+//     TPC-B-like, at several client counts: TPS, average and p99 latency,
+//     failed transactions, and the proxies' CPU per transaction;
+//   - connection storm: pgbench -C (a new connection per transaction);
+//   - cold path: connect to first row for an identity's first connection;
+//   - memory: resident memory per idle authenticated client;
+//   - Go micro-benchmarks of the relay and the auth path;
+//   - a CPU profile of pgwarden under select-only load.
+//
+// Targets and what each figure is compared with are in report.go.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+)
+
+// profile is how much a run measures.
+type profile struct {
+	name       string
+	reps       int           // repetitions of each interleaved round; medians are reported
+	duration   time.Duration // one pgbench run
+	clients    []int
+	scripts    []script
+	storm      time.Duration
+	stormConns int // pgbench -c for the storm
+	cold       int // cold starts
+	idle       []int
+	scale      int
+	cpuProfile time.Duration // length of the pprof capture
+	micro      bool          // run the Go micro-benchmarks
+}
+
+var profiles = map[string]profile{
+	"quick": {name: "quick", reps: 1, duration: 5 * time.Second, clients: []int{1, 8, 32, 64},
+		scripts: allScripts, storm: 5 * time.Second, stormConns: 8, cold: 30, idle: []int{100, 1000},
+		scale: 10, cpuProfile: 5 * time.Second, micro: true},
+	"full": {name: "full", reps: 3, duration: 10 * time.Second, clients: []int{1, 8, 32, 64},
+		scripts: allScripts, storm: 10 * time.Second, stormConns: 8, cold: 30, idle: []int{100, 1000, 10000},
+		scale: 10, cpuProfile: 10 * time.Second, micro: true},
+	// smoke checks that every part of the run works, in a minute; its
+	// figures mean nothing.
+	"smoke": {name: "smoke", reps: 1, duration: time.Second, clients: []int{1, 8},
+		scripts: []script{selectSimple, tpcb}, storm: time.Second, stormConns: 2, cold: 3, idle: []int{20},
+		scale: 1, cpuProfile: time.Second},
+}
+
+func main() {
+	prof := flag.String("profile", "quick", "quick (under 10 minutes), full (3 repetitions, 10,000 idle clients) or smoke")
+	out := flag.String("out", "bench/results", "where the report and chart go")
+	bin := flag.String("pgwarden", "bin/pgwarden", "the pgwarden binary")
+	flag.Parse()
+	p, ok := profiles[*prof]
+	if !ok {
+		fmt.Fprintf(os.Stderr, "bench: unknown profile %q (quick, full, smoke)\n", *prof)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	path, err := run(ctx, p, *bin, *out)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+	fmt.Println("bench: report written to", path)
+}
+
+func run(ctx context.Context, p profile, bin, outDir string) (string, error) {
+	start := time.Now()
+	if err := os.MkdirAll(outDir, 0o755); err != nil {
+		return "", err
+	}
+	bin, err := filepath.Abs(bin)
+	if err != nil {
+		return "", err
+	}
+	logf("starting PostgreSQL, Vault, the issuer, pgwarden and two PgBouncers (profile %s)…", p.name)
+	env, err := startEnv(ctx, p, bin)
+	if err != nil {
+		return "", err
+	}
+	defer env.close()
+	r := &report{profile: p, machine: describeMachine(env), started: start}
+
+	if err := r.steady(ctx, env); err != nil {
+		return "", err
+	}
+	if err := r.stormRun(ctx, env); err != nil {
+		return "", err
+	}
+	if err := r.coldRun(ctx, env); err != nil {
+		return "", err
+	}
+	if err := r.idleRun(ctx, env); err != nil {
+		return "", err
+	}
+	if err := r.profileRun(ctx, env); err != nil {
+		return "", err
+	}
+	if p.micro {
+		r.microRun(ctx, env.root)
+	}
+	r.elapsed = time.Since(start)
+	return r.write(outDir)
+}
+
+func logf(format string, args ...any) {
+	fmt.Printf("bench: "+format+"\n", args...)
+}

@@ -2,6 +2,7 @@ package authn
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/MicahParks/keyfunc/v3"
@@ -54,6 +56,15 @@ type Config struct {
 	GroupsClaim string
 	// HTTPClient fetches discovery and JWKS documents. Default: a client with a 10s timeout.
 	HTTPClient *http.Client
+	// CacheTTL is how long a verified token's Identity is remembered, keyed
+	// by the token's SHA-256 (never the token), so that an application's pool
+	// reconnecting with the same token pays for the signature check once: at
+	// most CacheTTL, and never past the token's exp. A key the issuer
+	// withdraws stops a cached token only after CacheTTL. Default 1m;
+	// negative disables the cache.
+	CacheTTL time.Duration
+	// CacheSize bounds the number of tokens remembered. Default 10000.
+	CacheSize int
 	// RefreshInterval is how often the JWKS is fetched again. Default 5m. A token
 	// signed by an unknown key also triggers a refresh, at most every 10s.
 	RefreshInterval time.Duration
@@ -105,6 +116,12 @@ func (c *Config) checkAndSetDefaults() error {
 	if c.HTTPClient == nil {
 		c.HTTPClient = &http.Client{Timeout: 10 * time.Second}
 	}
+	if c.CacheTTL == 0 {
+		c.CacheTTL = time.Minute
+	}
+	if c.CacheSize <= 0 {
+		c.CacheSize = 10000
+	}
 	if c.RefreshInterval == 0 {
 		c.RefreshInterval = 5 * time.Minute
 	}
@@ -118,6 +135,14 @@ type Verifier struct {
 	keys   keyfunc.Keyfunc
 	parser *jwt.Parser
 	cancel context.CancelFunc
+
+	mu    sync.Mutex
+	cache map[[sha256.Size]byte]cachedIdentity // guarded by mu; see Config.CacheTTL
+}
+
+type cachedIdentity struct {
+	id    *Identity
+	until time.Time
 }
 
 // New fetches the JWKS (after discovery, when configured so) and returns a
@@ -152,8 +177,9 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 		return nil, fmt.Errorf("authn: fetch JWKS %s: %w", jwksURL, err)
 	}
 	return &Verifier{
-		cfg:  cfg,
-		keys: keys,
+		cfg:   cfg,
+		keys:  keys,
+		cache: map[[sha256.Size]byte]cachedIdentity{},
 		parser: jwt.NewParser(
 			jwt.WithValidMethods(cfg.Algorithms),
 			jwt.WithIssuer(cfg.Issuer),
@@ -293,8 +319,50 @@ func refuse(reason string, err error) error {
 
 // Verify checks token and returns the Identity it speaks for. Every refusal is
 // a *TokenError (find it with errors.As) wrapped in a *pgerror.Error with
-// SQLSTATE 28P01.
+// SQLSTATE 28P01. A token verified in the last CacheTTL (and not expired
+// since) is not checked again; the Identity returned is then the same one,
+// and must not be modified.
 func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) {
+	if v.cfg.CacheTTL < 0 {
+		return v.verify(ctx, token)
+	}
+	key := sha256.Sum256([]byte(token))
+	now := time.Now()
+	v.mu.Lock()
+	e, ok := v.cache[key]
+	v.mu.Unlock()
+	if ok && now.Before(e.until) {
+		return e.id, nil
+	}
+	id, err := v.verify(ctx, token)
+	if err != nil {
+		return nil, err
+	}
+	until := now.Add(v.cfg.CacheTTL)
+	if id.Expiry.Before(until) {
+		until = id.Expiry
+	}
+	v.mu.Lock()
+	if len(v.cache) >= v.cfg.CacheSize {
+		for k, e := range v.cache {
+			if !now.Before(e.until) {
+				delete(v.cache, k)
+			}
+		}
+		for k := range v.cache { // still full: drop one at random
+			if len(v.cache) < v.cfg.CacheSize {
+				break
+			}
+			delete(v.cache, k)
+		}
+	}
+	v.cache[key] = cachedIdentity{id: id, until: until}
+	v.mu.Unlock()
+	return id, nil
+}
+
+// verify checks token's signature and claims.
+func (v *Verifier) verify(ctx context.Context, token string) (*Identity, error) {
 	claims := jwt.MapClaims{}
 	_, err := v.parser.ParseWithClaims(token, claims, v.keys.KeyfuncCtx(ctx))
 	if err != nil {

@@ -157,3 +157,66 @@ func TestNewRefusesUnsafeConfig(t *testing.T) {
 		})
 	}
 }
+
+// The token check is the part of the auth path pgwarden pays for on every
+// connection, cached or not.
+func BenchmarkVerify(b *testing.B) {
+	for _, alg := range []string{"RS256", "ES256"} {
+		b.Run(alg, func(b *testing.B) {
+			is, err := testenv.StartIssuer("pgwarden")
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer is.Close()
+			v, err := authn.New(context.Background(), authn.Config{IssuerURL: is.URL, Audiences: []string{"pgwarden"}})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer v.Close()
+			tok, err := is.Mint(testenv.Claims{Subject: "alice", Groups: []string{"analyst"}, Alg: alg})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := v.Verify(context.Background(), tok); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// A verified token is remembered, so a pool reconnecting with it pays for the
+// signature once; but never past its exp, and a different token is checked.
+func TestVerifiedTokensAreCachedNoLongerThanTheyLive(t *testing.T) {
+	t.Parallel()
+	v, is := newVerifier(t, authn.Config{Leeway: time.Nanosecond})
+	tok, err := is.Mint(testenv.Claims{Subject: "alice", Groups: []string{"analyst"}, TTL: 1500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := v.Verify(context.Background(), tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := v.Verify(context.Background(), tok)
+	if err != nil || second != first {
+		t.Fatalf("second Verify of the same token: %p %v, want the cached identity %p", second, err, first)
+	}
+	other, err := is.Mint(testenv.Claims{Subject: "bob", Groups: []string{"analyst"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id, err := v.Verify(context.Background(), other); err != nil || id.Subject != "bob" {
+		t.Fatalf("another token: %+v %v", id, err)
+	}
+	if _, err := v.Verify(context.Background(), tok+"x"); err == nil {
+		t.Fatal("a token with a changed signature was accepted")
+	}
+	time.Sleep(time.Until(first.Expiry) + 100*time.Millisecond)
+	var te *authn.TokenError
+	if _, err := v.Verify(context.Background(), tok); !errors.As(err, &te) || te.Reason != authn.ReasonExpired {
+		t.Fatalf("the cached token after its exp: %v, want it refused as expired", err)
+	}
+}

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"syscall"
 	"time"
 )
 
@@ -122,15 +124,59 @@ func readMessage(r *bufio.Reader, buf []byte, maxBody int) (typ byte, body, newB
 // instead of blocking it forever. The deadline is moved forward only once a
 // quarter of it has passed, so a busy connection calls SetWriteDeadline
 // rarely; a write therefore fails after between three quarters of timeout and
-// timeout without progress. It is used by one goroutine at a time.
+// timeout without progress. With timeout 0 it leaves the deadline to its
+// owner (the handshake's). On a plain socket it writes raw (see rawWrite). It
+// is used by one goroutine at a time.
 type deadlineWriter struct {
 	conn    net.Conn
+	rc      syscall.RawConn // set: write the socket directly (see rawWrite)
 	timeout time.Duration
 	limit   time.Time // when set, no deadline goes past it (a pool operation's context)
 	until   time.Time // the write deadline in force
 }
 
+func newDeadlineWriter(conn net.Conn, timeout time.Duration) *deadlineWriter {
+	return &deadlineWriter{conn: conn, rc: rawConnOf(conn), timeout: timeout}
+}
+
 func (w *deadlineWriter) Write(p []byte) (int, error) {
+	if w.timeout > 0 {
+		if err := w.refresh(); err != nil {
+			return 0, err
+		}
+	}
+	if w.rc == nil {
+		return w.conn.Write(p)
+	}
+	// The net package's write loop, with the write made raw: RawConn.Write
+	// waits for the socket to take more when it is full, and honours the
+	// write deadline while it waits.
+	written := 0
+	var werr error
+	err := w.rc.Write(func(fd uintptr) bool {
+		for written < len(p) {
+			n, err := rawWrite(int(fd), p[written:])
+			switch {
+			case err == syscall.EINTR:
+				continue
+			case err == syscall.EAGAIN:
+				return false
+			case err != nil:
+				werr = os.NewSyscallError("write", err)
+				return true
+			}
+			written += n
+		}
+		return true
+	})
+	if werr != nil {
+		err = werr
+	}
+	return written, err
+}
+
+// refresh moves the write deadline forward when a quarter of it has passed.
+func (w *deadlineWriter) refresh() error {
 	now := time.Now()
 	if w.until.Sub(now) < w.timeout-w.timeout/4 {
 		d := now.Add(w.timeout)
@@ -139,12 +185,12 @@ func (w *deadlineWriter) Write(p []byte) (int, error) {
 		}
 		if !d.Equal(w.until) {
 			if err := w.conn.SetWriteDeadline(d); err != nil {
-				return 0, err
+				return err
 			}
 			w.until = d
 		}
 	}
-	return w.conn.Write(p)
+	return nil
 }
 
 // setLimit caps the write deadline at t (zero removes the cap) from the next

@@ -82,10 +82,10 @@ func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credentia
 	for k, v := range hj.ParameterStatuses {
 		params[k] = v
 	}
-	dw := &deadlineWriter{conn: hj.Conn, timeout: writeTimeout}
+	dw := newDeadlineWriter(hj.Conn, writeTimeout)
 	now := time.Now()
 	return &serverConn{
-		conn: hj.Conn, r: bufio.NewReaderSize(hj.Conn, serverBufSize), w: bufio.NewWriterSize(dw, serverBufSize), dw: dw,
+		conn: hj.Conn, r: bufio.NewReaderSize(newRawReader(hj.Conn), serverBufSize), w: bufio.NewWriterSize(dw, serverBufSize), dw: dw,
 		pid: hj.PID, secret: hj.SecretKey, cancel: cancelAddrOf(hj), params: params, cred: cred,
 		created: now, lastUsed: now,
 	}, nil

@@ -269,37 +269,66 @@ func holdIdle(ctx context.Context, t target, n int) (idleResult, error) {
 	return res, nil
 }
 
-// profileRun takes a CPU profile of pgwarden while pgbench -S runs through
-// it at 8 clients, and keeps pprof's top functions for the report.
+// profileRun takes a CPU profile of pgwarden, and the allocations it makes,
+// while pgbench -S runs through it, and keeps pprof's top functions for the
+// report.
 func (r *report) profileRun(ctx context.Context, e *env) error {
 	p := r.profile
-	for _, clients := range []int{8} {
+	clients := []int{8, 32}
+	if p.name == "smoke" {
+		clients = clients[:1]
+	}
+	for _, c := range clients {
 		secs := int(p.cpuProfile.Seconds())
 		done := make(chan error, 1)
 		go func() {
-			_, err := runPgbench(ctx, e.work, e.pgwarden(false), clients, p.cpuProfile+2*time.Second, "-S", "-M", "simple")
+			_, err := runPgbench(ctx, e.work, e.pgwarden(false), c, 2*p.cpuProfile+3*time.Second, "-S", "-M", "simple")
 			done <- err
 		}()
 		time.Sleep(time.Second)
-		path := filepath.Join(e.work, fmt.Sprintf("cpu-%d.pprof", clients))
-		if err := fetch(ctx, fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", e.pgw.metrics, secs), path); err != nil {
+		base := fmt.Sprintf("http://%s/debug/pprof/", e.pgw.metrics)
+		cpu := filepath.Join(e.work, fmt.Sprintf("cpu-%d.pprof", c))
+		a0, a1 := filepath.Join(e.work, fmt.Sprintf("allocs0-%d.pprof", c)), filepath.Join(e.work, fmt.Sprintf("allocs1-%d.pprof", c))
+		if err := fetch(ctx, base+fmt.Sprintf("profile?seconds=%d", secs), cpu); err != nil {
+			return err
+		}
+		if err := fetch(ctx, base+"allocs", a0); err != nil {
+			return err
+		}
+		time.Sleep(p.cpuProfile)
+		if err := fetch(ctx, base+"allocs", a1); err != nil {
 			return err
 		}
 		if err := <-done; err != nil {
 			return err
 		}
-		out, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", "-nodecount=25", e.pgw.bin, path).CombinedOutput()
+		top, err := pprofTop(ctx, e.pgw.bin, "-top", "-nodecount=25", cpu)
 		if err != nil {
-			return fmt.Errorf("go tool pprof: %w\n%s", err, out)
+			return err
 		}
-		r.profiles = append(r.profiles, profileTop{clients: clients, top: trimPprof(string(out))})
+		allocs, err := pprofTop(ctx, e.pgw.bin, "-sample_index=alloc_space", "-top", "-nodecount=15", "-diff_base="+a0, a1)
+		if err != nil {
+			return err
+		}
+		r.profiles = append(r.profiles, profileTop{clients: c, top: top, allocs: allocs, seconds: secs})
 	}
 	return nil
 }
 
+func pprofTop(ctx context.Context, bin string, args ...string) (string, error) {
+	args = append([]string{"tool", "pprof"}, args...)
+	args = append(args[:len(args)-1], bin, args[len(args)-1])
+	out, err := exec.CommandContext(ctx, "go", args...).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("go tool pprof: %w\n%s", err, out)
+	}
+	return trimPprof(string(out)), nil
+}
+
 type profileTop struct {
-	clients int
-	top     string
+	clients     int
+	top, allocs string
+	seconds     int // length of the allocation window
 }
 
 // trimPprof drops pprof's header lines before the table.
@@ -351,18 +380,21 @@ func (r *report) microRun(ctx context.Context, root string) {
 	}
 }
 
-// copyFrameAllocs is allocs/op of BenchmarkCopyFrame, or -1 when it did not run.
-func (r *report) copyFrameAllocs() int {
+// relayAllocs is the most allocs/op of the relay's micro-benchmarks
+// (BenchmarkCopyFrame, BenchmarkRelayOverSockets), or -1 when none ran.
+func (r *report) relayAllocs() int {
+	most := -1
 	for _, l := range r.micro {
-		if strings.HasPrefix(l, "BenchmarkCopyFrame") {
-			f := strings.Fields(l)
-			for i := 1; i < len(f); i++ {
-				if f[i] == "allocs/op" {
-					n, _ := strconv.Atoi(f[i-1])
-					return n
-				}
+		if !strings.HasPrefix(l, "BenchmarkCopyFrame") && !strings.HasPrefix(l, "BenchmarkRelayOverSockets") {
+			continue
+		}
+		f := strings.Fields(l)
+		for i := 1; i < len(f); i++ {
+			if f[i] == "allocs/op" {
+				n, _ := strconv.Atoi(f[i-1])
+				most = max(most, n)
 			}
 		}
 	}
-	return -1
+	return most
 }

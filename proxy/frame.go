@@ -133,10 +133,19 @@ type deadlineWriter struct {
 	timeout time.Duration
 	limit   time.Time // when set, no deadline goes past it (a pool operation's context)
 	until   time.Time // the write deadline in force
+
+	// One write's arguments and progress, and the callback that makes it,
+	// kept here so that a write allocates nothing.
+	p       []byte
+	written int
+	werr    error
+	write   func(fd uintptr) bool
 }
 
 func newDeadlineWriter(conn net.Conn, timeout time.Duration) *deadlineWriter {
-	return &deadlineWriter{conn: conn, rc: rawConnOf(conn), timeout: timeout}
+	w := &deadlineWriter{conn: conn, rc: rawConnOf(conn), timeout: timeout}
+	w.write = w.writeFD
+	return w
 }
 
 func (w *deadlineWriter) Write(p []byte) (int, error) {
@@ -151,28 +160,32 @@ func (w *deadlineWriter) Write(p []byte) (int, error) {
 	// The net package's write loop, with the write made raw: RawConn.Write
 	// waits for the socket to take more when it is full, and honours the
 	// write deadline while it waits.
-	written := 0
-	var werr error
-	err := w.rc.Write(func(fd uintptr) bool {
-		for written < len(p) {
-			n, err := rawWrite(int(fd), p[written:])
-			switch {
-			case err == syscall.EINTR:
-				continue
-			case err == syscall.EAGAIN:
-				return false
-			case err != nil:
-				werr = os.NewSyscallError("write", err)
-				return true
-			}
-			written += n
-		}
-		return true
-	})
-	if werr != nil {
-		err = werr
+	w.p, w.written, w.werr = p, 0, nil
+	err := w.rc.Write(w.write)
+	written := w.written
+	if w.werr != nil {
+		err = w.werr
 	}
+	w.p, w.werr = nil, nil
 	return written, err
+}
+
+// writeFD writes what is left of w.p; false means "the socket is full, wait".
+func (w *deadlineWriter) writeFD(fd uintptr) bool {
+	for w.written < len(w.p) {
+		n, err := rawWrite(int(fd), w.p[w.written:])
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			return false
+		case err != nil:
+			w.werr = os.NewSyscallError("write", err)
+			return true
+		}
+		w.written += n
+	}
+	return true
 }
 
 // refresh moves the write deadline forward when a quarter of it has passed.

@@ -15,32 +15,29 @@ import (
 type rawReader struct {
 	conn net.Conn
 	rc   syscall.RawConn // nil: read conn as usual
+
+	// One read's arguments and results, and the callback that makes it,
+	// kept here so that a read allocates nothing.
+	p    []byte
+	n    int
+	rerr error
+	read func(fd uintptr) bool
 }
 
 func newRawReader(conn net.Conn) *rawReader {
-	return &rawReader{conn: conn, rc: rawConnOf(conn)}
+	r := &rawReader{conn: conn, rc: rawConnOf(conn)}
+	r.read = r.readFD
+	return r
 }
 
 func (r *rawReader) Read(p []byte) (int, error) {
 	if r.rc == nil {
 		return r.conn.Read(p)
 	}
-	var (
-		n    int
-		rerr error
-	)
-	err := r.rc.Read(func(fd uintptr) bool {
-		for {
-			n, rerr = rawRead(int(fd), p)
-			switch rerr {
-			case syscall.EINTR:
-				continue
-			case syscall.EAGAIN:
-				return false
-			}
-			return true
-		}
-	})
+	r.p = p
+	err := r.rc.Read(r.read)
+	n, rerr := r.n, r.rerr
+	r.p, r.rerr = nil, nil
 	switch {
 	case err != nil:
 		return 0, err
@@ -50,6 +47,20 @@ func (r *rawReader) Read(p []byte) (int, error) {
 		return 0, io.EOF
 	}
 	return n, nil
+}
+
+// readFD reads once into r.p; false means "nothing yet, wait".
+func (r *rawReader) readFD(fd uintptr) bool {
+	for {
+		r.n, r.rerr = rawRead(int(fd), r.p)
+		switch r.rerr {
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false
+		}
+		return true
+	}
 }
 
 // rawRead and rawWrite are read(2) and write(2) on a non-blocking socket,

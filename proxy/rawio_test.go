@@ -114,3 +114,68 @@ func TestDeadlineWriterRawPath(t *testing.T) {
 		t.Fatalf("writing to a peer that reads nothing: %v, want a timeout", err)
 	}
 }
+
+// A message relayed over real sockets — written by deadlineWriter, read by
+// rawReader — allocates nothing: the relay's steady state must not.
+func TestRawIODoesNotAllocate(t *testing.T) {
+	client, server := tcpPair(t)
+	w := bufio.NewWriterSize(newDeadlineWriter(client, time.Minute), 4096)
+	r := bufio.NewReaderSize(newRawReader(server), 4096)
+	fc := frameCopier{src: r, dst: bufio.NewWriterSize(io.Discard, 4096)}
+	msg := messages(t)
+	allocs := testing.AllocsPerRun(200, func() {
+		if _, err := w.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		for range 3 {
+			if _, _, _, err := fc.next(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("a message through the raw socket path allocates %.1f times; the relay must not", allocs)
+	}
+}
+
+// BenchmarkRelayOverSockets is one small message through real sockets, as the
+// relay moves it: written by deadlineWriter, read by rawReader, copied by the
+// frame copier.
+func BenchmarkRelayOverSockets(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			b.Cleanup(func() { c.Close() })
+			_, _ = io.Copy(c, c) // echo
+		}
+	}()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer client.Close()
+	w := bufio.NewWriterSize(newDeadlineWriter(client, time.Minute), 4096)
+	r := bufio.NewReaderSize(newRawReader(client), 4096)
+	fc := frameCopier{src: r, dst: bufio.NewWriterSize(io.Discard, 4096)}
+	msg := messages(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		_, _ = w.Write(msg)
+		if err := w.Flush(); err != nil {
+			b.Fatal(err)
+		}
+		for range 3 {
+			if _, _, _, err := fc.next(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/pgwarden/pgwarden/internal/app"
 	"github.com/pgwarden/pgwarden/testenv"
@@ -310,46 +311,45 @@ func TestConcurrentClientsShareOneLease(t *testing.T) {
 // pgwarden holds idle, from its metrics.
 func idleSessions(t *testing.T, level string) int {
 	t.Helper()
-	mfs, err := stack.App.Metrics().Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
+	m := metric(t, "pgwarden_pool_connections", map[string]string{"database": "app", "level": level, "state": "idle"})
+	if m == nil {
+		return 0
 	}
-	for _, mf := range mfs {
-		if mf.GetName() != "pgwarden_pool_connections" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			labels := map[string]string{}
-			for _, l := range m.GetLabel() {
-				labels[l.GetName()] = l.GetValue()
-			}
-			if labels["database"] == "app" && labels["level"] == level && labels["state"] == "idle" {
-				return int(m.GetGauge().GetValue())
-			}
-		}
-	}
-	return 0
+	return int(m.GetGauge().GetValue())
 }
 
+// vaultCalls is how many Vault calls of op the stack's pgwarden made.
 func vaultCalls(t *testing.T, op string) float64 {
+	t.Helper()
+	m := metric(t, "pgwarden_vault_request_duration_seconds", map[string]string{"op": op})
+	if m == nil {
+		return 0
+	}
+	return float64(m.GetHistogram().GetSampleCount())
+}
+
+// metric is the stack's pgwarden's series of name with labels, or nil.
+func metric(t *testing.T, name string, labels map[string]string) *dto.Metric {
 	t.Helper()
 	mfs, err := stack.App.Metrics().Registry().Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, mf := range mfs {
-		if mf.GetName() != "pgwarden_vault_request_duration_seconds" {
+		if mf.GetName() != name {
 			continue
 		}
+	series:
 		for _, m := range mf.GetMetric() {
 			for _, l := range m.GetLabel() {
-				if l.GetName() == "op" && l.GetValue() == op {
-					return float64(m.GetHistogram().GetSampleCount())
+				if want, ok := labels[l.GetName()]; ok && want != l.GetValue() {
+					continue series
 				}
 			}
+			return m
 		}
 	}
-	return 0
+	return nil
 }
 
 func TestCancelReachesTheRightBackend(t *testing.T) {

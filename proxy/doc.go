@@ -55,6 +55,11 @@
 // adds a message of its own to the client's stream (FATAL 57P01 or 08006) only
 // when that stream is between messages. Every write to either side is bounded
 // by WriteTimeout, so a peer that stops reading frees what its session holds.
+// On plain sockets the reads and writes are made as raw system calls
+// (rawio.go): a relay sits idle between every two messages, and the first
+// ordinary system call after an idle moment wakes the Go runtime's monitor
+// thread, two context switches per round trip. The steady state allocates
+// nothing per message (TestCopyFrameDoesNotAllocate, TestRawIODoesNotAllocate).
 //
 // An upstream session never outlives its credential: at the credential's
 // RetireAt the client gets FATAL 57P01 at its next idle point, at its lease's

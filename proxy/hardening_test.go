@@ -93,11 +93,7 @@ func TestItem02ClientThatStopsReadingIsCutAndFreesItsSlot(t *testing.T) {
 // write timeout: the client gets FATAL 08006 and the slot is freed.
 func TestItem02UpstreamThatStopsReadingIsCutAndTheClientTold(t *testing.T) {
 	st := needStack(t)
-	fwd, err := testenv.StartForwarder(st.PG.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fwd.Close()
+	fwd := forwarder(t, st)
 	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, fwd.Addr), WriteTimeout: time.Second})
 	nc, fe := rawLogin(t, addr, "reader", "carol")
 	fwd.Stall()
@@ -160,11 +156,7 @@ func TestItem03DeadPooledSessionIsNotHandedOut(t *testing.T) {
 // after an idle period and replaced.
 func TestItem03PooledSessionBehindANetworkCutIsReplaced(t *testing.T) {
 	st := needStack(t)
-	fwd, err := testenv.StartForwarder(st.PG.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fwd.Close()
+	fwd := forwarder(t, st)
 	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, fwd.Addr),
 		Pool: proxy.PoolConfig{PingAfterIdle: time.Millisecond, PingTimeout: 500 * time.Millisecond}})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -182,11 +174,7 @@ func TestItem03PooledSessionBehindANetworkCutIsReplaced(t *testing.T) {
 // FATAL 08006 before the connection closes.
 func TestItem03UpstreamLostMidSessionIsReportedAs08006(t *testing.T) {
 	st := needStack(t)
-	fwd, err := testenv.StartForwarder(st.PG.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fwd.Close()
+	fwd := forwarder(t, st)
 	_, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, fwd.Addr)})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -195,7 +183,7 @@ func TestItem03UpstreamLostMidSessionIsReportedAs08006(t *testing.T) {
 		t.Fatal(err)
 	}
 	fwd.Cut()
-	_, err = query1(ctx, c, "select 1")
+	_, err := query1(ctx, c, "select 1")
 	if code := pgErrCode(err); code != "08006" {
 		t.Fatalf("after the upstream was lost: err = %v, want FATAL 08006", err)
 	}
@@ -394,7 +382,7 @@ func TestItem11AuditNamesTheSessionsOwnDatabaseUser(t *testing.T) {
 	st := needStack(t)
 	first, second := pgRole(t, st), pgRole(t, st)
 	creds := []*broker.Credential{first, second}
-	var out lockedLines
+	var out testenv.LockedBuffer
 	srv, addr := startProxy(t, proxy.Config{
 		Credentials: credFunc(func(broker.Request) (*broker.Credential, error) {
 			c := creds[0]
@@ -420,7 +408,7 @@ func TestItem11AuditNamesTheSessionsOwnDatabaseUser(t *testing.T) {
 		LeaseID string `json:"lease_id"`
 	}
 	eventually(t, 10*time.Second, func() bool {
-		for _, l := range out.lines() {
+		for _, l := range strings.Split(out.String(), "\n") {
 			if strings.Contains(l, `"msg":"session"`) && strings.Contains(l, `"subject":"max"`) {
 				return json.Unmarshal([]byte(l), &audit) == nil
 			}
@@ -643,11 +631,7 @@ func TestItem06PasswordChangeDoesNotLockOutAnotherIdentity(t *testing.T) {
 // ping outlasts the client's authentication deadline.
 func TestItem03StalledPoolCostsTheClientOnePing(t *testing.T) {
 	st := needStack(t)
-	fwd, err := testenv.StartForwarder(st.PG.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fwd.Close()
+	fwd := forwarder(t, st)
 	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, fwd.Addr),
 		AuthTimeout: 2500 * time.Millisecond,
 		Pool:        proxy.PoolConfig{PingAfterIdle: time.Millisecond, PingTimeout: time.Second}})

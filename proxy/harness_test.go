@@ -6,10 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -158,6 +155,18 @@ func query1(ctx context.Context, c *pgconn.PgConn, sql string) (string, error) {
 	return "", nil
 }
 
+// forwarder puts a testenv.Forwarder in front of the stack's PostgreSQL for
+// the test.
+func forwarder(t *testing.T, st *testenv.Stack) *testenv.Forwarder {
+	t.Helper()
+	fwd, err := testenv.StartForwarder(st.PG.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(fwd.Close)
+	return fwd
+}
+
 // rawLogin logs in with pgproto3 over a plain socket and returns the
 // connection, after ReadyForQuery, for tests that must misbehave as a client.
 func rawLogin(t *testing.T, addr, level, subject string) (net.Conn, *pgproto3.Frontend) {
@@ -263,23 +272,3 @@ func pgErrCode(err error) string {
 	}
 	return ""
 }
-
-// lockedLines collects log lines written by a slog JSON handler.
-type lockedLines struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedLines) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedLines) lines() []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Split(strings.TrimSpace(l.b.String()), "\n")
-}
-
-var _ io.Writer = (*lockedLines)(nil)

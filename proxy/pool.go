@@ -220,13 +220,21 @@ func (ps *poolSet) check(ctx context.Context, sc *serverConn) error {
 // dropIdleSince closes p's idle connections last used at or before t.
 func (ps *poolSet) dropIdleSince(p *pool, t time.Time) {
 	ps.mu.Lock()
+	dead := ps.takeIdleLocked(p, func(c *serverConn) bool { return !c.lastUsed.After(t) })
+	ps.mu.Unlock()
+	for _, c := range dead {
+		c.close()
+	}
+}
+
+// takeIdleLocked takes p's idle connections for which drop is true out of
+// the set (their slots free) and returns them for the caller to close.
+func (ps *poolSet) takeIdleLocked(p *pool, drop func(*serverConn) bool) []*serverConn {
 	var dead []*serverConn
 	keep := p.idle[:0]
 	for _, c := range p.idle {
-		if !c.lastUsed.After(t) {
+		if drop(c) {
 			dead = append(dead, c)
-			p.open--
-			ps.total--
 		} else {
 			keep = append(keep, c)
 		}
@@ -234,12 +242,11 @@ func (ps *poolSet) dropIdleSince(p *pool, t time.Time) {
 	clear(p.idle[len(keep):])
 	p.idle = keep
 	if len(dead) > 0 {
+		p.open -= len(dead)
+		ps.total -= len(dead)
 		ps.changedLocked()
 	}
-	ps.mu.Unlock()
-	for _, c := range dead {
-		c.close()
-	}
+	return dead
 }
 
 // open dials a new connection of p under cred. The first session under a
@@ -337,21 +344,9 @@ func (ps *poolSet) reap() {
 		var dead []*serverConn
 		ps.mu.Lock()
 		for _, p := range ps.pools {
-			keep := p.idle[:0]
-			for _, c := range p.idle {
-				if !now.Before(c.cred.RetireAt) || now.Sub(c.lastUsed) >= ps.cfg.Pool.IdleTimeout {
-					dead = append(dead, c)
-					p.open--
-					ps.total--
-				} else {
-					keep = append(keep, c)
-				}
-			}
-			clear(p.idle[len(keep):])
-			p.idle = keep
-		}
-		if len(dead) > 0 {
-			ps.changedLocked()
+			dead = append(dead, ps.takeIdleLocked(p, func(c *serverConn) bool {
+				return !now.Before(c.cred.RetireAt) || now.Sub(c.lastUsed) >= ps.cfg.Pool.IdleTimeout
+			})...)
 		}
 		for c := range ps.baselines {
 			if !now.Before(c.ExpiresAt) {

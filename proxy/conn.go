@@ -61,7 +61,7 @@ const (
 func newClientConn(s *Server, nc net.Conn) *clientConn {
 	return &clientConn{
 		srv: s, raw: nc, nc: nc, start: s.cfg.Now(), remote: nc.RemoteAddr().String(),
-		r: bufio.NewReaderSize(newRawReader(nc), handshakeBufSize), w: bufio.NewWriterSize(newDeadlineWriter(nc, 0), handshakeBufSize),
+		r: bufio.NewReaderSize(nc, handshakeBufSize), w: bufio.NewWriterSize(nc, handshakeBufSize),
 	}
 }
 
@@ -152,7 +152,7 @@ func (c *clientConn) serve() {
 // ends (dropBuffers), so a connection storm does not allocate 32 KiB per
 // connection for the collector to find.
 func (c *clientConn) growBuffers() {
-	var src io.Reader = newRawReader(c.nc)
+	var src io.Reader = c.nc
 	if n := c.r.Buffered(); n > 0 {
 		b, _ := c.r.Peek(n)
 		src = io.MultiReader(bytes.NewReader(bytes.Clone(b)), src)

@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"syscall"
 	"time"
 )
 
@@ -124,72 +122,19 @@ func readMessage(r *bufio.Reader, buf []byte, maxBody int) (typ byte, body, newB
 // instead of blocking it forever. The deadline is moved forward only once a
 // quarter of it has passed, so a busy connection calls SetWriteDeadline
 // rarely; a write therefore fails after between three quarters of timeout and
-// timeout without progress. With timeout 0 it leaves the deadline to its
-// owner (the handshake's). On a plain socket it writes raw (see rawWrite). It
-// is used by one goroutine at a time.
+// timeout without progress. It is used by one goroutine at a time.
 type deadlineWriter struct {
 	conn    net.Conn
-	rc      syscall.RawConn // set: write the socket directly (see rawWrite)
 	timeout time.Duration
 	limit   time.Time // when set, no deadline goes past it (a pool operation's context)
 	until   time.Time // the write deadline in force
-
-	// One write's arguments and progress, and the callback that makes it,
-	// kept here so that a write allocates nothing.
-	p       []byte
-	written int
-	werr    error
-	write   func(fd uintptr) bool
 }
 
 func newDeadlineWriter(conn net.Conn, timeout time.Duration) *deadlineWriter {
-	w := &deadlineWriter{conn: conn, rc: rawConnOf(conn), timeout: timeout}
-	w.write = w.writeFD
-	return w
+	return &deadlineWriter{conn: conn, timeout: timeout}
 }
 
 func (w *deadlineWriter) Write(p []byte) (int, error) {
-	if w.timeout > 0 {
-		if err := w.refresh(); err != nil {
-			return 0, err
-		}
-	}
-	if w.rc == nil {
-		return w.conn.Write(p)
-	}
-	// The net package's write loop, with the write made raw: RawConn.Write
-	// waits for the socket to take more when it is full, and honours the
-	// write deadline while it waits.
-	w.p, w.written, w.werr = p, 0, nil
-	err := w.rc.Write(w.write)
-	written := w.written
-	if w.werr != nil {
-		err = w.werr
-	}
-	w.p, w.werr = nil, nil
-	return written, err
-}
-
-// writeFD writes what is left of w.p; false means "the socket is full, wait".
-func (w *deadlineWriter) writeFD(fd uintptr) bool {
-	for w.written < len(w.p) {
-		n, err := rawWrite(int(fd), w.p[w.written:])
-		switch {
-		case err == syscall.EINTR:
-			continue
-		case err == syscall.EAGAIN:
-			return false
-		case err != nil:
-			w.werr = os.NewSyscallError("write", err)
-			return true
-		}
-		w.written += n
-	}
-	return true
-}
-
-// refresh moves the write deadline forward when a quarter of it has passed.
-func (w *deadlineWriter) refresh() error {
 	now := time.Now()
 	if w.until.Sub(now) < w.timeout-w.timeout/4 {
 		d := now.Add(w.timeout)
@@ -198,12 +143,12 @@ func (w *deadlineWriter) refresh() error {
 		}
 		if !d.Equal(w.until) {
 			if err := w.conn.SetWriteDeadline(d); err != nil {
-				return err
+				return 0, err
 			}
 			w.until = d
 		}
 	}
-	return nil
+	return w.conn.Write(p)
 }
 
 // setLimit caps the write deadline at t (zero removes the cap) from the next

@@ -8,36 +8,57 @@ import (
 	"unsafe"
 )
 
-// rawReader reads a connection. On a plain TCP or unix socket it makes the
-// read system call itself, raw (see rawRead), in the net package's own read
-// loop (syscall.RawConn.Read: read until EAGAIN, then wait in the netpoller,
-// honouring the read deadline); a TLS connection is read as usual.
-type rawReader struct {
-	conn net.Conn
-	rc   syscall.RawConn // nil: read conn as usual
+// rawIOConn is a plain TCP or unix connection whose Read and Write make the
+// read and write system calls raw (see rawRead), inside the net package's own
+// loops for them (syscall.RawConn.Read and Write: try the call, and on EAGAIN
+// wait in the netpoller, honouring the connection's deadlines). Everything
+// else — deadlines, addresses, Close — is the connection's own. TLS layered
+// on it (a client's, or pgconn's upstream) gets the same system calls.
+//
+// Read and Write may run at the same time, from one goroutine each; two
+// concurrent Reads (or Writes) are not allowed, as they are not for a relay.
+type rawIOConn struct {
+	net.Conn
+	rc syscall.RawConn
 
-	// One read's arguments and results, and the callback that makes it,
-	// kept here so that a read allocates nothing.
-	p    []byte
-	n    int
-	rerr error
-	read func(fd uintptr) bool
+	// One read's and one write's arguments and results, and the callbacks
+	// that make them, kept here so that the hot path allocates nothing.
+	rp      []byte
+	rn      int
+	rerr    error
+	readFn  func(fd uintptr) bool
+	wp      []byte
+	wn      int
+	werr    error
+	writeFn func(fd uintptr) bool
 }
 
-func newRawReader(conn net.Conn) *rawReader {
-	r := &rawReader{conn: conn, rc: rawConnOf(conn)}
-	r.read = r.readFD
+// withRawIO returns c with raw reads and writes when it is a plain TCP or
+// unix connection, and c itself otherwise.
+func withRawIO(c net.Conn) net.Conn {
+	var rc syscall.RawConn
+	switch c := c.(type) {
+	case *net.TCPConn:
+		rc, _ = c.SyscallConn()
+	case *net.UnixConn:
+		rc, _ = c.SyscallConn()
+	}
+	if rc == nil {
+		return c
+	}
+	r := &rawIOConn{Conn: c, rc: rc}
+	r.readFn, r.writeFn = r.readFD, r.writeFD
 	return r
 }
 
-func (r *rawReader) Read(p []byte) (int, error) {
-	if r.rc == nil {
-		return r.conn.Read(p)
-	}
-	r.p = p
-	err := r.rc.Read(r.read)
-	n, rerr := r.n, r.rerr
-	r.p, r.rerr = nil, nil
+// SyscallConn gives the socket, for peekClosed.
+func (c *rawIOConn) SyscallConn() (syscall.RawConn, error) { return c.rc, nil }
+
+func (c *rawIOConn) Read(p []byte) (int, error) {
+	c.rp = p
+	err := c.rc.Read(c.readFn)
+	n, rerr := c.rn, c.rerr
+	c.rp, c.rerr = nil, nil
 	switch {
 	case err != nil:
 		return 0, err
@@ -49,11 +70,11 @@ func (r *rawReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// readFD reads once into r.p; false means "nothing yet, wait".
-func (r *rawReader) readFD(fd uintptr) bool {
+// readFD reads once into c.rp; false means "nothing yet, wait".
+func (c *rawIOConn) readFD(fd uintptr) bool {
 	for {
-		r.n, r.rerr = rawRead(int(fd), r.p)
-		switch r.rerr {
+		c.rn, c.rerr = rawRead(int(fd), c.rp)
+		switch c.rerr {
 		case syscall.EINTR:
 			continue
 		case syscall.EAGAIN:
@@ -61,6 +82,35 @@ func (r *rawReader) readFD(fd uintptr) bool {
 		}
 		return true
 	}
+}
+
+func (c *rawIOConn) Write(p []byte) (int, error) {
+	c.wp, c.wn, c.werr = p, 0, nil
+	err := c.rc.Write(c.writeFn)
+	n := c.wn
+	if c.werr != nil {
+		err = c.werr
+	}
+	c.wp, c.werr = nil, nil
+	return n, err
+}
+
+// writeFD writes what is left of c.wp; false means "the socket is full, wait".
+func (c *rawIOConn) writeFD(fd uintptr) bool {
+	for c.wn < len(c.wp) {
+		n, err := rawWrite(int(fd), c.wp[c.wn:])
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			return false
+		case err != nil:
+			c.werr = os.NewSyscallError("write", err)
+			return true
+		}
+		c.wn += n
+	}
+	return true
 }
 
 // rawRead and rawWrite are read(2) and write(2) on a non-blocking socket,
@@ -90,17 +140,4 @@ func rawWrite(fd int, p []byte) (int, error) {
 		return 0, errno
 	}
 	return int(n), nil
-}
-
-// rawConnOf returns the socket under a plain TCP or unix connection, or nil
-// (a TLS connection, a pipe).
-func rawConnOf(c net.Conn) syscall.RawConn {
-	var rc syscall.RawConn
-	switch c := c.(type) {
-	case *net.TCPConn:
-		rc, _ = c.SyscallConn()
-	case *net.UnixConn:
-		rc, _ = c.SyscallConn()
-	}
-	return rc
 }

@@ -32,7 +32,7 @@ func tcpPair(t *testing.T) (client, server net.Conn) {
 	return client, server
 }
 
-// The raw reader gets everything written in pieces with pauses between them,
+// A raw-I/O connection reads everything written in pieces with pauses between them,
 // and the end of the stream as soon as the writer closes, even when the close
 // follows the last bytes at once (a FIN that arrives with the data: an
 // earlier version that skipped the read after a short one slept through it).
@@ -40,9 +40,9 @@ func TestRawReaderReadsEverythingAndTheEnd(t *testing.T) {
 	t.Parallel()
 	for range 20 {
 		client, server := tcpPair(t)
-		rr := newRawReader(server)
-		if rr.rc == nil {
-			t.Fatal("a TCP connection has no raw socket")
+		rr := withRawIO(server)
+		if _, ok := rr.(*rawIOConn); !ok {
+			t.Fatal("a TCP connection gets no raw I/O")
 		}
 		want := bytes.Repeat([]byte("0123456789"), 5000)
 		go func() {
@@ -70,7 +70,7 @@ func TestRawReaderReadsEverythingAndTheEnd(t *testing.T) {
 func TestRawReaderHonoursTheReadDeadline(t *testing.T) {
 	t.Parallel()
 	client, server := tcpPair(t)
-	rr := newRawReader(server)
+	rr := withRawIO(server)
 	_ = server.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 	if _, err := rr.Read(make([]byte, 8)); !isTimeout(err) {
 		t.Fatalf("Read = %v, want a timeout", err)
@@ -92,10 +92,7 @@ func TestRawReaderHonoursTheReadDeadline(t *testing.T) {
 func TestDeadlineWriterRawPath(t *testing.T) {
 	t.Parallel()
 	client, server := tcpPair(t)
-	dw := newDeadlineWriter(server, 200*time.Millisecond)
-	if dw.rc == nil {
-		t.Fatal("a TCP connection has no raw socket")
-	}
+	dw := newDeadlineWriter(withRawIO(server), 200*time.Millisecond)
 	want := bytes.Repeat([]byte("y"), 1<<20)
 	done := make(chan []byte)
 	go func() {
@@ -119,8 +116,8 @@ func TestDeadlineWriterRawPath(t *testing.T) {
 // rawReader — allocates nothing: the relay's steady state must not.
 func TestRawIODoesNotAllocate(t *testing.T) {
 	client, server := tcpPair(t)
-	w := bufio.NewWriterSize(newDeadlineWriter(client, time.Minute), 4096)
-	r := bufio.NewReaderSize(newRawReader(server), 4096)
+	w := bufio.NewWriterSize(newDeadlineWriter(withRawIO(client), time.Minute), 4096)
+	r := bufio.NewReaderSize(withRawIO(server), 4096)
 	fc := frameCopier{src: r, dst: bufio.NewWriterSize(io.Discard, 4096)}
 	msg := messages(t)
 	allocs := testing.AllocsPerRun(200, func() {
@@ -162,8 +159,9 @@ func BenchmarkRelayOverSockets(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer client.Close()
-	w := bufio.NewWriterSize(newDeadlineWriter(client, time.Minute), 4096)
-	r := bufio.NewReaderSize(newRawReader(client), 4096)
+	raw := withRawIO(client)
+	w := bufio.NewWriterSize(newDeadlineWriter(raw, time.Minute), 4096)
+	r := bufio.NewReaderSize(raw, 4096)
 	fc := frameCopier{src: r, dst: bufio.NewWriterSize(io.Discard, 4096)}
 	msg := messages(b)
 	b.ReportAllocs()

@@ -85,7 +85,7 @@ func (s *Server) Serve(ln net.Listener) error {
 			go s.refuseBusy(nc)
 			continue
 		}
-		c := newClientConn(s, nc)
+		c := newClientConn(s, withRawIO(nc))
 		if !s.track(c) {
 			s.handshakes.Add(-1)
 			nc.Close()

@@ -61,6 +61,16 @@ func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credentia
 	cfg.User = cred.Username
 	cfg.Password = cred.Password
 	cfg.ConnectTimeout = dialTimeout
+	// The session's socket makes its system calls raw (see rawIOConn), under
+	// pgconn's TLS too.
+	dial := cfg.DialFunc
+	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return withRawIO(c), nil
+	}
 	pc, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, upstreamFailure(err)
@@ -85,7 +95,7 @@ func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credentia
 	dw := newDeadlineWriter(hj.Conn, writeTimeout)
 	now := time.Now()
 	return &serverConn{
-		conn: hj.Conn, r: bufio.NewReaderSize(newRawReader(hj.Conn), serverBufSize), w: bufio.NewWriterSize(dw, serverBufSize), dw: dw,
+		conn: hj.Conn, r: bufio.NewReaderSize(hj.Conn, serverBufSize), w: bufio.NewWriterSize(dw, serverBufSize), dw: dw,
 		pid: hj.PID, secret: hj.SecretKey, cancel: cancelAddrOf(hj), params: params, cred: cred,
 		created: now, lastUsed: now,
 	}, nil

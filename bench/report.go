@@ -264,8 +264,8 @@ func (r *report) chart(path string) error {
 	if err := plotutil.AddLinePoints(pl, lines...); err != nil {
 		return err
 	}
-	pl.Legend.Top = true
-	pl.Legend.Left = true
+	pl.Legend.Top = false // the lines run high; the bottom right is free
+	pl.Legend.Left = false
 	pl.Y.Min = 0
 	return pl.Save(7*vg.Inch, 4*vg.Inch, path)
 }

@@ -344,13 +344,16 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) 
 	}
 	v.mu.Lock()
 	if len(v.cache) >= v.cfg.CacheSize {
+		// Sweep the expired; if that frees less than a tenth, drop entries
+		// at random until a tenth is free, so a full cache is swept once
+		// per tenth of its size, not on every insert.
 		for k, e := range v.cache {
 			if !now.Before(e.until) {
 				delete(v.cache, k)
 			}
 		}
-		for k := range v.cache { // still full: drop one at random
-			if len(v.cache) < v.cfg.CacheSize {
+		for k := range v.cache {
+			if len(v.cache) <= v.cfg.CacheSize-max(v.cfg.CacheSize/10, 1) {
 				break
 			}
 			delete(v.cache, k)

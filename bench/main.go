@@ -73,8 +73,12 @@ func main() {
 		fmt.Fprintf(os.Stderr, "bench: unknown profile %q (quick, full, smoke)\n", *prof)
 		os.Exit(2)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	defer stop()
+	if err := raiseFileLimit(maxIdle(p)); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
 	path, err := run(ctx, p, *bin, *out)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -120,6 +124,26 @@ func run(ctx context.Context, p profile, bin, outDir string) (string, error) {
 	}
 	r.elapsed = time.Since(start)
 	return r.write(outDir)
+}
+
+// raiseFileLimit lifts the soft limit on open files to the hard one. Go does
+// that for itself but hands its children the original soft limit unless the
+// program sets it explicitly, and PgBouncer keeps what it is given: at
+// Debian's 1024 it would refuse idle clients past a thousand. idle clients
+// need a descriptor here and one in the proxy.
+func raiseFileLimit(idle int) error {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return err
+	}
+	lim.Cur = lim.Max
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return err
+	}
+	if need := uint64(idle + 500); lim.Max < need {
+		return fmt.Errorf("the open-file limit is %d; %d idle clients need %d (raise it with ulimit -n, or use a smaller profile)", lim.Max, idle, need)
+	}
+	return nil
 }
 
 func logf(format string, args ...any) {

@@ -28,6 +28,7 @@ type report struct {
 	idle          []idleResult
 	profiles      []profileTop
 	micro         []string
+	failures      []string // pgbench runs that failed; their cells lack them
 }
 
 // med returns the median of f over the repetitions of one cell.
@@ -102,7 +103,7 @@ func (r *report) checks() []check {
 		pw, pb := r.cell(selectSimple.name, c, "pgwarden", cpuTxn), r.cell(selectSimple.name, c, "pgbouncer", cpuTxn)
 		out = append(out, check{fmt.Sprintf("proxy CPU per select-only transaction, %d clients: ≤ 1.0× PgBouncer", c),
 			fmt.Sprintf("%.1f µs vs %.1f µs (%s)", pw, pb, ratio(pw, pb)), pw <= pb,
-			"system calls as many as PgBouncer's; the rest is the Go scheduler waking a goroutine per message (netpoll, futex) where PgBouncer's one thread loops on epoll"})
+			"the profile shows system calls and the Go scheduler waking a goroutine for every message (netpoll, futex), where PgBouncer's one thread loops on epoll"})
 	}
 	if len(r.stormRes) > 0 {
 		pw, tr := med(r.stormRes["pgwarden"], tps), med(r.stormRes["pgbouncer-trust"], tps)
@@ -171,25 +172,26 @@ func (r *report) write(dir string) (string, error) {
 			pw, pt := r.cell(s.name, c, "pgwarden", tps), r.cell(s.name, c, "pgwarden-tls", tps)
 			w("| %d | %.0f | %.0f | %.0f | %s | %s | %.0f | %s | %s |\n", c, d, pb, pw, ratio(pw, d), ratio(pw, pb), pt, ratio(pt, d), ratio(pt, pb))
 		}
-		w("\nLatency, average / p99 (ms), and failed transactions:\n\n| clients |")
+		w("\nLatency, average / p99 (ms), and failed transactions when there were any:\n\n| clients |")
 		for _, t := range r.steadyTargets {
 			w(" %s |", t.name)
 		}
-		w(" failed |\n| ---: |")
+		w("\n| ---: |")
 		for range r.steadyTargets {
 			w(" ---: |")
 		}
-		w(" ---: |\n")
+		w("\n")
 		for _, c := range p.clients {
 			w("| %d |", c)
-			fails := 0.0
 			for _, t := range r.steadyTargets {
-				w(" %.3f / %.3f |", r.cell(s.name, c, t.name, latAvg), r.cell(s.name, c, t.name, latP99))
+				fails := 0.0
 				for _, res := range r.steadyRes[cellKey{s.name, c, t.name}] {
 					fails += failed(res)
 				}
+				w(" %.3f / %.3f%s |", r.cell(s.name, c, t.name, latAvg), r.cell(s.name, c, t.name, latP99),
+					cond(fails > 0, fmt.Sprintf(", %.0f failed", fails), ""))
 			}
-			w(" %.0f |\n", fails)
+			w("\n")
 		}
 		w("\n")
 	}
@@ -241,6 +243,9 @@ func (r *report) write(dir string) (string, error) {
 	}
 	if len(r.micro) > 0 {
 		w("## Go micro-benchmarks\n\n`go test -bench . -benchmem ./proxy ./authn`:\n\n```\n%s\n```\n", strings.Join(r.micro, "\n"))
+	}
+	if len(r.failures) > 0 {
+		w("\n## Runs that failed\n\nTheir cells are medians of the runs that did not fail (or empty).\n\n```\n%s\n```\n", strings.Join(r.failures, "\n"))
 	}
 	w("\nReproduce with `make bench` (quick) or `make bench BENCH=full`.\n")
 	path := filepath.Join(dir, name+".md")

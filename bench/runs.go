@@ -38,18 +38,29 @@ func (r *report) steady(ctx context.Context, e *env) error {
 			for _, c := range p.clients {
 				for _, t := range r.steadyTargets {
 					res, err := runPgbench(ctx, e.work, t, c, p.duration, s.args...)
+					n++
 					if err != nil {
-						return err
+						if ctx.Err() != nil {
+							return err
+						}
+						r.failedRun(err)
+						continue
 					}
 					k := cellKey{s.name, c, t.name}
 					r.steadyRes[k] = append(r.steadyRes[k], res)
-					n++
 					logf("[%d/%d] %s, %d clients, %s: %.0f tps, p99 %.2f ms", n, total, s.name, c, t.name, res.tps, res.latP99)
 				}
 			}
 		}
 	}
 	return nil
+}
+
+// failedRun records a pgbench run that failed, for the report, so that one
+// aborted client does not lose a whole run's figures.
+func (r *report) failedRun(err error) {
+	logf("run failed (reported, going on): %v", err)
+	r.failures = append(r.failures, err.Error())
 }
 
 // stormRun opens a new connection per transaction (pgbench -C -S) against
@@ -66,7 +77,11 @@ func (r *report) stormRun(ctx context.Context, e *env) error {
 		for _, t := range r.stormTargets {
 			res, err := runPgbench(ctx, e.work, t, p.stormConns, p.storm, "-S", "-M", "simple", "-C")
 			if err != nil {
-				return err
+				if ctx.Err() != nil {
+					return err
+				}
+				r.failedRun(err)
+				continue
 			}
 			r.stormRes[t.name] = append(r.stormRes[t.name], res)
 			logf("storm %s: %.0f connections/s", t.name, res.tps)

@@ -10,11 +10,6 @@ import (
 	"syscall"
 )
 
-// errUnexpectedData is an idle upstream session that has something to say:
-// PostgreSQL only speaks unasked to end a session (a FATAL for a shutdown,
-// pg_terminate_backend or idle_session_timeout).
-var errUnexpectedData = errors.New("idle upstream session sent data: the server is ending it")
-
 // peekClosed looks at an idle connection's socket without reading from it or
 // blocking (recv with MSG_PEEK|MSG_DONTWAIT): a peer that closed (EOF) or
 // sent something is reported as an error; one with nothing to say, as nil.

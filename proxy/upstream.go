@@ -359,6 +359,11 @@ func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`)
 
 func (sc *serverConn) close() { _ = sc.conn.Close() }
 
+// errUnexpectedData is an idle upstream session that has something to say:
+// PostgreSQL only speaks unasked to end a session (a FATAL for a shutdown,
+// pg_terminate_backend or idle_session_timeout).
+var errUnexpectedData = errors.New("idle upstream session sent data: the server is ending it")
+
 // alive decides whether an idle session may be lent. Bytes waiting or a
 // closed socket mean the server ended it (restart, pg_terminate_backend,
 // idle_session_timeout): that check reads nothing and costs one syscall. A

@@ -19,7 +19,7 @@ have_pgbouncer || need+=(pgbouncer)
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "pgwarden needs: ${need[*]}" >&2
-  echo "install with:   sudo apt-get install -y ${need[*]}" >&2
+  echo "install with:   sudo make deps   (it keeps the packages from starting system-wide servers)" >&2
   exit 1
 fi
 echo "deps: installing ${need[*]} (Debian packages)…"
@@ -37,5 +37,11 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Debian enables the PgBouncer service on install; it would start on port 6432
+# at the next boot.
+if printf '%s\n' "${need[@]}" | grep -qx pgbouncer; then
+  systemctl disable pgbouncer.service >/dev/null 2>&1 || true
+  update-rc.d pgbouncer disable >/dev/null 2>&1 || true
+fi
 have_server || { echo "deps: PostgreSQL server still not found after install" >&2; exit 1; }
 have_pgbouncer || { echo "deps: pgbouncer still not found after install" >&2; exit 1; }

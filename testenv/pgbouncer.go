@@ -101,8 +101,9 @@ func StartPgBouncer(ctx context.Context, opts PgBouncerOptions) (*PgBouncer, err
 	}
 	sort.Strings(users)
 	var auth strings.Builder
+	quote := func(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` } // auth_file's quoting
 	for _, u := range users {
-		fmt.Fprintf(&auth, "%q %q\n", u, opts.Users[u])
+		fmt.Fprintf(&auth, "%s %s\n", quote(u), quote(opts.Users[u]))
 	}
 	tls := ""
 	if opts.CertFile != "" {

@@ -77,6 +77,9 @@ type Level struct {
 	RevocationStatements []string
 	DefaultTTL           time.Duration
 	MaxTTL               time.Duration
+	// Scope is "identity" (default) or "role": who shares the credential,
+	// and so what its database user is named after.
+	Scope string
 }
 
 // PolicyName is the name of the policy that may read role's credentials.

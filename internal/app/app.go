@@ -274,7 +274,7 @@ func VaultSpec(cfg *config.Config, password func(envName string) string) vaultin
 		for _, l := range d.Levels {
 			sd.Levels = append(sd.Levels, vaultinit.Level{Name: l.Name, VaultRole: l.VaultRole, Groups: l.Groups,
 				CreationStatements: l.CreationStatements, RevocationStatements: l.RevocationStatements,
-				DefaultTTL: l.DefaultTTL.D(), MaxTTL: l.MaxTTL.D()})
+				DefaultTTL: l.DefaultTTL.D(), MaxTTL: l.MaxTTL.D(), Scope: l.Scope})
 		}
 		spec.Databases = append(spec.Databases, sd)
 	}

@@ -78,6 +78,13 @@ type Config struct {
 	// MaxSubjectConnections is how many client sessions one token subject may
 	// hold at once (MAX_SUBJECT_CONNECTIONS). Default 0: no limit.
 	MaxSubjectConnections int `json:"max_subject_connections" env:"MAX_SUBJECT_CONNECTIONS"`
+	// TokenExpiryNotice is how long before a client's token expires its
+	// session gets a NOTICE saying so (TOKEN_EXPIRY_NOTICE). Default 1m.
+	TokenExpiryNotice Duration `json:"token_expiry_notice" env:"TOKEN_EXPIRY_NOTICE"`
+	// TokenExpiryGrace is how long past its token's expiry a session inside a
+	// transaction may run to finish it before it is cut
+	// (TOKEN_EXPIRY_GRACE). Default 1m.
+	TokenExpiryGrace Duration `json:"token_expiry_grace" env:"TOKEN_EXPIRY_GRACE"`
 	// LogLevel is debug, info, warn or error (LOG_LEVEL). Default info.
 	LogLevel string `json:"log_level" env:"LOG_LEVEL"`
 	// LogFormat is json or text (LOG_FORMAT). Default json.
@@ -128,6 +135,31 @@ type Vault struct {
 	// https, or http to a loopback host.
 	JWTDiscoveryURL string `json:"jwt_discovery_url" env:"JWT_DISCOVERY_URL"`
 	JWTJWKSURL      string `json:"jwt_jwks_url" env:"JWT_JWKS_URL"`
+	// Auth is pgwarden's own Vault identity, which reads, renews and revokes
+	// the leases of levels in "role" scope. Levels in "identity" scope do not
+	// use it.
+	Auth VaultAuth `json:"auth" envPrefix:"AUTH_"`
+	// RevokeOnShutdown revokes, when pgwarden stops, the leases and Vault
+	// tokens it holds (VAULT_REVOKE_ON_SHUTDOWN). Default true.
+	RevokeOnShutdown *bool `json:"revoke_on_shutdown" env:"REVOKE_ON_SHUTDOWN"`
+}
+
+// VaultAuth is how pgwarden logs in to Vault as itself.
+type VaultAuth struct {
+	// Method is token, approle or kubernetes (VAULT_AUTH_METHOD). Empty: no
+	// own identity, and no level may use "role" scope.
+	Method string `json:"method" env:"METHOD"`
+	// Mount is the auth method's path. Default: the method's name.
+	Mount string `json:"mount" env:"MOUNT"`
+	// TokenFile holds the token for method token; default VAULT_TOKEN.
+	TokenFile string `json:"token_file" env:"TOKEN_FILE"`
+	// Role is the AppRole role_id (method approle) or the Kubernetes auth
+	// role (method kubernetes).
+	Role string `json:"role" env:"ROLE"`
+	// SecretFile holds the AppRole secret_id (method approle) or the service
+	// account token (method kubernetes; default
+	// /var/run/secrets/kubernetes.io/serviceaccount/token).
+	SecretFile string `json:"secret_file" env:"SECRET_FILE"`
 }
 
 // Pool bounds upstream connections. A zero field means its default; a
@@ -187,7 +219,18 @@ type Level struct {
 	// Vault's own defaults. DefaultTTL must not exceed MaxTTL when both are set.
 	DefaultTTL Duration `json:"default_ttl"`
 	MaxTTL     Duration `json:"max_ttl"`
+	// Scope is who shares a credential: "identity" (the default: one lease
+	// per person, read with their own Vault login, ending with their token)
+	// or "role" (one lease per Vault role, read, renewed and revoked by
+	// pgwarden's own Vault identity, vault.auth).
+	Scope string `json:"scope"`
 }
+
+// Sharing scopes of a level's credentials.
+const (
+	ScopeIdentity = "identity"
+	ScopeRole     = "role"
+)
 
 // Load reads path (when not empty), then environ over it, then fills
 // defaults and validates. A configuration that is unsafe or would route
@@ -251,6 +294,21 @@ func (c *Config) setDefaultsAndValidate() error {
 	if c.Vault.Mode != "jwt" {
 		errs.addf("vault.mode %q is not supported yet (only jwt)", c.Vault.Mode)
 	}
+	if c.Vault.RevokeOnShutdown == nil {
+		on := true
+		c.Vault.RevokeOnShutdown = &on
+	}
+	switch c.Vault.Auth.Method {
+	case "", "token", "approle", "kubernetes":
+	default:
+		errs.addf("vault.auth.method %q is not one of token, approle, kubernetes", c.Vault.Auth.Method)
+	}
+	if m := c.Vault.Auth.Method; (m == "approle" || m == "kubernetes") && c.Vault.Auth.Role == "" {
+		errs.addf("vault.auth.role is required with vault.auth.method %s", m)
+	}
+	if c.Vault.Auth.Method == "approle" && c.Vault.Auth.SecretFile == "" {
+		errs.addf("vault.auth.secret_file (the AppRole secret_id) is required with vault.auth.method approle")
+	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		errs.addf("tls_cert and tls_key go together")
 	}
@@ -279,6 +337,8 @@ func (c *Config) checkDurations(errs *problems) {
 	}{
 		{"auth_timeout", &c.AuthTimeout, 30 * time.Second},
 		{"write_timeout", &c.WriteTimeout, 60 * time.Second},
+		{"token_expiry_notice", &c.TokenExpiryNotice, time.Minute},
+		{"token_expiry_grace", &c.TokenExpiryGrace, time.Minute},
 		{"oidc.leeway", &c.OIDC.Leeway, 30 * time.Second},
 		{"pool.acquire_timeout", &c.Pool.AcquireTimeout, 10 * time.Second},
 		{"pool.idle_timeout", &c.Pool.IdleTimeout, 5 * time.Minute},
@@ -409,6 +469,17 @@ func (c *Config) checkDatabases(errs *problems) {
 				if f.d < 0 {
 					errs.addf("%s.%s is %v: a duration must not be negative", at, f.name, f.d.D())
 				}
+			}
+			switch l.Scope {
+			case "":
+				l.Scope = ScopeIdentity
+			case ScopeIdentity:
+			case ScopeRole:
+				if c.Vault.Auth.Method == "" {
+					errs.addf("%s.scope is role but vault.auth.method is not set: role-scoped leases are read with pgwarden's own Vault identity", at)
+				}
+			default:
+				errs.addf("%s.scope %q is not identity or role", at, l.Scope)
 			}
 			if l.DefaultTTL > 0 && l.MaxTTL > 0 && l.DefaultTTL > l.MaxTTL {
 				errs.addf("%s.default_ttl %v is more than %s.max_ttl %v: a lease's default cannot outlive its maximum",

@@ -1,13 +1,60 @@
 // Package vaultinit configures Vault for pgwarden from a declarative Spec: the
-// database secrets engine (one connection per database, one role per access
-// level), the JWT auth method (the issuer's keys, one auth role per access level
-// bound to its groups), and one policy per level that can read only that
-// level's credentials. Apply is idempotent: every write is an upsert, and
-// mounts are enabled only when absent.
+// database secrets engine (connections per database, one role per access
+// level), the JWT auth method (the issuer's keys, one auth role per access
+// level bound to its groups), one policy per level that can read only that
+// level's credentials, and, when some level is in "role" scope, the policy of
+// pgwarden's own Vault identity (ServerPolicyName).
 //
-// `pgwarden vault-init` and testenv both call Apply, so the test environment
-// configures Vault exactly as an operator would. The admin password in a Spec
-// is sent to Vault and never logged or returned in an error.
+// # Plan, then apply
+//
+// Plan reads Vault's current state and returns the Changes that bring it to
+// the Spec, each one object created, updated or deleted, with a line that
+// says what and why and holds nothing secret. Changes.Apply makes them.
+// Fields are compared after normalization (Vault returns TTLs as seconds,
+// lists in its own order, bound_claims as lists of any), so applying the same
+// Spec twice makes no change the second time. Apply does both, as
+// `pgwarden vault-init` and testenv do.
+//
+// # Connections and database user names
+//
+// Vault's username_template belongs to a connection, not to a role, so each
+// scope has its own connection to the same database: <name> for the levels in
+// "identity" scope (IdentityUsernameTemplate: the user is named after the
+// person whose Vault login read it, e.g. v-jwt-alice-app-reader-Xa3d9kQe) and
+// <name>-role for those in "role" scope (RoleUsernameTemplate: named after
+// pgwarden and the Vault role, never a person). A connection exists only while
+// a level uses its scope, and each database role's db_name names the
+// connection of its level's scope. Entries of a connection's allowed_roles that
+// pgwarden does not own are kept.
+//
+// The admin password is write-only in Vault: it cannot be read back and so
+// cannot be compared. It is sent when a connection is created, when any field
+// Plan compares differs, and, when Spec.WritePasswords is set, always (after
+// the password was changed in PostgreSQL). A connection whose stored fields
+// match is otherwise left alone.
+//
+// # Ownership and pruning
+//
+// With Spec.Prune, objects pgwarden created that the Spec no longer names are
+// removed. pgwarden owns a Vault role name R when the policy PolicyName(R)
+// exists, its text begins with PolicyMarker and it grants R's credentials
+// under this Spec's database mount (Plan writes that policy before the roles
+// it marks and Apply deletes it after them, so an interrupted run never leaves
+// an unmarked object behind). Then:
+//   - a database role R is pgwarden's when R is owned; its leases are revoked
+//     (sys/leases/revoke-prefix, which needs sudo) before it is deleted, so the
+//     PostgreSQL users it created are dropped;
+//   - a JWT auth role R is pgwarden's when R is owned and the auth role's
+//     token_policies include PolicyName(R);
+//   - a connection is pgwarden's when its allowed_roles is not empty and every
+//     entry is owned;
+//   - ServerPolicyName's policy is pgwarden's when it begins with PolicyMarker.
+//
+// Mounts and auth methods are never removed. Ownership is per database mount:
+// prune assumes one pgwarden configuration writes to a database mount.
+//
+// The admin password in a Spec is sent to Vault and never logged, printed or
+// returned in an error.
 package vaultinit
 
 import (
@@ -23,7 +70,7 @@ import (
 	"github.com/pgwarden/pgwarden/broker"
 )
 
-// Spec is what Apply writes.
+// Spec is what Plan compares Vault with and Apply writes.
 type Spec struct {
 	// DatabaseMount is the database secrets engine path. Default "database".
 	DatabaseMount string
@@ -33,6 +80,15 @@ type Spec struct {
 	JWT JWT
 	// Databases to configure.
 	Databases []Database
+	// Prune removes the database roles, policies, JWT auth roles and
+	// connections pgwarden owns (see the package doc) that the Spec no longer
+	// names, and ServerPolicyName's policy when no level is in "role" scope.
+	// Default false: nothing is removed.
+	Prune bool
+	// WritePasswords sends every connection's admin password even when the
+	// connection's stored fields match. Default false: the password is sent
+	// only with a connection that is created or changed.
+	WritePasswords bool
 }
 
 // JWT is the JWT auth method's configuration.
@@ -47,7 +103,8 @@ type JWT struct {
 	// GroupsClaim is the claim (JSON pointer-ish path as Vault takes it, e.g.
 	// "groups" or "/realm_access/roles") bound to each level's groups. Default "groups".
 	GroupsClaim string
-	// UserClaim names the Vault entity alias. Default "sub".
+	// UserClaim names the Vault entity alias, and so the database user of a
+	// level in "identity" scope. Default "sub".
 	UserClaim string
 	// Algorithms Vault accepts. Default RS256, ES256 and their larger siblings.
 	Algorithms []string
@@ -55,12 +112,14 @@ type JWT struct {
 
 // Database is one upstream database Vault issues credentials for.
 type Database struct {
-	// Name is the Vault connection name (database/config/<Name>).
+	// Name is the Vault connection name of the levels in "identity" scope
+	// (database/config/<Name>); those in "role" scope use <Name>-role.
 	Name string
 	// ConnectionURL in Vault's template form, e.g.
 	// "postgresql://{{username}}:{{password}}@127.0.0.1:5432/app?sslmode=disable".
 	ConnectionURL string
-	// Username and Password of the admin role Vault uses. Password is secret.
+	// Username and Password of the admin role Vault uses. Password is secret;
+	// it may be empty for Plan, but a connection write refuses it empty.
 	Username string
 	Password string
 	// Levels are the access levels.
@@ -75,16 +134,105 @@ type Level struct {
 	Groups               []string
 	CreationStatements   []string
 	RevocationStatements []string
-	DefaultTTL           time.Duration
-	MaxTTL               time.Duration
+	// DefaultTTL and MaxTTL bound the role's leases, in whole seconds; 0
+	// leaves Vault's defaults.
+	DefaultTTL time.Duration
+	MaxTTL     time.Duration
 	// Scope is "identity" (default) or "role": who shares the credential,
-	// and so what its database user is named after.
+	// and so which connection the role uses and what its database user is
+	// named after.
 	Scope string
 }
+
+// Scopes of a level, as in internal/config.
+const (
+	ScopeIdentity = "identity"
+	ScopeRole     = "role"
+)
+
+// Username templates of the two connections of a database. Vault's truncate
+// counts bytes, so neither can exceed PostgreSQL's 63-byte identifiers
+// (NAMEDATALEN-1, https://www.postgresql.org/docs/current/sql-syntax-lexical.html#SQL-SYNTAX-IDENTIFIERS):
+// 2+36+1+14+1+8 = 62 and 9+30+1+8+1+10 = 59 bytes, and each ends in a final
+// truncate 63 besides. A person's display name ("jwt-" and the user claim for
+// a JWT login) loses its quotes, so it cannot break out of the quoted
+// "{{name}}" of a statement; a multibyte character cut at byte 36 would make
+// an invalid name that PostgreSQL refuses.
+const (
+	IdentityUsernameTemplate = `{{ printf "v-%s-%s-%s" (.DisplayName | replace "\"" "" | replace "'" "" | truncate 36) (.RoleName | truncate 14) (random 8) | truncate 63 }}`
+	RoleUsernameTemplate     = `{{ printf "pgwarden-%s-%s-%s" (.RoleName | truncate 30) (random 8) (unix_time) | truncate 63 }}`
+)
+
+// ConnectionName is the Vault connection of database's levels in scope.
+func ConnectionName(database, scope string) string {
+	if scope == ScopeRole {
+		return database + "-role"
+	}
+	return database
+}
+
+// PolicyMarker begins the text of every policy vaultinit writes; a policy
+// without it is not pgwarden's.
+const PolicyMarker = "# Written by pgwarden vault-init"
 
 // PolicyName is the name of the policy that may read role's credentials.
 func PolicyName(role string) string { return "pgwarden-" + role }
 
+// ServerPolicyName is the policy of pgwarden's own Vault identity (token,
+// AppRole or Kubernetes auth), written when some level is in "role" scope:
+// see ServerPolicy. No level may have the Vault role "server", whose
+// PolicyName this is.
+const ServerPolicyName = "pgwarden-server"
+
+// ServerPolicy returns the text of ServerPolicyName's policy for spec: read
+// the dynamic and static credentials of every level in "role" scope, renew and
+// revoke leases, and look up, renew and revoke its own token. It returns an
+// error when spec is invalid.
+func ServerPolicy(spec Spec) (string, error) {
+	if err := spec.checkAndSetDefaults(); err != nil {
+		return "", err
+	}
+	return serverPolicy(spec), nil
+}
+
+func serverPolicy(spec Spec) string {
+	var b strings.Builder
+	b.WriteString(PolicyMarker + ": pgwarden's own identity, for the levels in role scope.\n")
+	rule := func(path, capability string) {
+		fmt.Fprintf(&b, "path %q {\n  capabilities = [%q]\n}\n", path, capability)
+	}
+	for _, d := range spec.Databases {
+		for _, l := range d.Levels {
+			if scopeOf(l) == ScopeRole {
+				rule(spec.DatabaseMount+"/creds/"+l.VaultRole, "read")
+				rule(spec.DatabaseMount+"/static-creds/"+l.VaultRole, "read")
+			}
+		}
+	}
+	rule("sys/leases/renew", "update")
+	rule("sys/leases/revoke", "update")
+	rule("auth/token/renew-self", "update")
+	rule("auth/token/revoke-self", "update")
+	rule("auth/token/lookup-self", "read")
+	return b.String()
+}
+
+// levelPolicy is the policy of a level's JWT logins: read its credentials only.
+func levelPolicy(mount, role string) string {
+	return fmt.Sprintf("%s: read %s credentials only.\npath %q {\n  capabilities = [\"read\"]\n}\n",
+		PolicyMarker, role, mount+"/creds/"+role)
+}
+
+func scopeOf(l Level) string {
+	if l.Scope == "" {
+		return ScopeIdentity
+	}
+	return l.Scope
+}
+
+// checkAndSetDefaults fills s's defaults and refuses what Vault could not hold
+// or would misroute. It never writes through s's slices, which the caller
+// shares.
 func (s *Spec) checkAndSetDefaults() error {
 	s.DatabaseMount = broker.MountPath(s.DatabaseMount, broker.DefaultDatabaseMount)
 	s.JWTMount = broker.MountPath(s.JWTMount, broker.DefaultJWTMount)
@@ -103,138 +251,83 @@ func (s *Spec) checkAndSetDefaults() error {
 	if len(s.JWT.Algorithms) == 0 {
 		s.JWT.Algorithms = []string{"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"}
 	}
+	var errs []error
+	conns := map[string]string{} // lower-cased connection name → database
+	roles := map[string]string{} // lower-cased Vault role → database
 	for _, d := range s.Databases {
 		if d.Name == "" || d.ConnectionURL == "" || d.Username == "" {
-			return fmt.Errorf("vaultinit: database %q needs a name, a connection URL and an admin username", d.Name)
+			errs = append(errs, fmt.Errorf("vaultinit: database %q needs a name, a connection URL and an admin username", d.Name))
+			continue
+		}
+		if err := checkSegment(d.Name, ""); err != nil {
+			errs = append(errs, fmt.Errorf("vaultinit: database %q cannot name a Vault connection: %w", d.Name, err))
+		}
+		for _, c := range []string{ConnectionName(d.Name, ScopeIdentity), ConnectionName(d.Name, ScopeRole)} {
+			if other, dup := conns[strings.ToLower(c)]; dup {
+				errs = append(errs, fmt.Errorf("vaultinit: databases %q and %q would share the Vault connection %q (a database's role-scoped levels use <name>-role)", other, d.Name, c))
+			}
+			conns[strings.ToLower(c)] = d.Name
 		}
 		for _, l := range d.Levels {
 			if l.VaultRole == "" || len(l.CreationStatements) == 0 {
-				return fmt.Errorf("vaultinit: database %q level %q needs a Vault role and creation statements", d.Name, l.Name)
+				errs = append(errs, fmt.Errorf("vaultinit: database %q level %q needs a Vault role and creation statements", d.Name, l.Name))
+				continue
 			}
+			// A role names paths in policies too, where * and + are globs.
+			if err := checkSegment(l.VaultRole, "*+"); err != nil {
+				errs = append(errs, fmt.Errorf("vaultinit: database %q level %q: Vault role %q: %w", d.Name, l.Name, l.VaultRole, err))
+			}
+			if strings.EqualFold(PolicyName(l.VaultRole), ServerPolicyName) {
+				errs = append(errs, fmt.Errorf("vaultinit: database %q level %q: Vault role %q is reserved: its policy would be %s, pgwarden's own", d.Name, l.Name, l.VaultRole, ServerPolicyName))
+			}
+			if other, dup := roles[strings.ToLower(l.VaultRole)]; dup {
+				errs = append(errs, fmt.Errorf("vaultinit: database %q level %q: Vault role %q is also one of database %q's (policy names ignore case)", d.Name, l.Name, l.VaultRole, other))
+			}
+			roles[strings.ToLower(l.VaultRole)] = d.Name
+			if sc := scopeOf(l); sc != ScopeIdentity && sc != ScopeRole {
+				errs = append(errs, fmt.Errorf("vaultinit: database %q level %q: scope %q is not %s or %s", d.Name, l.Name, l.Scope, ScopeIdentity, ScopeRole))
+			}
+			if l.DefaultTTL < 0 || l.MaxTTL < 0 {
+				errs = append(errs, fmt.Errorf("vaultinit: database %q level %q: a TTL is negative", d.Name, l.Name))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// checkSegment refuses a name that would not stay one segment of a Vault
+// path (database/config/<name>, database/roles/<name>) or a policy name, or
+// that holds one of the characters in also.
+func checkSegment(name, also string) error {
+	if name == "." || name == ".." {
+		return errors.New("is a path segment Vault's HTTP paths would resolve away")
+	}
+	for _, r := range name {
+		if r <= ' ' || r == 0x7f || strings.ContainsRune(`/\?#%"`+also, r) {
+			return fmt.Errorf("holds %q, which a Vault path or policy name cannot", r)
 		}
 	}
 	return nil
 }
 
-// Apply writes spec to Vault with client, whose token must be allowed to
-// manage mounts, auth methods, policies and the database engine.
+// Apply plans spec against Vault and applies the plan (see Plan and
+// Changes.Apply), logging each change on log (slog.Default when nil) and
+// "no changes" when there are none. client's token must be allowed to manage
+// mounts, auth methods, policies and the database engine, and, to prune
+// database roles, to revoke leases by prefix (sudo).
 func Apply(ctx context.Context, client *vault.Client, spec Spec, log *slog.Logger) error {
-	if err := spec.checkAndSetDefaults(); err != nil {
-		return err
-	}
 	if log == nil {
 		log = slog.Default()
 	}
-	sys := client.Sys()
-	mounts, err := sys.ListMountsWithContext(ctx)
+	changes, err := Plan(ctx, client, spec)
 	if err != nil {
-		return fmt.Errorf("vaultinit: list secrets engines: %w", err)
+		return err
 	}
-	if _, ok := mounts[spec.DatabaseMount+"/"]; !ok {
-		if err := sys.MountWithContext(ctx, spec.DatabaseMount, &vault.MountInput{Type: "database", Description: "pgwarden dynamic database credentials"}); err != nil {
-			return fmt.Errorf("vaultinit: enable database secrets engine at %s: %w", spec.DatabaseMount, err)
-		}
-		log.Info("enabled database secrets engine", "path", spec.DatabaseMount)
+	if len(changes) == 0 {
+		log.Info("vault-init: no changes")
+		return nil
 	}
-	auths, err := sys.ListAuthWithContext(ctx)
-	if err != nil {
-		return fmt.Errorf("vaultinit: list auth methods: %w", err)
-	}
-	if _, ok := auths[spec.JWTMount+"/"]; !ok {
-		if err := sys.EnableAuthWithOptionsWithContext(ctx, spec.JWTMount, &vault.EnableAuthOptions{Type: "jwt", Description: "pgwarden client tokens"}); err != nil {
-			return fmt.Errorf("vaultinit: enable JWT auth at %s: %w", spec.JWTMount, err)
-		}
-		log.Info("enabled JWT auth method", "path", spec.JWTMount)
-	}
-	jwtConf := map[string]any{
-		"bound_issuer":       spec.JWT.BoundIssuer,
-		"jwt_supported_algs": spec.JWT.Algorithms,
-	}
-	if spec.JWT.JWKSURL != "" {
-		jwtConf["jwks_url"] = spec.JWT.JWKSURL
-	} else {
-		jwtConf["oidc_discovery_url"] = strings.TrimSuffix(spec.JWT.OIDCDiscoveryURL, "/")
-	}
-	lg := client.Logical()
-	if _, err := lg.WriteWithContext(ctx, "auth/"+spec.JWTMount+"/config", jwtConf); err != nil {
-		return fmt.Errorf("vaultinit: configure JWT auth: %w", err)
-	}
-	for _, d := range spec.Databases {
-		roles := make([]string, 0, len(d.Levels))
-		for _, l := range d.Levels {
-			roles = append(roles, l.VaultRole)
-		}
-		// Vault templates the admin credentials into the URL itself, so the
-		// password never appears in the stored connection string.
-		if _, err := lg.WriteWithContext(ctx, spec.DatabaseMount+"/config/"+d.Name, map[string]any{
-			"plugin_name":             "postgresql-database-plugin",
-			"connection_url":          d.ConnectionURL,
-			"username":                d.Username,
-			"password":                d.Password,
-			"allowed_roles":           roles,
-			"verify_connection":       true,
-			"password_authentication": "scram-sha-256",
-		}); err != nil {
-			// Vault's error may quote the connection URL template, never the password.
-			return fmt.Errorf("vaultinit: configure database connection %s: %w", d.Name, err)
-		}
-		for _, l := range d.Levels {
-			if err := applyLevel(ctx, lg, sys, spec, d, l); err != nil {
-				return err
-			}
-		}
-		log.Info("configured database", "database", d.Name, "levels", len(d.Levels))
-	}
-	return nil
-}
-
-func applyLevel(ctx context.Context, lg *vault.Logical, sys *vault.Sys, spec Spec, d Database, l Level) error {
-	role := map[string]any{
-		"db_name":             d.Name,
-		"creation_statements": l.CreationStatements,
-	}
-	if len(l.RevocationStatements) > 0 {
-		role["revocation_statements"] = l.RevocationStatements
-	}
-	if l.DefaultTTL > 0 {
-		role["default_ttl"] = int(l.DefaultTTL.Seconds())
-	}
-	if l.MaxTTL > 0 {
-		role["max_ttl"] = int(l.MaxTTL.Seconds())
-	}
-	if _, err := lg.WriteWithContext(ctx, spec.DatabaseMount+"/roles/"+l.VaultRole, role); err != nil {
-		return fmt.Errorf("vaultinit: write database role %s: %w", l.VaultRole, err)
-	}
-	policy := fmt.Sprintf("# Written by pgwarden vault-init: read %s credentials only.\npath %q {\n  capabilities = [\"read\"]\n}\n",
-		l.VaultRole, spec.DatabaseMount+"/creds/"+l.VaultRole)
-	if err := sys.PutPolicyWithContext(ctx, PolicyName(l.VaultRole), policy); err != nil {
-		return fmt.Errorf("vaultinit: write policy %s: %w", PolicyName(l.VaultRole), err)
-	}
-	// The Vault token lives as long as a credential may, so its leases are not
-	// cut short by it; bound_claims must be JSON, which Write sends.
-	tokenTTL := l.MaxTTL
-	if tokenTTL == 0 {
-		tokenTTL = l.DefaultTTL
-	}
-	groups := l.Groups
-	if groups == nil {
-		groups = []string{}
-	}
-	authRole := map[string]any{
-		"role_type":         "jwt",
-		"bound_audiences":   spec.JWT.Audiences,
-		"user_claim":        spec.JWT.UserClaim,
-		"groups_claim":      spec.JWT.GroupsClaim,
-		"bound_claims_type": "string",
-		"bound_claims":      map[string]any{spec.JWT.GroupsClaim: groups},
-		"token_policies":    []string{PolicyName(l.VaultRole)},
-	}
-	if tokenTTL > 0 {
-		authRole["token_ttl"] = int(tokenTTL.Seconds())
-		authRole["token_max_ttl"] = int(tokenTTL.Seconds())
-	}
-	if _, err := lg.WriteWithContext(ctx, "auth/"+spec.JWTMount+"/role/"+l.VaultRole, authRole); err != nil {
-		return fmt.Errorf("vaultinit: write JWT auth role %s: %w", l.VaultRole, err)
-	}
-	return nil
+	return changes.Apply(ctx, client, func(c Change) {
+		log.Info("vault-init: "+c.Action.Past()+" "+string(c.Kind), "path", c.Path, "detail", c.Detail)
+	})
 }

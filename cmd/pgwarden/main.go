@@ -3,6 +3,7 @@
 //
 //	pgwarden serve      -config pgwarden.json   run the proxy
 //	pgwarden vault-init -config pgwarden.json   configure Vault from the same file
+//	                    [-dry-run] [-prune] [-write-passwords]
 //	pgwarden check      -config pgwarden.json   validate the file, reach the issuer and Vault
 //	pgwarden version
 //
@@ -30,12 +31,22 @@ import (
 	"github.com/pgwarden/pgwarden/internal/config"
 )
 
-const usage = `usage: pgwarden <command> [-config FILE]
+const usage = `usage: pgwarden <command> [-config FILE] [flags]
 
 commands:
   serve       run the proxy until SIGINT or SIGTERM
-  vault-init  configure Vault (database engine, JWT auth, policies) from the config file;
-              needs VAULT_ADDR and a VAULT_TOKEN allowed to manage them
+              -shutdown-grace D   how long sessions may drain (default 30s)
+  vault-init  configure Vault (database engine, JWT auth, connections, roles, policies)
+              from the config file; prints one line per object created, updated or
+              deleted, or "no changes"; needs VAULT_ADDR and a VAULT_TOKEN allowed to
+              manage them, and each database's admin password in admin.password_env
+              -dry-run            print the plan and change nothing (no password needed)
+              -prune              also delete the database roles, policies, JWT auth
+                                  roles and connections pgwarden wrote that the config
+                                  no longer names (never a mount or an auth method);
+                                  revoking a deleted role's leases needs sudo
+              -write-passwords    send each connection's admin password even when
+                                  nothing else changed (after rotating it)
   check       validate the config and reach the issuer and Vault
   version     print the version
 `
@@ -61,7 +72,21 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	path := fs.String("config", os.Getenv("PGWARDEN_CONFIG"), "config file (JSON); env PGWARDEN_CONFIG")
 	shutdownGrace := fs.Duration("shutdown-grace", 30*time.Second, "serve: how long sessions may drain on SIGTERM")
+	var vi vaultInitFlags
+	fs.BoolVar(&vi.dryRun, "dry-run", false, "vault-init: print the plan, change nothing")
+	fs.BoolVar(&vi.prune, "prune", false, "vault-init: also delete what pgwarden wrote that the config no longer names")
+	fs.BoolVar(&vi.writePasswords, "write-passwords", false, "vault-init: send the admin passwords even when nothing else changed")
 	if err := fs.Parse(args[1:]); err != nil {
+		return 2
+	}
+	misplaced := ""
+	fs.Visit(func(f *flag.Flag) {
+		if cmd != "vault-init" && strings.HasPrefix(f.Usage, "vault-init:") {
+			misplaced = f.Name
+		}
+	})
+	if misplaced != "" {
+		fmt.Fprintf(stderr, "pgwarden %s: -%s is not a flag of %s\n\n%s", cmd, misplaced, cmd, usage)
 		return 2
 	}
 	cfg, err := config.Load(*path, environ())
@@ -76,7 +101,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "serve":
 		err = serve(ctx, cfg, log, *shutdownGrace)
 	case "vault-init":
-		err = vaultInit(ctx, cfg, log)
+		err = vaultInit(ctx, cfg, vi, stdout)
 	case "check":
 		err = check(ctx, cfg, stdout)
 	default:
@@ -109,7 +134,12 @@ func serve(ctx context.Context, cfg *config.Config, log *slog.Logger, grace time
 	return a.Shutdown(sctx)
 }
 
-func vaultInit(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
+type vaultInitFlags struct{ dryRun, prune, writePasswords bool }
+
+// vaultInit plans the config's Vault setup and, unless it is a dry run,
+// applies it, printing one line per change on out (the plan's "create…", or
+// "created…" as each is made) or "no changes". No line holds a password.
+func vaultInit(ctx context.Context, cfg *config.Config, f vaultInitFlags, out io.Writer) error {
 	vc, err := app.NewVaultClient(cfg)
 	if err != nil {
 		return err
@@ -125,10 +155,29 @@ func vaultInit(ctx context.Context, cfg *config.Config, log *slog.Logger) error 
 		}
 		return v
 	})
-	if len(missing) > 0 {
+	// A dry run writes no connection, so it needs no password.
+	if len(missing) > 0 && !f.dryRun {
 		return fmt.Errorf("vault-init: admin password variable(s) not set: %s", strings.Join(missing, ", "))
 	}
-	return vaultinit.Apply(ctx, vc, spec, log)
+	spec.Prune, spec.WritePasswords = f.prune, f.writePasswords
+	changes, err := vaultinit.Plan(ctx, vc, spec)
+	if err != nil {
+		return err
+	}
+	if len(changes) == 0 {
+		fmt.Fprintln(out, "no changes")
+		return nil
+	}
+	if f.dryRun {
+		for _, c := range changes {
+			fmt.Fprintln(out, c)
+		}
+		fmt.Fprintf(out, "dry run: %d change(s) planned, none made\n", len(changes))
+		return nil
+	}
+	return changes.Apply(ctx, vc, func(c vaultinit.Change) {
+		fmt.Fprintln(out, c.Action.Past(), c.Kind, c.Path+":", c.Detail)
+	})
 }
 
 // check reports on out what it verified: the config (already loaded and

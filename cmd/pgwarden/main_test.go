@@ -2,13 +2,16 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pgwarden/pgwarden/internal/config"
 	"github.com/pgwarden/pgwarden/testenv"
@@ -24,6 +27,7 @@ func TestUsageAndBadInvocations(t *testing.T) {
 		"unknown command": {"frobnicate", "-config", "/nonexistent"},
 		"missing file":    {"serve", "-config", "/nonexistent/pgwarden.json"},
 		"bad flag":        {"serve", "-nope"},
+		"vault-init flag": {"check", "-prune", "-config", writeConfig(t, validConfig)},
 	}
 	for name, args := range cases {
 		errb.Reset()
@@ -33,6 +37,10 @@ func TestUsageAndBadInvocations(t *testing.T) {
 		if errb.Len() == 0 {
 			t.Errorf("%s: nothing said on stderr", name)
 		}
+	}
+	errb.Reset()
+	if run(cases["vault-init flag"], &out, &errb); !strings.Contains(errb.String(), "-prune is not a flag of check") {
+		t.Errorf("a vault-init flag given to check: %s", errb.String())
 	}
 }
 
@@ -63,6 +71,10 @@ func TestVaultInitAndCheckAgainstTheStack(t *testing.T) {
 	if strings.Contains(errb.String()+out.String(), st.AdminPassword) {
 		t.Fatal("vault-init printed the admin password")
 	}
+	// The stack ran the same code on the same config.
+	if out.String() != "no changes\n" {
+		t.Fatalf("vault-init after the stack's own:\n%s", out.String())
+	}
 	out.Reset()
 	if code := run([]string{"check", "-config", path}, &out, &errb); code != 0 {
 		t.Fatalf("check: exit %d\n%s", code, errb.String())
@@ -71,6 +83,122 @@ func TestVaultInitAndCheckAgainstTheStack(t *testing.T) {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("check output lacks %q:\n%s", want, out.String())
 		}
+	}
+}
+
+// vault-init as an operator runs it against a Vault nothing configured yet:
+// a dry run (no password needed, nothing written), apply, nothing left to do,
+// a level removed and pruned, a password rewrite asked for. No line it
+// prints holds the admin password.
+func TestVaultInitDryRunApplyPrune(t *testing.T) {
+	st := testenv.NewStack(t, testenv.StackOptions{NoProxy: true})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	v, err := testenv.StartVault(ctx)
+	testenv.Check(t, err)
+	t.Cleanup(v.Close)
+	vc, err := v.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("VAULT_ADDR", v.Addr)
+	t.Setenv("VAULT_TOKEN", v.RootToken)
+	t.Setenv("PGWARDEN_DB_ADMIN_PASSWORD", "")
+
+	// The stack's config, pointed at the fresh Vault.
+	writeCfg := func(drop string) string {
+		cfg := *st.Config
+		cfg.Vault.Address = v.Addr
+		db := cfg.Databases[0]
+		db.Levels = slices.DeleteFunc(slices.Clone(db.Levels), func(l config.Level) bool { return l.Name == drop })
+		cfg.Databases = []config.Database{db}
+		b, err := json.Marshal(&cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(t.TempDir(), "pgwarden.json")
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	all, noWriter := writeCfg(""), writeCfg("writer")
+	vaultInit := func(args ...string) []string {
+		t.Helper()
+		var out, errb bytes.Buffer
+		if code := run(append([]string{"vault-init"}, args...), &out, &errb); code != 0 {
+			t.Fatalf("vault-init %v: exit %d\n%s%s", args, code, out.String(), errb.String())
+		}
+		if strings.Contains(out.String()+errb.String(), st.AdminPassword) {
+			t.Fatalf("vault-init %v printed the admin password", args)
+		}
+		return strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n")
+	}
+	every := func(lines []string, prefix string) {
+		t.Helper()
+		if len(lines) < 2 {
+			t.Fatalf("%d lines", len(lines))
+		}
+		for _, l := range lines {
+			if !strings.HasPrefix(l, prefix) {
+				t.Fatalf("line %q does not start with %q:\n%s", l, prefix, strings.Join(lines, "\n"))
+			}
+		}
+	}
+
+	plan := vaultInit("-config", all, "-dry-run")
+	if last := plan[len(plan)-1]; !strings.HasPrefix(last, "dry run: ") || !strings.HasSuffix(last, "none made") {
+		t.Fatalf("last line %q", last)
+	}
+	every(plan[:len(plan)-1], "create ")
+	if !slices.Contains(plan, "create database role database/roles/app-writer: level writer of app, identity scope, connection app, default_ttl 1h0m0s, max_ttl 4h0m0s") {
+		t.Errorf("plan lacks the writer role:\n%s", strings.Join(plan, "\n"))
+	}
+	if mounts, err := vc.Sys().ListMounts(); err != nil || mounts["database/"] != nil {
+		t.Fatalf("the dry run mounted the database engine (%v)", err)
+	}
+
+	t.Setenv("PGWARDEN_DB_ADMIN_PASSWORD", st.AdminPassword)
+	made := vaultInit("-config", all)
+	every(made, "created ")
+	if len(made) != len(plan)-1 {
+		t.Errorf("%d changes made, %d planned", len(made), len(plan)-1)
+	}
+	if got := vaultInit("-config", all); !slices.Equal(got, []string{"no changes"}) {
+		t.Fatalf("second vault-init: %q", got)
+	}
+
+	// Without -prune a removed level's objects stay; with it they go.
+	if got := vaultInit("-config", noWriter, "-dry-run", "-prune"); !slices.Equal(got[1:4], []string{
+		"delete JWT auth role auth/jwt/role/app-writer: no level of the spec has this Vault role",
+		"delete database role database/roles/app-writer: no level of the spec has this Vault role; its leases are revoked first",
+		"delete policy sys/policies/acl/pgwarden-app-writer: no level of the spec has the Vault role app-writer",
+	}) {
+		t.Fatalf("dry run with -prune:\n%s", strings.Join(got, "\n"))
+	}
+	if got := vaultInit("-config", noWriter); len(got) != 1 || !strings.HasPrefix(got[0], "updated database connection database/config/app: allowed_roles") {
+		t.Fatalf("vault-init without the writer:\n%s", strings.Join(got, "\n"))
+	}
+	if s, err := vc.Logical().Read("database/roles/app-writer"); err != nil || s == nil {
+		t.Fatalf("without -prune the writer role went (%v)", err)
+	}
+	if got := vaultInit("-config", noWriter, "-prune"); len(got) != 3 || !strings.HasPrefix(got[1], "deleted database role database/roles/app-writer") {
+		t.Fatalf("vault-init -prune:\n%s", strings.Join(got, "\n"))
+	}
+	for _, p := range []string{"database/roles/app-writer", "auth/jwt/role/app-writer"} {
+		if s, err := vc.Logical().Read(p); err != nil || s != nil {
+			t.Errorf("%s after -prune: %v %v", p, s, err)
+		}
+	}
+	if s, err := vc.Logical().Read("database/roles/app-reader"); err != nil || s == nil {
+		t.Errorf("-prune removed the reader (%v)", err)
+	}
+	if got := vaultInit("-config", noWriter, "-prune"); !slices.Equal(got, []string{"no changes"}) {
+		t.Fatalf("vault-init -prune again: %q", got)
+	}
+	if got := vaultInit("-config", noWriter, "-write-passwords"); !slices.Equal(got, []string{
+		"updated database connection database/config/app: the admin password is written (asked for)"}) {
+		t.Fatalf("vault-init -write-passwords: %q", got)
 	}
 }
 

@@ -78,13 +78,16 @@ func (c Change) String() string {
 // and JWT auth role, pgwarden's own policy, and last the removals).
 type Changes []Change
 
-// Apply makes the changes in order with client, calling done (when not nil)
-// after each one is made. It stops at the first failure and returns it, with
+// Apply makes the changes, which must come from Plan, in order with client,
+// calling done (when not nil) after each one is made. It stops at the first failure and returns it, with
 // the change named; the changes before it stay made, and planning again
 // picks up from there. The plan describes Vault as Plan read it: apply it
 // soon after.
 func (cs Changes) Apply(ctx context.Context, client *vault.Client, done func(Change)) error {
 	for _, c := range cs {
+		if c.do == nil {
+			return fmt.Errorf("vaultinit: %s %s %s: not a change of Plan's", c.Action, c.Kind, c.Path)
+		}
 		if err := c.do(ctx, client); err != nil {
 			return fmt.Errorf("vaultinit: %s %s %s: %w", c.Action, c.Kind, c.Path, err)
 		}
@@ -512,15 +515,7 @@ func (p *planner) planJWTRole(db Database, l Level) error {
 }
 
 func (p *planner) planServerPolicy() error {
-	var roles []string
-	for _, db := range p.spec.Databases {
-		for _, l := range db.Levels {
-			if scopeOf(l) == ScopeRole {
-				roles = append(roles, l.VaultRole)
-			}
-		}
-	}
-	if len(roles) > 0 {
+	if roles := roleScoped(p.spec); len(roles) > 0 {
 		return p.planPolicy(ServerPolicyName, serverPolicy(p.spec),
 			fmt.Sprintf("pgwarden's own identity: read the creds of %s, renew and revoke leases, its own token", strings.Join(roles, ", ")))
 	}
@@ -602,7 +597,7 @@ func (p *planner) planPrune() error {
 			p.add(ActionDelete, KindConnection, path, fmt.Sprintf("no level of the spec uses it (allowed_roles %v)", allowed), deleter(path))
 		}
 	}
-	if cur, ok := p.policies[ServerPolicyName]; ok && strings.HasPrefix(cur, PolicyMarker) && serverPolicyUnused(p.spec) {
+	if cur, ok := p.policies[ServerPolicyName]; ok && strings.HasPrefix(cur, PolicyMarker) && len(roleScoped(p.spec)) == 0 {
 		p.add(ActionDelete, KindPolicy, "sys/policies/acl/"+ServerPolicyName, "no level is in role scope", func(ctx context.Context, c *vault.Client) error {
 			return c.Sys().DeletePolicyWithContext(ctx, ServerPolicyName)
 		})
@@ -610,15 +605,17 @@ func (p *planner) planPrune() error {
 	return nil
 }
 
-func serverPolicyUnused(spec Spec) bool {
+// roleScoped lists the Vault roles of the levels in role scope.
+func roleScoped(spec Spec) []string {
+	var roles []string
 	for _, db := range spec.Databases {
 		for _, l := range db.Levels {
 			if scopeOf(l) == ScopeRole {
-				return false
+				roles = append(roles, l.VaultRole)
 			}
 		}
 	}
-	return true
+	return roles
 }
 
 func deleter(path string) func(context.Context, *vault.Client) error {

@@ -201,13 +201,9 @@ func serverPolicy(spec Spec) string {
 	rule := func(path, capability string) {
 		fmt.Fprintf(&b, "path %q {\n  capabilities = [%q]\n}\n", path, capability)
 	}
-	for _, d := range spec.Databases {
-		for _, l := range d.Levels {
-			if scopeOf(l) == ScopeRole {
-				rule(spec.DatabaseMount+"/creds/"+l.VaultRole, "read")
-				rule(spec.DatabaseMount+"/static-creds/"+l.VaultRole, "read")
-			}
-		}
+	for _, role := range roleScoped(spec) {
+		rule(spec.DatabaseMount+"/creds/"+role, "read")
+		rule(spec.DatabaseMount+"/static-creds/"+role, "read")
 	}
 	rule("sys/leases/renew", "update")
 	rule("sys/leases/revoke", "update")

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	vault "github.com/hashicorp/vault/api"
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/pgwarden/pgwarden/pgerror"
@@ -31,11 +32,21 @@ func MountPath(p, def string) string {
 	return p
 }
 
+// Sharing scopes of a credential (see the package doc).
+const (
+	ScopeIdentity = "identity"
+	ScopeRole     = "role"
+)
+
 // Config configures a Broker.
 type Config struct {
-	// Client is the Vault client (address, TLS). Its token, if any, is not used
-	// in jwt mode. Required.
+	// Client is the Vault client (address, TLS). Its token, if any, is not
+	// used: logins use the client's token, role-scoped reads use Self.
+	// Required.
 	Client *vault.Client
+	// Self is pgwarden's own Vault identity, which reads, renews and revokes
+	// role-scoped leases. nil: requests in role scope are refused.
+	Self *Self
 	// JWTMount is the path of Vault's JWT auth method. Default "jwt".
 	JWTMount string
 	// DatabaseMount is the path of the database secrets engine. Default "database".
@@ -44,10 +55,15 @@ type Config struct {
 	// runs under it, detached from any one caller, so a client that gives up
 	// does not fail the others waiting on the same call. Default 10s.
 	VaultTimeout time.Duration
+	// TokenGrace is how long past the expiry of the token that read it an
+	// identity-scoped lease lives, so a session inside a transaction when its
+	// token expires may finish it. Default 1m.
+	TokenGrace time.Duration
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
 	// ObserveVault, when set, is called after every Vault call with the
-	// operation ("login" or "creds"), its duration and its error.
+	// operation ("login", "creds", "renew", "revoke"), its duration and its
+	// error.
 	ObserveVault func(op string, d time.Duration, err error)
 	// Logger. Default slog.Default().
 	Logger *slog.Logger
@@ -61,6 +77,9 @@ func (c *Config) checkAndSetDefaults() error {
 	c.DatabaseMount = MountPath(c.DatabaseMount, DefaultDatabaseMount)
 	if c.VaultTimeout == 0 {
 		c.VaultTimeout = 10 * time.Second
+	}
+	if c.TokenGrace == 0 {
+		c.TokenGrace = time.Minute
 	}
 	if c.Now == nil {
 		c.Now = time.Now
@@ -81,16 +100,23 @@ type Request struct {
 	Token string
 	// TokenExpiry is the token's exp; a cached login is not used past it.
 	TokenExpiry time.Time
+	// Subject is the token's subject: in identity scope, whose lease it is.
+	Subject string
 	// Database is the database (as clients name it) the credentials are for.
-	// With VaultRole it keys the credential cache, so two routes can never
-	// share a credential by accident of naming.
+	// With VaultRole (and the subject, in identity scope) it keys the
+	// credential cache, so two routes never share a credential by accident
+	// of naming.
 	Database string
 	// VaultRole is the database secrets engine role to read creds for. The JWT
 	// auth role has the same name.
 	VaultRole string
+	// Scope is ScopeIdentity (the default) or ScopeRole.
+	Scope string
 }
 
-// Credential is a database login issued by Vault. Password is secret.
+// Credential is a database login issued by Vault, and the lease behind it.
+// Password is secret. Its life (Retired, Ended, OnRetire, OnEnd, Hold,
+// Release) is in lease.go.
 type Credential struct {
 	Username string
 	Password string
@@ -98,21 +124,24 @@ type Credential struct {
 	LeaseID string
 	// VaultRole is the role the credential was read for.
 	VaultRole string
-	// ExpiresAt is when the lease (or the Vault token that read it) ends; Vault
-	// drops the database role then.
-	ExpiresAt time.Time
-	// RetireAt is a margin before ExpiresAt: the credential is not handed out
-	// after it, and upstream connections using it must be closed by then.
-	RetireAt time.Time
+	// Scope is who shares it; Subject, in identity scope, is whose it is.
+	Scope   string
+	Subject string
+
+	lease *lease
+	key   credKey
+	by    *login // identity scope: the login that read it
 }
 
 // LogValue keeps the password out of structured logs.
 func (c *Credential) LogValue() slog.Value {
 	return slog.GroupValue(slog.String("user", c.Username), slog.String("lease_id", c.LeaseID),
-		slog.Time("expires_at", c.ExpiresAt))
+		slog.String("scope", c.Scope), slog.Time("expires_at", c.ExpiresAt()))
 }
 
-// Broker issues credentials. It is safe for concurrent use.
+// Broker issues credentials and owns their leases: it is the lease registry
+// (lease → credential → the upstream connections holding it). It is safe for
+// concurrent use.
 type Broker struct {
 	cfg Config
 
@@ -120,16 +149,33 @@ type Broker struct {
 	credFlight  singleflight.Group
 
 	mu     sync.Mutex
-	logins map[[sha256.Size]byte]login // guarded by mu; keyed by hash(token, role)
-	creds  map[credKey]*Credential     // guarded by mu
+	logins map[[sha256.Size]byte]*login // guarded by mu; usable logins, keyed by hash(token, role)
+	// tokens are the Vault tokens of client logins not yet revoked, whether
+	// still usable or waiting for their last lease to finish; guarded by mu.
+	tokens map[*login]struct{}
+	creds  map[credKey]*Credential  // guarded by mu; the credential new sessions of a key get
+	live   map[*Credential]struct{} // guarded by mu; every lease not yet finished
+	closed bool                     // guarded by mu
+	wg     sync.WaitGroup           // revocations and renewal loops in flight
 }
 
-// credKey keys the credential cache: the route (database) and the Vault role.
-type credKey struct{ database, role string }
+// credKey keys the credential cache: the route (database), the Vault role,
+// and in identity scope the subject.
+type credKey struct{ database, role, subject string }
 
+// login is one client token's Vault login. Its Vault token is revoked when
+// it has expired and no lease it read is held any more.
 type login struct {
+	key        [sha256.Size]byte
 	vaultToken string
-	expiresAt  time.Time
+	// expiresAt is the earlier of the client token's exp and the Vault
+	// token's end; vaultEnd is the Vault token's end alone.
+	expiresAt time.Time
+	vaultEnd  time.Time
+	// Guarded by Broker.mu.
+	leases  int  // leases it read that have not finished
+	expired bool // past expiresAt, or refused by Vault
+	timer   *time.Timer
 }
 
 // New returns a Broker.
@@ -137,43 +183,112 @@ func New(cfg Config) (*Broker, error) {
 	if err := cfg.checkAndSetDefaults(); err != nil {
 		return nil, err
 	}
-	return &Broker{cfg: cfg, logins: map[[sha256.Size]byte]login{}, creds: map[credKey]*Credential{}}, nil
+	return &Broker{cfg: cfg, logins: map[[sha256.Size]byte]*login{}, tokens: map[*login]struct{}{},
+		creds: map[credKey]*Credential{}, live: map[*Credential]struct{}{}}, nil
 }
 
-// Credential logs in to Vault with req.Token (unless a login for it is cached)
-// and returns credentials for req.VaultRole. Errors are *pgerror.Error: 42501
-// when Vault refuses the token for that role, 08006 when Vault cannot be
-// reached or fails; a *VaultError is in the chain when Vault answered.
+var errClosed = pgerror.New(pgerror.AdminShutdown, "pgwarden is shutting down")
+
+// Credential logs in to Vault with req.Token (unless a login for it is
+// cached), which proves Vault lets this identity have req.VaultRole, and
+// returns a credential for it: in identity scope one read with that login
+// and shared by that subject's sessions; in role scope one read by
+// pgwarden's own identity and shared by everyone on the role. Errors are
+// *pgerror.Error: 42501 when Vault refuses the token for that role, 08006
+// when Vault cannot be reached or fails; a *VaultError is in the chain when
+// Vault answered. A cached login Vault no longer honours (revoked behind
+// pgwarden's back) is dropped and the request retried once with a fresh one.
 func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, error) {
-	vt, err := b.login(ctx, req)
-	if err != nil {
-		return nil, err
+	if req.Scope == "" {
+		req.Scope = ScopeIdentity
 	}
-	now := b.cfg.Now()
-	key := credKey{req.Database, req.VaultRole}
-	b.mu.Lock()
-	c := b.creds[key]
-	b.mu.Unlock()
-	if c != nil && now.Before(c.RetireAt) {
-		return c, nil
+	if req.Scope == ScopeRole && b.cfg.Self == nil {
+		return nil, pgerror.New(pgerror.ConfigurationFileError, "this access level shares one credential per role, but pgwarden has no Vault identity of its own (vault.auth)")
 	}
-	// The leader reads with its own Vault token; followers wait for it. A
-	// follower's own login above already proved Vault authorizes it.
-	v, err := b.shared(ctx, &b.credFlight, req.Database+"\x00"+req.VaultRole, func(ctx context.Context) (any, error) {
-		b.mu.Lock()
-		c := b.creds[key]
-		b.mu.Unlock()
-		if c != nil && b.cfg.Now().Before(c.RetireAt) {
-			return c, nil
-		}
-		c, err := b.readCreds(ctx, vt, req.VaultRole)
+	for attempt := 0; ; attempt++ {
+		l, cached, err := b.login(ctx, req)
 		if err != nil {
 			return nil, err
 		}
-		b.mu.Lock()
-		b.creds[key] = c
-		b.mu.Unlock()
+		if req.Scope == ScopeRole {
+			return b.roleCredential(ctx, req)
+		}
+		c, err := b.identityCredential(ctx, req, l)
+		var ve *VaultError
+		if attempt == 0 && cached && errors.As(err, &ve) && ve.StatusCode == 403 {
+			b.cfg.Logger.Warn("Vault refused a cached login (revoked?); logging in again", "role", req.VaultRole, "error", ve)
+			b.dropLogin(l)
+			continue
+		}
+		return c, err
+	}
+}
+
+// identityCredential returns the subject's credential: the cached one if
+// the login that read it lasts at least as long as l (so its revocation,
+// when that login ends, cannot cut this session short), or a new one read
+// with l.
+func (b *Broker) identityCredential(ctx context.Context, req Request, l *login) (*Credential, error) {
+	key := credKey{req.Database, req.VaultRole, req.Subject}
+	usable := func(c *Credential) bool {
+		return c != nil && !c.Retired() && (c.by == l || !c.by.expiresAt.Before(l.expiresAt))
+	}
+	b.mu.Lock()
+	c := b.creds[key]
+	b.mu.Unlock()
+	if usable(c) {
 		return c, nil
+	}
+	// Concurrent first requests of a subject share one read, whoever leads;
+	// one whose token outlives the leader's login reads its own.
+	for _, fk := range []string{flightKey(key, nil), flightKey(key, l)} {
+		v, err := b.shared(ctx, &b.credFlight, fk, func(ctx context.Context) (any, error) {
+			b.mu.Lock()
+			c := b.creds[key]
+			b.mu.Unlock()
+			if usable(c) {
+				return c, nil
+			}
+			vc, err := b.cfg.Client.Clone()
+			if err != nil {
+				return nil, pgerror.Wrap(err, pgerror.InternalError, "pgwarden internal error")
+			}
+			vc.SetToken(l.vaultToken)
+			return b.read(ctx, vc, key, ScopeIdentity, l)
+		})
+		if err != nil {
+			return nil, err
+		}
+		if c := v.(*Credential); usable(c) {
+			return c, nil
+		}
+	}
+	return nil, pgerror.New(pgerror.ConnectionFailure, "the credential service (Vault) issued a credential that retired at once").
+		WithHint("Try again; pgwarden's operator sees the details in its log.")
+}
+
+// roleCredential returns the role's shared credential, read by pgwarden's
+// own identity when there is none that has not retired.
+func (b *Broker) roleCredential(ctx context.Context, req Request) (*Credential, error) {
+	key := credKey{req.Database, req.VaultRole, ""}
+	b.mu.Lock()
+	c := b.creds[key]
+	b.mu.Unlock()
+	if c != nil && !c.Retired() {
+		return c, nil
+	}
+	v, err := b.shared(ctx, &b.credFlight, flightKey(key, nil), func(ctx context.Context) (any, error) {
+		b.mu.Lock()
+		c := b.creds[key]
+		b.mu.Unlock()
+		if c != nil && !c.Retired() {
+			return c, nil
+		}
+		vc, err := b.cfg.Self.client()
+		if err != nil {
+			return nil, err
+		}
+		return b.read(ctx, vc, key, ScopeRole, nil)
 	})
 	if err != nil {
 		return nil, err
@@ -181,20 +296,28 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 	return v.(*Credential), nil
 }
 
-// Forget drops c from the cache, if it is still the cached credential for its
-// route, so the next request reads a new one. The proxy calls it when
-// PostgreSQL refuses c: its lease was revoked early, or a session of the
-// shared user changed its password (ALTER ROLE CURRENT_USER PASSWORD, which
-// PostgreSQL allows any role). A credential that was already replaced is left
-// alone, so many clients refused at once cause one new read, not many.
+func flightKey(k credKey, l *login) string {
+	s := k.database + "\x00" + k.role + "\x00" + k.subject
+	if l != nil {
+		s += "\x00" + string(l.key[:])
+	}
+	return s
+}
+
+// Forget retires c at once and drops it from the cache, if it is still the
+// cached credential for its key, so the next request reads a new one. The
+// proxy calls it when PostgreSQL refuses c: its lease was revoked early, or
+// a session of the shared user changed its password (ALTER ROLE CURRENT_USER
+// PASSWORD, which PostgreSQL allows any role). A credential that was already
+// replaced is left in place, so many clients refused at once cause one new
+// read, not many.
 func (b *Broker) Forget(c *Credential) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	for k, v := range b.creds {
-		if v == c {
-			delete(b.creds, k)
-		}
+	if b.creds[c.key] == c {
+		delete(b.creds, c.key)
 	}
+	b.mu.Unlock()
+	c.lease.doRetire()
 }
 
 // shared runs fn once for key among concurrent callers. fn runs under a
@@ -225,15 +348,16 @@ func loginKey(token, role string) [sha256.Size]byte {
 	return k
 }
 
-// login returns a live Vault token for (req.Token, req.VaultRole).
-func (b *Broker) login(ctx context.Context, req Request) (login, error) {
+// login returns a live Vault login for (req.Token, req.VaultRole), and
+// whether it came from the cache.
+func (b *Broker) login(ctx context.Context, req Request) (*login, bool, error) {
 	key := loginKey(req.Token, req.VaultRole)
 	now := b.cfg.Now()
 	b.mu.Lock()
-	l, ok := b.logins[key]
+	l := b.logins[key]
 	b.mu.Unlock()
-	if ok && now.Before(l.expiresAt) {
-		return l, nil
+	if l != nil && now.Before(l.expiresAt) {
+		return l, true, nil
 	}
 	v, err := b.shared(ctx, &b.loginFlight, string(key[:]), func(ctx context.Context) (any, error) {
 		c, err := b.cfg.Client.Clone()
@@ -251,64 +375,297 @@ func (b *Broker) login(ctx context.Context, req Request) (login, error) {
 		if sec == nil || sec.Auth == nil || sec.Auth.ClientToken == "" {
 			return nil, vaultFailure("login", req.VaultRole, errors.New("Vault returned no auth"))
 		}
-		l := login{vaultToken: sec.Auth.ClientToken, expiresAt: req.TokenExpiry}
+		l := &login{key: key, vaultToken: sec.Auth.ClientToken, expiresAt: req.TokenExpiry}
 		if sec.Auth.LeaseDuration > 0 {
-			if te := start.Add(time.Duration(sec.Auth.LeaseDuration) * time.Second); te.Before(l.expiresAt) || l.expiresAt.IsZero() {
-				l.expiresAt = te
+			l.vaultEnd = start.Add(time.Duration(sec.Auth.LeaseDuration) * time.Second)
+			if l.vaultEnd.Before(l.expiresAt) || l.expiresAt.IsZero() {
+				l.expiresAt = l.vaultEnd
 			}
 		}
 		b.mu.Lock()
-		b.pruneLoginsLocked(b.cfg.Now())
+		defer b.mu.Unlock()
+		if b.closed {
+			go b.revokeToken(l)
+			return nil, errClosed
+		}
 		b.logins[key] = l
-		b.mu.Unlock()
+		b.tokens[l] = struct{}{}
+		l.timer = time.AfterFunc(l.expiresAt.Sub(b.cfg.Now()), func() { b.dropLogin(l) })
 		return l, nil
 	})
 	if err != nil {
-		return login{}, err
+		return nil, false, err
 	}
-	return v.(login), nil
+	return v.(*login), false, nil
 }
 
-// pruneLoginsLocked drops expired logins so the cache is bounded by the number
-// of live tokens.
-func (b *Broker) pruneLoginsLocked(now time.Time) {
-	for k, l := range b.logins {
-		if !now.Before(l.expiresAt) {
-			delete(b.logins, k)
-		}
+// dropLogin takes l out of use (it expired, or Vault refused it) and revokes
+// its Vault token once no lease it read is held.
+func (b *Broker) dropLogin(l *login) {
+	b.mu.Lock()
+	if b.logins[l.key] == l {
+		delete(b.logins, l.key)
+	}
+	l.expired = true
+	l.timer.Stop()
+	revoke := l.leases == 0
+	if revoke {
+		delete(b.tokens, l)
+	}
+	b.mu.Unlock()
+	if revoke {
+		b.async(func() { b.revokeToken(l) })
 	}
 }
 
-func (b *Broker) readCreds(ctx context.Context, l login, role string) (*Credential, error) {
-	c, err := b.cfg.Client.Clone()
-	if err != nil {
-		return nil, pgerror.Wrap(err, pgerror.InternalError, "pgwarden internal error")
-	}
-	c.SetToken(l.vaultToken)
+// read reads a credential for key with vc and registers its lease.
+func (b *Broker) read(ctx context.Context, vc *vault.Client, key credKey, scope string, by *login) (*Credential, error) {
 	start := b.cfg.Now()
-	sec, err := c.Logical().ReadWithContext(ctx, b.cfg.DatabaseMount+"/creds/"+role)
+	sec, err := vc.Logical().ReadWithContext(ctx, b.cfg.DatabaseMount+"/creds/"+key.role)
 	b.cfg.ObserveVault("creds", b.cfg.Now().Sub(start), err)
 	if err != nil {
-		return nil, vaultFailure("creds", role, err)
+		return nil, vaultFailure("creds", key.role, err)
 	}
 	if sec == nil || sec.Data == nil {
-		return nil, vaultFailure("creds", role, errors.New("Vault returned no data"))
+		return nil, vaultFailure("creds", key.role, errors.New("Vault returned no data"))
 	}
 	user, _ := sec.Data["username"].(string)
 	pass, _ := sec.Data["password"].(string)
 	if user == "" || pass == "" {
-		return nil, vaultFailure("creds", role, errors.New("Vault returned no username or password"))
+		return nil, vaultFailure("creds", key.role, errors.New("Vault returned no username or password"))
 	}
-	exp := l.expiresAt
-	if sec.LeaseDuration > 0 {
-		if le := start.Add(time.Duration(sec.LeaseDuration) * time.Second); le.Before(exp) {
-			exp = le
+	c := &Credential{Username: user, Password: pass, LeaseID: sec.LeaseID, VaultRole: key.role,
+		Scope: scope, Subject: key.subject, key: key, by: by}
+	retireAt, endAt := b.times(start, sec.LeaseDuration, by)
+	c.lease = newLease(b.cfg.Now(), retireAt, endAt, func() { b.finished(c) })
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		c.lease.doEnd()
+		return nil, errClosed
+	}
+	b.creds[key] = c
+	b.live[c] = struct{}{}
+	if by != nil {
+		by.leases++
+	}
+	b.mu.Unlock()
+	if sec.Renewable && sec.LeaseID != "" {
+		b.watch(vc, sec, c)
+	}
+	b.cfg.Logger.Debug("vault issued credentials", "role", key.role, "credential", c)
+	return c, nil
+}
+
+// times computes when a lease of leaseSeconds from start retires and ends:
+// it ends with the lease, or with the Vault token that read it, or a grace
+// after the client token that read it expires (identity scope), whichever
+// comes first; it retires a margin before the lease's end, and no later
+// than that client token's expiry.
+func (b *Broker) times(start time.Time, leaseSeconds int, by *login) (retireAt, endAt time.Time) {
+	var vaultEnd time.Time
+	if leaseSeconds > 0 {
+		vaultEnd = start.Add(time.Duration(leaseSeconds) * time.Second)
+	}
+	if by != nil && !by.vaultEnd.IsZero() && (vaultEnd.IsZero() || by.vaultEnd.Before(vaultEnd)) {
+		vaultEnd = by.vaultEnd
+	}
+	if vaultEnd.IsZero() {
+		vaultEnd = start.Add(100 * 365 * 24 * time.Hour) // Vault set no end
+	}
+	retireAt, endAt = vaultEnd.Add(-margin(vaultEnd.Sub(start))), vaultEnd
+	if by != nil && !by.expiresAt.IsZero() {
+		retireAt = minTime(retireAt, by.expiresAt)
+		endAt = minTime(endAt, by.expiresAt.Add(b.cfg.TokenGrace))
+	}
+	return retireAt, endAt
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+// watch renews c's lease with vault/api's LifetimeWatcher while it has not
+// retired. When renewal can extend it no further the lease retires (new
+// sessions get a new one; old ones end at their next idle point); when Vault
+// says the lease is gone (revoked behind pgwarden's back) it retires at
+// once; when Vault cannot be reached it lives out the time it has.
+func (b *Broker) watch(vc *vault.Client, sec *vault.Secret, c *Credential) {
+	w, err := vc.NewLifetimeWatcher(&vault.LifetimeWatcherInput{Secret: sec, RenewBehavior: vault.RenewBehaviorErrorOnErrors})
+	if err != nil {
+		b.cfg.Logger.Warn("cannot renew lease", "credential", c, "error", err)
+		return
+	}
+	if !b.track(2) {
+		return
+	}
+	go func() { defer b.wg.Done(); w.Start() }()
+	go func() {
+		defer b.wg.Done()
+		defer w.Stop()
+		for {
+			select {
+			case <-c.lease.retireCtx.Done():
+				return
+			case r := <-w.RenewCh():
+				retireAt, endAt := b.times(r.RenewedAt, r.Secret.LeaseDuration, c.by)
+				b.cfg.ObserveVault("renew", 0, nil)
+				c.lease.extend(b.cfg.Now(), retireAt, endAt)
+				b.cfg.Logger.Debug("renewed lease", "credential", c)
+			case err := <-w.DoneCh():
+				var re *vault.ResponseError
+				switch {
+				case err == nil:
+					b.cfg.Logger.Info("lease cannot be renewed further; new sessions get a new credential", "credential", c)
+					c.lease.doRetire()
+				case errors.As(err, &re) && re.StatusCode >= 400 && re.StatusCode < 500:
+					b.cfg.ObserveVault("renew", 0, err)
+					b.cfg.Logger.Warn("Vault no longer knows the lease (revoked?); retiring its sessions", "credential", c, "error", err)
+					b.Forget(c)
+				default:
+					b.cfg.ObserveVault("renew", 0, err)
+					b.cfg.Logger.Warn("lease renewal failed; the credential serves until its end", "credential", c, "error", err)
+				}
+				return
+			}
+		}
+	}()
+}
+
+// finished is called once when c has retired and no connection holds it:
+// a role-scoped lease is revoked by pgwarden's identity; an identity-scoped
+// one is let go, and its login's Vault token revoked (and the lease with it)
+// once that login has expired and none of its leases is held.
+func (b *Broker) finished(c *Credential) {
+	b.mu.Lock()
+	if b.creds[c.key] == c {
+		delete(b.creds, c.key)
+	}
+	delete(b.live, c)
+	var revokeLogin *login
+	if l := c.by; l != nil {
+		l.leases--
+		if l.expired && l.leases == 0 {
+			if _, ok := b.tokens[l]; ok {
+				delete(b.tokens, l)
+				revokeLogin = l
+			}
 		}
 	}
-	cred := &Credential{Username: user, Password: pass, LeaseID: sec.LeaseID, VaultRole: role, ExpiresAt: exp,
-		RetireAt: exp.Add(-margin(exp.Sub(start)))}
-	b.cfg.Logger.Debug("vault issued credentials", "role", role, "credential", cred)
-	return cred, nil
+	b.mu.Unlock()
+	switch {
+	case revokeLogin != nil:
+		b.async(func() { b.revokeToken(revokeLogin) })
+	case c.Scope == ScopeRole:
+		b.async(func() { b.revokeLease(c) })
+	}
+}
+
+// async runs f in the background unless the broker is closed (Close then
+// revokes what f would have); Close waits for it.
+func (b *Broker) async(f func()) {
+	if !b.track(1) {
+		return
+	}
+	go func() { defer b.wg.Done(); f() }()
+}
+
+// track adds n to the goroutines Close waits for, unless it is closed.
+func (b *Broker) track(n int) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return false
+	}
+	b.wg.Add(n)
+	return true
+}
+
+// revokeToken revokes a client login's Vault token, and with it every lease
+// it read.
+func (b *Broker) revokeToken(l *login) {
+	vc, err := b.cfg.Client.Clone()
+	if err != nil {
+		return
+	}
+	vc.SetToken(l.vaultToken)
+	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.VaultTimeout)
+	defer cancel()
+	start := b.cfg.Now()
+	err = vc.Auth().Token().RevokeSelfWithContext(ctx, "")
+	b.cfg.ObserveVault("revoke", b.cfg.Now().Sub(start), err)
+	if err != nil && !b.cfg.Now().Before(l.vaultEnd) && !l.vaultEnd.IsZero() {
+		return // Vault ended it already
+	}
+	if err != nil {
+		b.cfg.Logger.Warn("could not revoke a client login's Vault token; it ends with its TTL", "error", err)
+	}
+}
+
+// revokeLease revokes a role-scoped lease with pgwarden's own identity.
+func (b *Broker) revokeLease(c *Credential) {
+	vc, err := b.cfg.Self.client()
+	if err != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.VaultTimeout)
+	defer cancel()
+	start := b.cfg.Now()
+	err = vc.Sys().RevokeWithContext(ctx, c.LeaseID)
+	b.cfg.ObserveVault("revoke", b.cfg.Now().Sub(start), err)
+	if err != nil {
+		b.cfg.Logger.Warn("could not revoke a lease; it ends with its TTL", "credential", c, "error", err)
+		return
+	}
+	b.cfg.Logger.Info("revoked lease", "credential", c)
+}
+
+// Close stops renewing. With revoke it also revokes, before it returns or
+// ctx ends, every lease and client Vault token pgwarden holds (the
+// sessions using them should have ended: call it after the proxy stopped).
+// Without revoke they end with their TTLs.
+func (b *Broker) Close(ctx context.Context, revoke bool) error {
+	b.mu.Lock()
+	b.closed = true
+	leases := make([]*Credential, 0, len(b.live))
+	for c := range b.live {
+		leases = append(leases, c)
+	}
+	tokens := make([]*login, 0, len(b.tokens))
+	for l := range b.tokens {
+		tokens = append(tokens, l)
+		l.timer.Stop()
+	}
+	b.live, b.tokens, b.logins, b.creds = map[*Credential]struct{}{}, map[*login]struct{}{}, map[[sha256.Size]byte]*login{}, map[credKey]*Credential{}
+	b.mu.Unlock()
+	for _, c := range leases {
+		c.lease.stopTimers()
+		c.lease.retire() // stops its renewal
+	}
+	if revoke {
+		g, _ := errgroup.WithContext(ctx)
+		g.SetLimit(8)
+		for _, c := range leases {
+			if c.Scope == ScopeRole {
+				g.Go(func() error { b.revokeLease(c); return nil })
+			}
+		}
+		for _, l := range tokens {
+			g.Go(func() error { b.revokeToken(l); return nil })
+		}
+		_ = g.Wait()
+	}
+	done := make(chan struct{})
+	go func() { b.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // margin is how long before a credential's end it stops being handed out and

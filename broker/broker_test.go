@@ -21,9 +21,16 @@ import (
 // fakeVault answers JWT logins (token "good-*" only, role "app-reader") and
 // creds reads, counting each, with lease and token TTLs set by the test.
 type fakeVault struct {
-	logins, reads      atomic.Int32
-	leaseTTL, tokenTTL int
-	delay              time.Duration
+	logins, reads, renews, revokes atomic.Int32
+	leaseTTL, tokenTTL             int
+	delay                          time.Duration
+	// renewable leases are renewed by the broker: renewTTL is what a renewal
+	// grants, renewStatus (when set) the HTTP status it fails with instead.
+	renewable   bool
+	renewTTL    int
+	renewStatus int
+	// credsStatus, when set, is the status every creds read fails with.
+	credsStatus atomic.Int32
 }
 
 func (f *fakeVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -46,8 +53,28 @@ func (f *fakeVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			_, _ = w.Write([]byte(`{"errors":["permission denied"]}`))
 			return
 		}
+		if st := f.credsStatus.Load(); st != 0 {
+			w.WriteHeader(int(st))
+			_, _ = w.Write([]byte(`{"errors":["permission denied"]}`))
+			return
+		}
 		n := f.reads.Add(1)
-		fmt.Fprintf(w, `{"lease_id":"database/creds/app-reader/l%d","lease_duration":%d,"renewable":true,"data":{"username":"v-user-%d","password":"pw-%d"}}`, n, f.leaseTTL, n, n)
+		fmt.Fprintf(w, `{"lease_id":"database/creds/app-reader/l%d","lease_duration":%d,"renewable":%v,"data":{"username":"v-user-%d","password":"pw-%d"}}`, n, f.leaseTTL, f.renewable, n, n)
+	case r.URL.Path == "/v1/sys/leases/renew":
+		f.renews.Add(1)
+		if f.renewStatus != 0 {
+			w.WriteHeader(f.renewStatus)
+			_, _ = w.Write([]byte(`{"errors":["lease not found"]}`))
+			return
+		}
+		var body struct {
+			LeaseID string `json:"lease_id"`
+		}
+		_ = json.NewDecoder(r.Body).Decode(&body)
+		fmt.Fprintf(w, `{"lease_id":%q,"lease_duration":%d,"renewable":true}`, body.LeaseID, f.renewTTL)
+	case r.URL.Path == "/v1/auth/token/revoke-self":
+		f.revokes.Add(1)
+		w.WriteHeader(http.StatusNoContent)
 	default:
 		w.WriteHeader(http.StatusNotFound)
 	}
@@ -78,6 +105,7 @@ func newBroker(t *testing.T, fv *fakeVault, now func() time.Time) *Broker {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = b.Close(context.Background(), false) })
 	return b
 }
 
@@ -156,31 +184,45 @@ func TestLoginIsCachedPerTokenUntilItsEnd(t *testing.T) {
 
 func TestCredentialIsNotHandedOutPastRetirement(t *testing.T) {
 	t.Parallel()
-	clk := newClock()
-	fv := &fakeVault{leaseTTL: 20, tokenTTL: 3600}
-	b := newBroker(t, fv, clk.Now)
-	exp := clk.Now().Add(time.Hour)
+	fv := &fakeVault{leaseTTL: 2, tokenTTL: 3600}
+	b := newBroker(t, fv, nil)
+	exp := time.Now().Add(time.Hour)
+	start := time.Now()
 	c1, err := b.Credential(context.Background(), req("good-a", exp))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := clk.Now().Add(20 * time.Second); !c1.ExpiresAt.Equal(want) {
-		t.Fatalf("ExpiresAt = %v, want %v", c1.ExpiresAt, want)
+	if end := c1.ExpiresAt(); end.Before(start.Add(2*time.Second)) || end.After(time.Now().Add(2*time.Second)) {
+		t.Fatalf("ExpiresAt = %v, want the lease's end, 2s after the read", end)
 	}
-	if m := c1.ExpiresAt.Sub(c1.RetireAt); m != 2*time.Second {
-		t.Fatalf("retire margin = %v, want 2s (a tenth of 20s)", m)
+	if m := c1.ExpiresAt().Sub(c1.RetireAt()); m != time.Second {
+		t.Fatalf("retire margin = %v, want 1s (the least margin)", m)
 	}
-	clk.Add(17 * time.Second)
 	if c, _ := b.Credential(context.Background(), req("good-b", exp)); c.Username != c1.Username {
 		t.Fatal("a credential inside its life was not shared")
 	}
-	clk.Add(2 * time.Second) // past RetireAt, before ExpiresAt
+	waitFor(t, "the credential to retire", c1.Retired)
+	if c1.Ended() {
+		t.Fatal("retired and ended at once: sessions get no idle point to end at")
+	}
 	c2, err := b.Credential(context.Background(), req("good-a", exp))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if c2.Username == c1.Username {
 		t.Fatal("a retiring credential was handed out")
+	}
+	waitFor(t, "the old credential to end", c1.Ended)
+}
+
+// waitFor polls cond for up to 10s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
@@ -193,8 +235,8 @@ func TestLeaseIsBoundedByTheReadingToken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := clk.Now().Add(time.Minute); !c.ExpiresAt.Equal(want) {
-		t.Fatalf("ExpiresAt = %v, want the Vault token's end %v: Vault revokes leases with their token", c.ExpiresAt, want)
+	if want := clk.Now().Add(time.Minute); !c.ExpiresAt().Equal(want) {
+		t.Fatalf("ExpiresAt = %v, want the Vault token's end %v: Vault revokes leases with their token", c.ExpiresAt(), want)
 	}
 }
 
@@ -238,7 +280,7 @@ func TestItem07VaultRefusalReasonStaysInTheLog(t *testing.T) {
 
 func TestCredentialLogValueHidesPassword(t *testing.T) {
 	t.Parallel()
-	c := &Credential{Username: "u", Password: "hunter2", LeaseID: "l"}
+	c := Fixed("u", "hunter2", "l", time.Now().Add(time.Hour), time.Now().Add(time.Hour))
 	if strings.Contains(c.LogValue().String(), "hunter2") {
 		t.Fatal("password in log value")
 	}
@@ -253,7 +295,7 @@ func TestLeaderGivingUpDoesNotFailFollowers(t *testing.T) {
 	exp := time.Now().Add(time.Hour)
 	// Log both in first, so that only the creds read is shared.
 	for _, tok := range []string{"good-leader", "good-follower"} {
-		if _, err := b.login(context.Background(), req(tok, exp)); err != nil {
+		if _, _, err := b.login(context.Background(), req(tok, exp)); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -1,0 +1,174 @@
+package broker
+
+import (
+	"context"
+	"sync"
+	"time"
+)
+
+// lease is the life of one Credential. The Broker owns it: only the broker
+// renews it, retires it, ends it and revokes it. The sessions using the
+// credential learn of its retirement and end through OnRetire and OnEnd (no
+// session keeps a timer of its own for a lease); the pool says who uses it
+// through Hold and Release, so the broker knows when nothing does.
+//
+//   - retired: new sessions must not use it; open ones end at their next idle
+//     point. It retires a margin before its end, when renewal can extend it
+//     no further (make-before-break: the next request reads a new one), when
+//     Vault says it is gone, or when the token that read it expires.
+//   - ended: open sessions are cut; Vault drops (or has dropped) the role.
+//   - finished: retired (or ended) and held by nobody; the broker revokes it
+//     then (finish runs once).
+type lease struct {
+	retireCtx context.Context
+	retire    context.CancelFunc
+	endCtx    context.Context
+	end       context.CancelFunc
+
+	mu       sync.Mutex
+	retireAt time.Time   // guarded by mu
+	endAt    time.Time   // guarded by mu
+	holders  int         // guarded by mu
+	retireT  *time.Timer // guarded by mu
+	endT     *time.Timer // guarded by mu
+	done     bool        // guarded by mu: finish has been called
+	// finish is called once, without mu, when the lease is retired and
+	// nobody holds it. The broker revokes it there.
+	finish func()
+}
+
+func newLease(now time.Time, retireAt, endAt time.Time, finish func()) *lease {
+	l := &lease{finish: finish}
+	l.retireCtx, l.retire = context.WithCancel(context.Background())
+	l.endCtx, l.end = context.WithCancel(context.Background())
+	l.mu.Lock()
+	l.scheduleLocked(now, retireAt, endAt)
+	l.mu.Unlock()
+	return l
+}
+
+// scheduleLocked (re)arms the timers for retireAt and endAt. Times only
+// move as renewal allows; a retirement or end that has happened stays.
+func (l *lease) scheduleLocked(now, retireAt, endAt time.Time) {
+	if retireAt.After(endAt) {
+		retireAt = endAt
+	}
+	l.retireAt, l.endAt = retireAt, endAt
+	if l.retireT != nil {
+		l.retireT.Stop()
+	}
+	if l.endT != nil {
+		l.endT.Stop()
+	}
+	l.retireT = time.AfterFunc(retireAt.Sub(now), l.doRetire)
+	l.endT = time.AfterFunc(endAt.Sub(now), l.doEnd)
+}
+
+// extend moves the lease's times after a renewal.
+func (l *lease) extend(now, retireAt, endAt time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.retireCtx.Err() != nil {
+		return // retired leases are on their way out; renewal cannot call them back
+	}
+	l.scheduleLocked(now, retireAt, endAt)
+}
+
+// doRetire retires the lease now.
+func (l *lease) doRetire() {
+	l.retire()
+	l.maybeFinish()
+}
+
+// doEnd ends (and so retires) the lease now.
+func (l *lease) doEnd() {
+	l.retire()
+	l.end()
+	l.maybeFinish()
+}
+
+func (l *lease) hold() {
+	l.mu.Lock()
+	l.holders++
+	l.mu.Unlock()
+}
+
+func (l *lease) release() {
+	l.mu.Lock()
+	l.holders--
+	l.mu.Unlock()
+	l.maybeFinish()
+}
+
+// maybeFinish calls finish once the lease is retired and unheld.
+func (l *lease) maybeFinish() {
+	l.mu.Lock()
+	if l.done || l.holders > 0 || l.retireCtx.Err() == nil {
+		l.mu.Unlock()
+		return
+	}
+	l.done = true
+	l.retireT.Stop()
+	l.mu.Unlock()
+	if l.finish != nil {
+		l.finish()
+	}
+}
+
+func (l *lease) stopTimers() {
+	l.mu.Lock()
+	l.retireT.Stop()
+	l.endT.Stop()
+	l.mu.Unlock()
+}
+
+// Retired reports whether the credential must no longer be used for new
+// sessions.
+func (c *Credential) Retired() bool { return c.lease.retireCtx.Err() != nil }
+
+// Ended reports whether the credential's lease has ended.
+func (c *Credential) Ended() bool { return c.lease.endCtx.Err() != nil }
+
+// OnRetire calls f (in its own goroutine) when the credential retires, or
+// at once if it has. stop cancels the call; it reports whether it did.
+func (c *Credential) OnRetire(f func()) (stop func() bool) {
+	return context.AfterFunc(c.lease.retireCtx, f)
+}
+
+// OnEnd calls f (in its own goroutine) when the credential's lease ends, or
+// at once if it has. stop cancels the call.
+func (c *Credential) OnEnd(f func()) (stop func() bool) {
+	return context.AfterFunc(c.lease.endCtx, f)
+}
+
+// ExpiresAt is when the lease ends as things stand: renewal may move it.
+func (c *Credential) ExpiresAt() time.Time {
+	c.lease.mu.Lock()
+	defer c.lease.mu.Unlock()
+	return c.lease.endAt
+}
+
+// RetireAt is when the credential retires as things stand.
+func (c *Credential) RetireAt() time.Time {
+	c.lease.mu.Lock()
+	defer c.lease.mu.Unlock()
+	return c.lease.retireAt
+}
+
+// Hold says one more upstream connection uses the credential. Every Hold is
+// matched by one Release, when that connection is closed.
+func (c *Credential) Hold() { c.lease.hold() }
+
+// Release says an upstream connection that used the credential is closed.
+// When the credential has retired and nothing holds it any more, the broker
+// revokes its lease.
+func (c *Credential) Release() { c.lease.release() }
+
+// Fixed returns a credential whose life is set in advance: it retires at
+// retireAt and ends at endAt, and nothing renews or revokes it. It is for
+// credentials that do not come from Vault's leases (tests at the proxy's
+// boundary).
+func Fixed(username, password, leaseID string, retireAt, endAt time.Time) *Credential {
+	return &Credential{Username: username, Password: password, LeaseID: leaseID,
+		lease: newLease(time.Now(), retireAt, endAt, nil)}
+}

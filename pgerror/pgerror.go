@@ -16,6 +16,7 @@ import (
 // SQLSTATE codes pgwarden sends. See
 // https://www.postgresql.org/docs/current/errcodes-appendix.html.
 const (
+	SuccessfulCompletion   = "00000" // successful_completion: the code of a NOTICE
 	ProtocolViolation      = "08P01" // protocol_violation
 	ConnectionFailure      = "08006" // connection_failure
 	InvalidAuthorization   = "28000" // invalid_authorization_specification

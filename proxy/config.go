@@ -52,6 +52,9 @@ type Route struct {
 	Upstream string
 	// VaultRoles maps each access level to the Vault role that issues its credentials.
 	VaultRoles map[string]string
+	// Scopes maps each access level to who shares its credentials
+	// (broker.ScopeIdentity, the default, or broker.ScopeRole).
+	Scopes map[string]string
 	// Policy is what ParseUpstream enforces on Upstream (TLS, SCRAM).
 	Policy UpstreamPolicy
 }
@@ -88,6 +91,12 @@ type Config struct {
 	// takes no bytes for this long is cut and what the session held is freed.
 	// Default 60s.
 	WriteTimeout time.Duration
+	// TokenExpiryNotice is how long before the client's token expires its
+	// session gets a NOTICE. Default 1m.
+	TokenExpiryNotice time.Duration
+	// TokenExpiryGrace is how long past its token's expiry a session inside a
+	// transaction may run to finish it; then it is cut. Default 1m.
+	TokenExpiryGrace time.Duration
 	// Pool limits and timers; see PoolConfig.
 	Pool PoolConfig
 	// Observer receives metric events. Default: none.
@@ -140,6 +149,12 @@ func (c *Config) checkAndSetDefaults() error {
 	if c.WriteTimeout == 0 {
 		c.WriteTimeout = 60 * time.Second
 	}
+	if c.TokenExpiryNotice == 0 {
+		c.TokenExpiryNotice = time.Minute
+	}
+	if c.TokenExpiryGrace == 0 {
+		c.TokenExpiryGrace = time.Minute
+	}
 	p := &c.Pool
 	if p.MaxPerPool == 0 {
 		p.MaxPerPool = 50
@@ -165,7 +180,7 @@ func (c *Config) checkAndSetDefaults() error {
 	if p.MaxPerPool < 1 || p.MaxTotal < 1 || c.MaxHandshakes < 1 || c.MaxSubjectConnections < 0 {
 		return fmt.Errorf("proxy: connection limits must be positive")
 	}
-	for _, d := range []time.Duration{c.AuthTimeout, c.WriteTimeout, p.AcquireTimeout, p.IdleTimeout, p.DialTimeout, p.PingAfterIdle, p.PingTimeout} {
+	for _, d := range []time.Duration{c.AuthTimeout, c.WriteTimeout, c.TokenExpiryNotice, c.TokenExpiryGrace, p.AcquireTimeout, p.IdleTimeout, p.DialTimeout, p.PingAfterIdle, p.PingTimeout} {
 		if d < 0 {
 			return fmt.Errorf("proxy: negative duration %v", d)
 		}

@@ -253,6 +253,13 @@ func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessa
 		return nil, nil, err
 	}
 	c.id = id
+	if !id.Expiry.IsZero() && !cfg.Now().Before(id.Expiry) {
+		// Inside the verifier's leeway for clock skew, but the session
+		// would end before its first query, and its credential with it.
+		return nil, nil, &pgerror.Error{Code: pgerror.InvalidPassword, Message: "token rejected: it has expired",
+			Hint: "Send a current token from the configured identity provider as the password.",
+			Err:  &authn.TokenError{Reason: authn.ReasonExpired, Err: errors.New("past exp, inside the clock-skew leeway")}}
+	}
 	level, err := cfg.Authorizer.Decide(id, c.database, user)
 	if err != nil {
 		return nil, nil, err
@@ -271,7 +278,8 @@ func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessa
 		e.Err = errSubjectLimit
 		return nil, nil, e
 	}
-	req := broker.Request{Token: token, TokenExpiry: id.Expiry, Database: c.database, VaultRole: role}
+	req := broker.Request{Token: token, TokenExpiry: id.Expiry, Subject: id.Subject, Database: c.database,
+		VaultRole: role, Scope: route.Scopes[level]}
 	up, err := c.upstream(ctx, req, level, route)
 	if err != nil {
 		c.srv.releaseSubject(id.Subject)

@@ -36,9 +36,7 @@ func TestItem01RetirementMidStreamKeepsTheRowIntact(t *testing.T) {
 	// session opens; the row below takes ~5s to stream.
 	_, addr := startProxy(t, proxy.Config{Routes: appRoute(st, ""),
 		Credentials: credFunc(func(broker.Request) (*broker.Credential, error) {
-			c := *cred
-			c.RetireAt = time.Now().Add(2 * time.Second)
-			return &c, nil
+			return roleCred(cred.Username, cred.Password, 2*time.Second, time.Hour), nil
 		})})
 
 	cfg := harnessConfig(t, addr, "reader", "alice")
@@ -247,9 +245,9 @@ func TestItem04RandomDatabaseNamesAddNoMetricSeries(t *testing.T) {
 // 6. One identity cannot change another's sessions through role-level
 // settings of the shared database user.
 func TestItem06AlterRoleSetDoesNotReachAnotherIdentity(t *testing.T) {
-	needStack(t)
+	needStack(t) // team is role-scoped: one credential shared by everyone
 	ctx := context.Background()
-	alice := connect(t, "reader", token(t, "alice-rs", "analyst"))
+	alice := connect(t, "team", token(t, "alice-rs", "analyst"))
 	user := queryString(t, alice, "select current_user")
 	if _, err := alice.Exec(ctx, "ALTER ROLE CURRENT_USER SET search_path = evil, public"); err != nil {
 		t.Fatalf("alice's ALTER ROLE (PostgreSQL lets a role set its own defaults): %v", err)
@@ -257,10 +255,10 @@ func TestItem06AlterRoleSetDoesNotReachAnotherIdentity(t *testing.T) {
 	// alice keeps her session; so do the clients below, one per session
 	// idle in the pool (opened before the ALTER, and so clean), so that bob's
 	// needs a new upstream session of the same shared database user.
-	for i := range idleSessions(t, "reader") {
-		connect(t, "reader", token(t, fmt.Sprint("holder-", i), "analyst"))
+	for i := range idleSessions(t, "team") {
+		connect(t, "team", token(t, fmt.Sprint("holder-", i), "analyst"))
 	}
-	bob := connect(t, "reader", token(t, "bob-rs", "analyst"))
+	bob := connect(t, "team", token(t, "bob-rs", "analyst"))
 	if got := queryString(t, bob, "select current_user"); got != user {
 		t.Fatalf("bob runs as %s, alice as %s: the test needs a shared credential", got, user)
 	}
@@ -376,8 +374,11 @@ func TestItem10CancelThroughAUnixSocketUpstream(t *testing.T) {
 }
 
 // 11. The audit record names the database user the session actually ran
-// as: a pooled session opened under an earlier credential of the level, not
-// the credential the client's request returned.
+// as. A pooled session opened under an earlier credential of the level is
+// not lent to a client whose request returned another (one person's lease
+// never serves another; after a rotation new sessions use the new
+// credential): the client gets a session under its own, and the audit says
+// so.
 func TestItem11AuditNamesTheSessionsOwnDatabaseUser(t *testing.T) {
 	st := needStack(t)
 	first, second := pgRole(t, st), pgRole(t, st)
@@ -396,7 +397,7 @@ func TestItem11AuditNamesTheSessionsOwnDatabaseUser(t *testing.T) {
 	ctx := context.Background()
 	dial(t, addr, "reader", "lee").Close(ctx)
 	eventually(t, 10*time.Second, func() bool { i, _ := poolActive(srv, "reader"); return i == 1 }, "session not pooled")
-	c := dial(t, addr, "reader", "max") // asks for `second`, is lent the pooled `first`
+	c := dial(t, addr, "reader", "max") // asks for `second`; the pooled `first` stays idle
 	user, err := query1(ctx, c, "select current_user")
 	if err != nil {
 		t.Fatal(err)
@@ -415,7 +416,7 @@ func TestItem11AuditNamesTheSessionsOwnDatabaseUser(t *testing.T) {
 		}
 		return false
 	}, "no audit record for max")
-	if user != first.Username || audit.DBUser != user || audit.LeaseID != first.LeaseID {
+	if user != second.Username || audit.DBUser != user || audit.LeaseID != second.LeaseID {
 		t.Fatalf("session ran as %s; audit says db_user %s lease %s", user, audit.DBUser, audit.LeaseID)
 	}
 }
@@ -510,7 +511,7 @@ func TestItem05UpstreamMustAuthenticateWithSCRAM(t *testing.T) {
 					}
 				}
 			}()
-			cred := &broker.Credential{Username: "v-dynamic", Password: "the-dynamic-secret", ExpiresAt: time.Now().Add(time.Hour), RetireAt: time.Now().Add(time.Hour)}
+			cred := roleCred("v-dynamic", "the-dynamic-secret", time.Hour, time.Hour)
 			routes := map[string]proxy.Route{"app": {Upstream: "host=127.0.0.1 port=" + fmt.Sprint(mitm.Addr().(*net.TCPAddr).Port) + " dbname=app sslmode=disable",
 				VaultRoles: map[string]string{"reader": "r"}}}
 			_, addr := startProxy(t, proxy.Config{Credentials: fixedCred(cred), Routes: routes})

@@ -23,7 +23,7 @@ import (
 // shared stack, with fakes at the proxy's own boundary: the token is taken as
 // the subject, the user as the level, and the test decides which database
 // credentials (real roles it creates) the CredentialSource hands out and
-// when they retire. That is how a test controls RetireAt, the credential a
+// when they retire. That is how a test controls retirement, the credential a
 // pooled session was opened under, or an upstream reached through a
 // testenv.Forwarder.
 
@@ -74,9 +74,14 @@ func pgRole(t *testing.T, st *testenv.Stack) *broker.Credential {
 		_ = st.PG.Exec(ctx, "postgres", fmt.Sprintf("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '%s'", name))
 		_ = st.PG.Exec(ctx, "postgres", "DROP ROLE IF EXISTS "+name)
 	})
+	return roleCred(name, pw, time.Hour, time.Hour)
+}
+
+// roleCred is a credential for an existing role that retires and ends when
+// the test says, from now.
+func roleCred(name, pw string, retireIn, endIn time.Duration) *broker.Credential {
 	now := time.Now()
-	return &broker.Credential{Username: name, Password: pw, LeaseID: "test/" + name,
-		ExpiresAt: now.Add(time.Hour), RetireAt: now.Add(time.Hour)}
+	return broker.Fixed(name, pw, "test/"+name, now.Add(retireIn), now.Add(endIn))
 }
 
 // appRoute routes database app, levels reader and writer, to the stack's

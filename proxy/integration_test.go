@@ -58,16 +58,28 @@ func needStack(t *testing.T) *testenv.Stack {
 		stack, stackErr = testenv.StartStack(ctx, testenv.StackOptions{
 			UnixSocketDir: socketDir,
 			Logger:        newJSONLogger(logs),
-			ExtraLevels: []config.Level{
-				testenv.ReadLevel("brief", briefTTL, "analyst"),
-				testenv.ReadLevel("crowd", time.Hour, "analyst"),
-			},
+			ExtraLevels:   []config.Level{briefLevel(), roleLevel("crowd"), roleLevel("team"), testenv.ReadLevel("solo", time.Hour, "analyst")},
 			// Only 127.0.0.1 is trusted, so a client from 127.0.0.2 counts as remote.
 			TrustedNetworks: []string{"127.0.0.1/32"},
 		})
 	})
 	testenv.Check(t, stackErr)
 	return stack
+}
+
+// briefLevel's leases cannot be renewed past briefTTL: they end while a
+// test watches.
+func briefLevel() config.Level {
+	l := testenv.ReadLevel("brief", briefTTL, "analyst")
+	l.MaxTTL = config.Duration(briefTTL)
+	return l
+}
+
+// roleLevel is a reader level whose lease everyone shares (role scope).
+func roleLevel(name string) config.Level {
+	l := testenv.ReadLevel(name, time.Hour, "analyst")
+	l.Scope = config.ScopeRole
+	return l
 }
 
 func token(t *testing.T, sub string, groups ...string) string {

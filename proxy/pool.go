@@ -20,7 +20,7 @@ import (
 // It owns every upstream connection: it opens them, lends them to one client
 // at a time (acquire), takes them back (release, discard) and is the only one
 // to close them. A connection is never handed out, and never kept idle, past
-// its credential's RetireAt: Vault drops the role at the lease's end and a
+// its credential's retirement: Vault drops the role at the lease's end and a
 // session of a dropped role still answers `select 1` while failing every
 // privilege check, so no liveness probe could catch it. An idle connection is
 // checked before it is lent (see serverConn.alive), since the server may have
@@ -99,9 +99,13 @@ func (ps *poolSet) get(database, level string, route Route) (*pool, error) {
 
 var errShuttingDown = pgerror.New(pgerror.AdminShutdown, "pgwarden is shutting down")
 
-// acquire lends a connection of (database, level): an idle one that is still
-// alive and whose credential has not retired, or a new one under cred. When
-// the pool or the total is full it waits up to AcquireTimeout for room.
+// acquire lends a connection of (database, level) under cred: an idle one
+// that is still alive, or a new one. Only a connection under cred itself is
+// lent, so one person's lease (identity scope) never serves another, and
+// after a rotation new sessions use the new credential. When the pool is full
+// of idle connections under other credentials the longest idle is closed to
+// make room; when the pool or the total is full of busy ones it waits up to
+// AcquireTimeout.
 func (ps *poolSet) acquire(ctx context.Context, database, level string, route Route, cred *broker.Credential) (*serverConn, error) {
 	p, err := ps.get(database, level, route)
 	if err != nil {
@@ -114,10 +118,11 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 			ps.mu.Unlock()
 			return nil, errShuttingDown
 		}
-		if n := len(p.idle); n > 0 {
-			sc := p.idle[n-1]
-			p.idle[n-1] = nil
-			p.idle = p.idle[:n-1]
+		if i := lastIdleUnder(p.idle, cred); i >= 0 {
+			sc := p.idle[i]
+			copy(p.idle[i:], p.idle[i+1:])
+			p.idle[len(p.idle)-1] = nil
+			p.idle = p.idle[:len(p.idle)-1]
 			p.active++
 			ps.mu.Unlock()
 			if err := ps.check(ctx, sc); err != nil {
@@ -132,9 +137,18 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 			}
 			return sc, nil
 		}
+		var victim *serverConn
+		if p.open >= ps.cfg.Pool.MaxPerPool && len(p.idle) > 0 {
+			// Full of idle sessions under other credentials: the longest
+			// idle makes room.
+			victim = p.idle[0]
+			p.idle[0] = nil
+			p.idle = p.idle[1:]
+			p.open--
+			ps.total--
+		}
 		if p.open < ps.cfg.Pool.MaxPerPool {
-			var victim *serverConn
-			if ps.total >= ps.cfg.Pool.MaxTotal {
+			if victim == nil && ps.total >= ps.cfg.Pool.MaxTotal {
 				victim = ps.evictLocked()
 			}
 			if ps.total < ps.cfg.Pool.MaxTotal {
@@ -143,7 +157,7 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 				ps.total++
 				ps.mu.Unlock()
 				if victim != nil {
-					ps.cfg.Logger.Debug("closed an idle upstream session of another pool to make room",
+					ps.cfg.Logger.Debug("closed an idle upstream session to make room",
 						"database", victim.pool.key.database, "level", victim.pool.key.level, "backend_pid", victim.pid)
 					victim.close()
 				}
@@ -180,6 +194,17 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 	}
 }
 
+// lastIdleUnder is the index of the most recently used idle connection
+// under cred, or -1.
+func lastIdleUnder(idle []*serverConn, cred *broker.Credential) int {
+	for i := len(idle) - 1; i >= 0; i-- {
+		if idle[i].cred == cred {
+			return i
+		}
+	}
+	return -1
+}
+
 // evictLocked takes the longest-idle connection of any pool out of the set
 // (its slot is the caller's now) and returns it for the caller to close, or
 // nil when no connection is idle.
@@ -206,7 +231,7 @@ func (ps *poolSet) evictLocked() *serverConn {
 // past ctx's deadline (the client's authentication deadline).
 func (ps *poolSet) check(ctx context.Context, sc *serverConn) error {
 	now := ps.cfg.Now()
-	if !now.Before(sc.cred.RetireAt) {
+	if sc.cred.Retired() {
 		return errors.New("credential retired")
 	}
 	if now.Sub(sc.lastUsed) < ps.cfg.Pool.PingAfterIdle {
@@ -300,7 +325,7 @@ func (ps *poolSet) release(sc *serverConn) {
 	ps.mu.Lock()
 	p := sc.pool
 	p.active--
-	if err == nil && !ps.closed && now.Before(sc.cred.RetireAt) {
+	if err == nil && !ps.closed && !sc.cred.Retired() {
 		sc.lastUsed = now
 		p.idle = append(p.idle, sc)
 		ps.changedLocked()
@@ -345,11 +370,11 @@ func (ps *poolSet) reap() {
 		ps.mu.Lock()
 		for _, p := range ps.pools {
 			dead = append(dead, ps.takeIdleLocked(p, func(c *serverConn) bool {
-				return !now.Before(c.cred.RetireAt) || now.Sub(c.lastUsed) >= ps.cfg.Pool.IdleTimeout
+				return c.cred.Retired() || now.Sub(c.lastUsed) >= ps.cfg.Pool.IdleTimeout
 			})...)
 		}
 		for c := range ps.baselines {
-			if !now.Before(c.ExpiresAt) {
+			if c.Ended() {
 				delete(ps.baselines, c)
 			}
 		}

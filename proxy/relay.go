@@ -2,8 +2,12 @@ package proxy
 
 import (
 	"errors"
+	"fmt"
+	"math"
 	"sync/atomic"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgwarden/pgwarden/pgerror"
 )
@@ -23,16 +27,19 @@ type relayResult struct {
 // relayState is what the two directions and the session's timers share.
 // Counters are atomics: each is written by one goroutine and read by others.
 type relayState struct {
-	syncsSent  atomic.Int64  // Query, Sync and FunctionCall sent: each earns one ReadyForQuery
-	readyRecv  atomic.Int64  // ReadyForQuery received
-	unsynced   atomic.Bool   // extended-protocol messages sent since the last Sync
-	txStatus   atomic.Uint32 // status byte of the last ReadyForQuery
-	stopping   atomic.Bool   // the client side ended; the server side should stop
-	retiring   atomic.Bool   // the credential's RetireAt passed: end at the next idle point
-	cut        atomic.Bool   // the credential's lease ended: end now
-	statements atomic.Int64
-	bytesIn    atomic.Int64
-	bytesOut   atomic.Int64
+	syncsSent atomic.Int64  // Query, Sync and FunctionCall sent: each earns one ReadyForQuery
+	readyRecv atomic.Int64  // ReadyForQuery received
+	unsynced  atomic.Bool   // extended-protocol messages sent since the last Sync
+	txStatus  atomic.Uint32 // status byte of the last ReadyForQuery
+	stopping  atomic.Bool   // the client side ended; the server side should stop
+	retiring  atomic.Bool   // the credential retired, or the token expired: end at the next idle point
+	cut       atomic.Bool   // the credential's lease ended, or the token's grace: end now
+	// tokenExpired: retiring or cut because the client's token expired.
+	tokenExpired atomic.Bool
+	noticeDue    atomic.Bool // the client is owed a NOTICE that its token expires soon
+	statements   atomic.Int64
+	bytesIn      atomic.Int64
+	bytesOut     atomic.Int64
 }
 
 // idle reports whether the upstream has answered everything and sits outside
@@ -77,22 +84,35 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 	st.txStatus.Store('I')
 	cfg := &c.srv.cfg
 
-	// The credential's lease bounds the session: at RetireAt the session ends
-	// at its next idle point; at the lease's end it is cut.
-	now := cfg.Now()
-	soft := time.AfterFunc(up.cred.RetireAt.Sub(now), func() {
-		st.retiring.Store(true)
-		_ = up.conn.SetReadDeadline(time.Now())
-	})
-	defer soft.Stop()
-	hard := time.AfterFunc(up.cred.ExpiresAt.Sub(now), func() {
-		st.cut.Store(true)
-		_ = up.conn.SetReadDeadline(time.Now())
-	})
-	defer hard.Stop()
+	// The credential's lease bounds the session, and its owner (the broker)
+	// says when: once it retires the session ends at its next idle point;
+	// once it ends the session is cut. The client's token bounds it too: a
+	// NOTICE a while before it expires, the end at the next idle point after,
+	// a cut when the grace for an open transaction is over.
+	interrupt := func(flag *atomic.Bool) func() {
+		return func() {
+			flag.Store(true)
+			_ = up.conn.SetReadDeadline(time.Now())
+		}
+	}
 	// A session stuck writing to a peer that reads nothing cannot say goodbye.
-	backstop := time.AfterFunc(up.cred.ExpiresAt.Sub(now)+cutGrace, func() { c.kill(); up.close() })
+	backstop := time.AfterFunc(time.Duration(math.MaxInt64), func() { c.kill(); up.close() })
 	defer backstop.Stop()
+	cutNow := func(flag *atomic.Bool) func() {
+		f := interrupt(flag)
+		return func() { f(); backstop.Reset(cutGrace) }
+	}
+	defer up.cred.OnRetire(interrupt(&st.retiring))()
+	defer up.cred.OnEnd(cutNow(&st.cut))()
+	if exp := c.id.Expiry; !exp.IsZero() {
+		now := cfg.Now()
+		notice := time.AfterFunc(exp.Add(-cfg.TokenExpiryNotice).Sub(now), interrupt(&st.noticeDue))
+		defer notice.Stop()
+		expired := time.AfterFunc(exp.Sub(now), func() { st.tokenExpired.Store(true); interrupt(&st.retiring)() })
+		defer expired.Stop()
+		cut := time.AfterFunc(exp.Add(cfg.TokenExpiryGrace).Sub(now), func() { st.tokenExpired.Store(true); cutNow(&st.cut)() })
+		defer cut.Stop()
+	}
 
 	fromClient := make(chan end, 1)
 	fromServer := make(chan end, 1)
@@ -238,6 +258,9 @@ func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
 		}
 		st.bytesOut.Add(int64(n))
 		lastError = typ == 'E'
+		if st.noticeDue.Load() && st.noticeDue.CompareAndSwap(true, false) {
+			c.tokenNotice()
+		}
 		if typ == 'Z' {
 			st.txStatus.Store(uint32(status))
 			st.readyRecv.Add(1)
@@ -250,7 +273,7 @@ func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
 				return stop(end{why: "client write failed"})
 			}
 			if typ == 'Z' && status == 'I' && st.retiring.Load() && st.idle() {
-				return stop(end{why: "credential retired", notify: errRetired})
+				return stop(retiredEnd(st))
 			}
 		}
 	}
@@ -267,12 +290,41 @@ func (c *clientConn) interrupted(up *serverConn, st *relayState, fc *frameCopier
 	switch {
 	case st.stopping.Load():
 		return end{why: "stopped", clean: true}, true
+	case st.cut.Load() && st.tokenExpired.Load():
+		return end{why: "token expired", notify: errTokenExpiredCut}, true
 	case st.cut.Load():
 		return end{why: "credential lease ended", notify: errLeaseEnded}, true
 	case st.retiring.Load() && fc.atBoundary() && up.r.Buffered() == 0 && st.idle():
-		return end{why: "credential retired", notify: errRetired}, true
+		return retiredEnd(st), true
+	}
+	if fc.atBoundary() && st.noticeDue.CompareAndSwap(true, false) {
+		c.tokenNotice()
+		if err := c.w.Flush(); err != nil {
+			return end{why: "client write failed"}, true
+		}
 	}
 	return end{}, false
+}
+
+// retiredEnd is the end of a session at an idle point after its credential
+// retired or its token expired.
+func retiredEnd(st *relayState) end {
+	if st.tokenExpired.Load() {
+		return end{why: "token expired", notify: errTokenExpired}
+	}
+	return end{why: "credential retired", notify: errRetired}
+}
+
+// tokenNotice writes (without flushing) a NOTICE that the client's token
+// expires soon. Only the server-to-client goroutine calls it, between
+// messages.
+func (c *clientConn) tokenNotice() {
+	exp := c.id.Expiry
+	n := &pgproto3.NoticeResponse{Severity: "NOTICE", SeverityUnlocalized: "NOTICE", Code: pgerror.SuccessfulCompletion,
+		Message: fmt.Sprintf("your token expires at %s: this session ends at the first moment after that outside a transaction", exp.UTC().Format(time.RFC3339)),
+		Hint:    "Reconnect with a fresh token to carry on; a transaction still open then has " + c.srv.cfg.TokenExpiryGrace.String() + " to finish."}
+	buf, _ := n.Encode(nil)
+	_, _ = c.w.Write(buf)
 }
 
 // errRetired ends a session whose credential's lease is ending, at an idle
@@ -280,6 +332,20 @@ func (c *clientConn) interrupted(up *serverConn, st *relayState, fc *frameCopier
 var errRetired = pgerror.New(pgerror.CredentialLeaseEnded,
 	"terminating connection because its database credential is expiring").
 	WithHint("Reconnect: the new session gets fresh credentials.")
+
+// errTokenExpired ends a session at an idle point after the token it
+// logged in with expired. 57P01 (admin_shutdown), not 28000: drivers and
+// pools treat it as "the server went away, reconnect", which is what the
+// client should do, with a fresh token.
+var errTokenExpired = pgerror.New(pgerror.CredentialLeaseEnded,
+	"terminating connection because your token expired").
+	WithHint("Reconnect with a fresh token from your identity provider.")
+
+// errTokenExpiredCut ends a session still inside a transaction when the
+// grace after its token's expiry ran out.
+var errTokenExpiredCut = pgerror.New(pgerror.CredentialLeaseEnded,
+	"terminating connection because your token expired and the open transaction did not finish in time").
+	WithHint("Reconnect with a fresh token from your identity provider. Work not committed was rolled back.")
 
 // errLeaseEnded ends a session still busy when its credential's lease ended.
 var errLeaseEnded = pgerror.New(pgerror.CredentialLeaseEnded,

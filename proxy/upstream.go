@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -33,10 +34,11 @@ type serverConn struct {
 	dw     *deadlineWriter // under w: bounds every write
 	pid    uint32
 	secret []byte
-	cancel cancelAddr        // where a CancelRequest for this backend goes
-	params map[string]string // last ParameterStatus of each parameter
-	cred   *broker.Credential
+	cancel cancelAddr         // where a CancelRequest for this backend goes
+	params map[string]string  // last ParameterStatus of each parameter
+	cred   *broker.Credential // held (Credential.Hold) from dial to close
 	pool   *pool
+	closed atomic.Bool
 
 	created  time.Time
 	lastUsed time.Time // guarded by poolSet.mu while idle
@@ -94,6 +96,7 @@ func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credentia
 	}
 	dw := newDeadlineWriter(hj.Conn, writeTimeout)
 	now := time.Now()
+	cred.Hold()
 	return &serverConn{
 		conn: hj.Conn, r: bufio.NewReaderSize(hj.Conn, serverBufSize), w: bufio.NewWriterSize(dw, serverBufSize), dw: dw,
 		pid: hj.PID, secret: hj.SecretKey, cancel: cancelAddrOf(hj), params: params, cred: cred,
@@ -357,7 +360,15 @@ func quoteLiteral(s string) string {
 // quoteIdent quotes s as an SQL identifier.
 func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
 
-func (sc *serverConn) close() { _ = sc.conn.Close() }
+// close closes the session and releases its credential; only the first call
+// does anything.
+func (sc *serverConn) close() {
+	if sc.closed.Swap(true) {
+		return
+	}
+	_ = sc.conn.Close()
+	sc.cred.Release()
+}
 
 // errUnexpectedData is an idle upstream session that has something to say:
 // PostgreSQL only speaks unasked to end a session (a FATAL for a shutdown,
@@ -367,8 +378,11 @@ var errUnexpectedData = errors.New("idle upstream session sent data: the server 
 // alive decides whether an idle session may be lent. Bytes waiting or a
 // closed socket mean the server ended it (restart, pg_terminate_backend,
 // idle_session_timeout): that check reads nothing and costs one syscall. A
-// silent network cut shows only in a round trip, so after an idle period
-// (ping) the session must also answer a Sync within ctx.
+// silent network cut shows only in a round trip, and a role dropped under a
+// session (its lease revoked behind pgwarden's back: the session still
+// answers, and fails every privilege check) only in a question about it, so
+// after an idle period (ping) the session must also show, within ctx, that
+// its own role still exists.
 func (sc *serverConn) alive(ctx context.Context, ping bool) error {
 	if sc.r.Buffered() > 0 {
 		return errUnexpectedData
@@ -379,29 +393,21 @@ func (sc *serverConn) alive(ctx context.Context, ping bool) error {
 	if !ping {
 		return nil
 	}
-	return sc.sync(ctx)
-}
-
-// sync sends Sync, which PostgreSQL answers with ReadyForQuery even outside
-// an extended-protocol exchange, and expects ReadyForQuery 'I' back.
-func (sc *serverConn) sync(ctx context.Context) error {
-	defer sc.within(ctx)()
-	if _, err := sc.w.Write([]byte{'S', 0, 0, 0, 4}); err != nil {
-		return err
-	}
-	if err := sc.w.Flush(); err != nil {
-		return err
-	}
-	typ, body, buf, err := readMessage(sc.r, sc.buf, 1<<20)
-	sc.buf = buf
+	rows := 0
+	st, err := sc.simpleQuery(ctx, "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = session_user", func([][]byte) { rows++ })
 	switch {
 	case err != nil:
-		return fmt.Errorf("no answer to a ping: %w", err)
-	case typ != 'Z' || len(body) != 1 || body[0] != 'I':
-		return fmt.Errorf("unexpected answer to a ping (message type %q)", typ)
+		return fmt.Errorf("no good answer to a ping: %w", err)
+	case st != 'I':
+		return fmt.Errorf("ping left the session in transaction status %q", st)
+	case rows != 1:
+		return errRoleGone
 	}
 	return nil
 }
+
+// errRoleGone is an idle session whose database role was dropped.
+var errRoleGone = errors.New("the session's database role no longer exists (its lease was revoked)")
 
 // within bounds reads and writes on the session by ctx's deadline, for one of
 // pgwarden's own exchanges; the returned func lifts the bound.

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 
+	vault "github.com/hashicorp/vault/api"
+
 	"github.com/pgwarden/pgwarden/broker/vaultinit"
 	"github.com/pgwarden/pgwarden/internal/app"
 	"github.com/pgwarden/pgwarden/internal/config"
@@ -149,8 +151,11 @@ func StartStack(ctx context.Context, opts StackOptions) (s *Stack, err error) {
 		TLSCert: s.Certs.CertFile, TLSKey: s.Certs.KeyFile, TrustedNetworks: opts.TrustedNetworks,
 		UnixSocketDir: opts.UnixSocketDir,
 		LogLevel:      "info", LogFormat: "json",
-		OIDC:  config.OIDC{IssuerURL: s.Issuer.URL, Audiences: []string{Audience}},
-		Vault: config.Vault{Address: s.Vault.Addr},
+		OIDC: config.OIDC{IssuerURL: s.Issuer.URL, Audiences: []string{Audience}},
+		// pgwarden's own identity (for role-scoped levels): a token with
+		// vault-init's server policy, written to the file once Vault is
+		// configured.
+		Vault: config.Vault{Address: s.Vault.Addr, Auth: config.VaultAuth{Method: "token", TokenFile: filepath.Join(s.dir, "vault-token")}},
 		Databases: []config.Database{{
 			Name:     "app",
 			Upstream: fmt.Sprintf("host=127.0.0.1 port=%d dbname=app sslmode=disable", s.PG.Port),
@@ -172,6 +177,9 @@ func StartStack(ctx context.Context, opts StackOptions) (s *Stack, err error) {
 	if err = vaultinit.Apply(ctx, vc, spec, slog.New(slog.NewTextHandler(io.Discard, nil))); err != nil {
 		return s, err
 	}
+	if err = s.writeServerToken(ctx, vc); err != nil {
+		return s, err
+	}
 	if opts.NoProxy {
 		return s, nil
 	}
@@ -187,6 +195,19 @@ func StartStack(ctx context.Context, opts StackOptions) (s *Stack, err error) {
 		return s, err
 	}
 	return s, nil
+}
+
+// writeServerToken creates pgwarden's own Vault token (vault-init's server
+// policy, renewable) and writes it where the config's vault.auth.token_file
+// says.
+func (s *Stack) writeServerToken(ctx context.Context, root *vault.Client) error {
+	sec, err := root.Auth().Token().CreateWithContext(ctx, &vault.TokenCreateRequest{
+		Policies: []string{vaultinit.ServerPolicyName}, TTL: "1h", ExplicitMaxTTL: "24h", DisplayName: "pgwarden",
+	})
+	if err != nil {
+		return fmt.Errorf("create pgwarden's Vault token: %w", err)
+	}
+	return os.WriteFile(s.Config.Vault.Auth.TokenFile, []byte(sec.Auth.ClientToken+"\n"), 0o600)
 }
 
 // loadConfig writes the config to Dir/pgwarden.json and reads it back through

@@ -37,6 +37,8 @@ type App struct {
 	server   *proxy.Server
 	metrics  *metrics.Metrics
 	vault    *vault.Client
+	broker   *broker.Broker
+	self     *broker.Self // nil without vault.auth
 
 	listeners []net.Listener
 	httpSrv   *http.Server
@@ -94,11 +96,12 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 	routes := make(map[string]proxy.Route, len(cfg.Databases))
 	for _, d := range cfg.Databases {
 		ad := authn.Database{Name: d.Name}
-		r := proxy.Route{Upstream: d.Upstream, VaultRoles: map[string]string{},
+		r := proxy.Route{Upstream: d.Upstream, VaultRoles: map[string]string{}, Scopes: map[string]string{},
 			Policy: proxy.UpstreamPolicy{AllowInsecure: d.AllowInsecureUpstream}}
 		for _, l := range d.Levels {
 			ad.Levels = append(ad.Levels, authn.Level{Name: l.Name, Groups: l.Groups})
 			r.VaultRoles[l.Name] = l.VaultRole
+			r.Scopes[l.Name] = l.Scope
 		}
 		dbs = append(dbs, ad)
 		routes[d.Name] = r
@@ -123,18 +126,29 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 		}
 		return out
 	})
+	if au := cfg.Vault.Auth; au.Method != "" {
+		a.self, err = broker.NewSelf(ctx, a.vault, broker.SelfConfig{Method: au.Method, Mount: au.Mount,
+			TokenFile: au.TokenFile, Role: au.Role, SecretFile: au.SecretFile}, log)
+		if err != nil {
+			v.Close()
+			return nil, fmt.Errorf("vault.auth: %w", err)
+		}
+	}
 	b, err := broker.New(broker.Config{
-		Client: a.vault, JWTMount: cfg.Vault.JWTMount, DatabaseMount: cfg.Vault.DatabaseMount,
-		ObserveVault: a.metrics.ObserveVault, Logger: log,
+		Client: a.vault, Self: a.self, JWTMount: cfg.Vault.JWTMount, DatabaseMount: cfg.Vault.DatabaseMount,
+		TokenGrace: cfg.TokenExpiryGrace.D(), ObserveVault: a.metrics.ObserveVault, Logger: log,
 	})
 	if err != nil {
+		a.closeSelf()
 		v.Close()
 		return nil, err
 	}
+	a.broker = b
 	var tlsCfg *tls.Config
 	if cfg.TLSCert != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
 		if err != nil {
+			a.closeSelf()
 			v.Close()
 			return nil, fmt.Errorf("tls: %w", err)
 		}
@@ -148,15 +162,23 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 		Pool: proxy.PoolConfig{MaxPerPool: cfg.Pool.MaxPerPool, MaxTotal: cfg.Pool.MaxTotal,
 			AcquireTimeout: cfg.Pool.AcquireTimeout.D(), IdleTimeout: cfg.Pool.IdleTimeout.D(),
 			DialTimeout: cfg.Pool.DialTimeout.D(), PingAfterIdle: cfg.Pool.PingAfterIdle.D(), PingTimeout: cfg.Pool.PingTimeout.D()},
+		TokenExpiryNotice: cfg.TokenExpiryNotice.D(), TokenExpiryGrace: cfg.TokenExpiryGrace.D(),
 		Observer: a.metrics, Logger: log,
 	})
 	if err != nil {
+		a.closeSelf()
 		v.Close()
 		return nil, err
 	}
 	a.server = srv
 	a.metrics.SetReadiness(a.ready)
 	return a, nil
+}
+
+func (a *App) closeSelf() {
+	if a.self != nil {
+		_ = a.self.Close(context.Background(), false)
+	}
 }
 
 // ready passes while Vault answers and is unsealed.
@@ -238,6 +260,19 @@ func (a *App) Shutdown(ctx context.Context) error {
 		_ = a.httpSrv.Shutdown(context.Background())
 	}
 	a.verifier.Close()
+	// The sessions are gone: the leases and Vault tokens they used can go
+	// too (or are left to their TTLs, when the operator says so).
+	revoke := a.cfg.Vault.RevokeOnShutdown == nil || *a.cfg.Vault.RevokeOnShutdown
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	if berr := a.broker.Close(rctx, revoke); berr != nil {
+		a.log.Warn("revoking leases at shutdown did not finish", "error", berr)
+	}
+	if a.self != nil {
+		if serr := a.self.Close(rctx, revoke); serr != nil {
+			a.log.Warn("revoking pgwarden's own Vault token at shutdown failed", "error", serr)
+		}
+	}
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("sessions cut at shutdown: %w", err)
 	}

@@ -423,6 +423,11 @@ func (c *Config) checkDatabases(errs *problems) {
 		if d.Upstream == "" {
 			errs.addf("databases[%d].upstream is required (database %q)", i, d.Name)
 		}
+		for k, o := range c.Databases {
+			if k != i && o.Name != "" && d.Name == o.Name+"-role" {
+				errs.addf("databases[%d].name %q is the name of databases[%d]'s Vault connection for role-scoped levels (%q + \"-role\"): rename one", i, d.Name, k, o.Name)
+			}
+		}
 		if len(d.Levels) == 0 {
 			errs.addf("databases[%d].levels is empty: database %q has no access levels", i, d.Name)
 		}
@@ -444,7 +449,9 @@ func (c *Config) checkDatabases(errs *problems) {
 			if defaulted {
 				l.VaultRole = d.Name + "-" + l.Name
 			}
-			if err := checkVaultRole(l.VaultRole); err != nil {
+			if strings.EqualFold(l.VaultRole, "server") {
+				errs.addf("%s.vault_role %q is reserved: its policy would be pgwarden-server, pgwarden's own identity's", at, l.VaultRole)
+			} else if err := checkVaultRole(l.VaultRole); err != nil {
 				how := ""
 				if defaulted {
 					how = ` (the default, "<database>-<level>"; set vault_role)`

@@ -268,3 +268,45 @@ func TestNewSettingsDefaultsAndOverrides(t *testing.T) {
 		}
 	}
 }
+
+// Names vault-init gives its own objects cannot be a level's or a
+// database's: the Vault role "server" (policy pgwarden-server) and a
+// database named like another's role-scope connection.
+func TestReservedVaultNamesAreRefused(t *testing.T) {
+	c := &Config{OIDC: OIDC{IssuerURL: "https://issuer.example", Audiences: []string{"pgwarden"}},
+		Databases: []Database{
+			{Name: "app", Upstream: "host=127.0.0.1", Levels: []Level{{Name: "reader", VaultRole: "Server"}}},
+			{Name: "app-role", Upstream: "host=127.0.0.1", Levels: []Level{{Name: "reader"}}},
+		}}
+	err := c.setDefaultsAndValidate()
+	for _, want := range []string{`databases[0].levels[0].vault_role "Server" is reserved`, `databases[1].name "app-role"`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v does not name %s", err, want)
+		}
+	}
+}
+
+func TestScopeAndOwnIdentity(t *testing.T) {
+	base := func() *Config {
+		return &Config{OIDC: OIDC{IssuerURL: "https://issuer.example", Audiences: []string{"pgwarden"}},
+			Databases: []Database{{Name: "app", Upstream: "host=127.0.0.1", Levels: []Level{{Name: "reader"}}}}}
+	}
+	c := base()
+	if err := c.setDefaultsAndValidate(); err != nil || c.Databases[0].Levels[0].Scope != ScopeIdentity || !*c.Vault.RevokeOnShutdown {
+		t.Fatalf("defaults: %v, scope %q", err, c.Databases[0].Levels[0].Scope)
+	}
+	c = base()
+	c.Databases[0].Levels[0].Scope = ScopeRole
+	if err := c.setDefaultsAndValidate(); err == nil || !strings.Contains(err.Error(), "databases[0].levels[0].scope is role but vault.auth.method is not set") {
+		t.Fatalf("role scope without an own identity: %v", err)
+	}
+	c = base()
+	c.Databases[0].Levels[0].Scope = "team"
+	c.Vault.Auth = VaultAuth{Method: "approle"}
+	err := c.setDefaultsAndValidate()
+	for _, want := range []string{`scope "team" is not identity or role`, "vault.auth.role is required", "vault.auth.secret_file"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v does not say %s", err, want)
+		}
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"strings"
 	"sync"
 	"time"
@@ -460,8 +461,9 @@ func (b *Broker) read(ctx context.Context, vc *vault.Client, key credKey, scope 
 // times computes when a lease of leaseSeconds from start retires and ends:
 // it ends with the lease, or with the Vault token that read it, or a grace
 // after the client token that read it expires (identity scope), whichever
-// comes first; it retires a margin before the lease's end, and no later
-// than that client token's expiry.
+// comes first; it retires a margin (and up to half as much again, at
+// random) before the lease's end, and no later than that client token's
+// expiry.
 func (b *Broker) times(start time.Time, leaseSeconds int, by *login) (retireAt, endAt time.Time) {
 	var vaultEnd time.Time
 	if leaseSeconds > 0 {
@@ -473,7 +475,10 @@ func (b *Broker) times(start time.Time, leaseSeconds int, by *login) (retireAt, 
 	if vaultEnd.IsZero() {
 		vaultEnd = start.Add(100 * 365 * 24 * time.Hour) // Vault set no end
 	}
-	retireAt, endAt = vaultEnd.Add(-margin(vaultEnd.Sub(start))), vaultEnd
+	// Jitter: leases read together (a thousand pools at start) do not all
+	// retire, and so get re-read, in the same second.
+	m := margin(vaultEnd.Sub(start))
+	retireAt, endAt = vaultEnd.Add(-m-rand.N(m/2+1)), vaultEnd
 	if by != nil && !by.expiresAt.IsZero() {
 		retireAt = minTime(retireAt, by.expiresAt)
 		endAt = minTime(endAt, by.expiresAt.Add(b.cfg.TokenGrace))

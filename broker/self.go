@@ -46,8 +46,9 @@ type Self struct {
 	base *vault.Client
 	log  *slog.Logger
 
-	mu    sync.Mutex
-	token string // guarded by mu
+	mu       sync.Mutex
+	token    string // guarded by mu
+	accessor string // guarded by mu
 	// ownToken: pgwarden created the token by logging in, so it revokes it.
 	ownToken bool
 
@@ -108,7 +109,8 @@ func (s *Self) login(ctx context.Context) (*vault.Secret, error) {
 		}
 		ttl, _ := look.TokenTTL()
 		renewable, _ := look.TokenIsRenewable()
-		sec = &vault.Secret{Auth: &vault.SecretAuth{ClientToken: tok, Renewable: renewable, LeaseDuration: int(ttl.Seconds())}}
+		accessor, _ := look.TokenAccessor()
+		sec = &vault.Secret{Auth: &vault.SecretAuth{ClientToken: tok, Accessor: accessor, Renewable: renewable, LeaseDuration: int(ttl.Seconds())}}
 	case "approle", "kubernetes":
 		b, err := os.ReadFile(s.cfg.SecretFile)
 		if err != nil {
@@ -128,7 +130,7 @@ func (s *Self) login(ctx context.Context) (*vault.Secret, error) {
 		}
 	}
 	s.mu.Lock()
-	s.token = sec.Auth.ClientToken
+	s.token, s.accessor = sec.Auth.ClientToken, sec.Auth.Accessor
 	s.mu.Unlock()
 	s.log.Info("logged in to Vault as pgwarden", "method", s.cfg.Method, "ttl", time.Duration(sec.Auth.LeaseDuration)*time.Second)
 	return sec, nil
@@ -169,7 +171,7 @@ func (s *Self) keepAlive(sec *vault.Secret) {
 				sec = next
 				break
 			}
-			d := backoff(attempt)
+			d := Backoff(attempt)
 			s.log.Warn("logging in to Vault as pgwarden failed; retrying", "error", err, "in", d)
 			select {
 			case <-s.stop:
@@ -199,11 +201,22 @@ func (s *Self) watch(vc *vault.Client, sec *vault.Secret) error {
 	}
 }
 
-// backoff is the wait before retry attempt n: exponential from 500ms to
-// 30s, with full jitter, so many pgwarden instances do not retry in step.
-func backoff(n int) time.Duration {
-	d := min(500*time.Millisecond<<min(n, 6), 30*time.Second)
+// Backoff is the wait before retry n (from 0) of a failed call to Vault:
+// with d = 500ms doubled n times and capped at 30s, a random wait in
+// [d/2, d], so many pgwarden instances do not retry in step. A negative n
+// counts as 0.
+func Backoff(n int) time.Duration {
+	d := min(500*time.Millisecond<<min(max(n, 0), 6), 30*time.Second)
 	return d/2 + rand.N(d/2+1)
+}
+
+// Accessor returns the accessor of pgwarden's current Vault token: not a
+// secret, it names the token in Vault's audit log and lets an operator look
+// it up or revoke it. It changes when Self logs in again.
+func (s *Self) Accessor() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.accessor
 }
 
 // client returns a Vault client with pgwarden's current token.

@@ -97,6 +97,9 @@ type StackOptions struct {
 	NoProxy bool
 	// Logger for pgwarden; default discards.
 	Logger *slog.Logger
+	// Configure, when set, changes pgwarden's configuration before it is
+	// checked and Vault is configured from it.
+	Configure func(*config.Config)
 }
 
 // Stack is the whole environment: PostgreSQL with the app database, Vault
@@ -165,6 +168,9 @@ func StartStack(ctx context.Context, opts StackOptions) (s *Stack, err error) {
 			},
 			Levels: append(Levels(), opts.ExtraLevels...),
 		}},
+	}
+	if opts.Configure != nil {
+		opts.Configure(s.Config)
 	}
 	if err = s.loadConfig(); err != nil {
 		return s, err

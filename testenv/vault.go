@@ -123,8 +123,17 @@ func (v *Vault) Client() (*vault.Client, error) {
 	return c, nil
 }
 
+// Pause stops the server's process (SIGSTOP) without ending it: Vault keeps
+// its state, the kernel still accepts connections, and nothing answers —
+// the hardest outage for a client to bound. Resume undoes it.
+func (v *Vault) Pause() error { return syscall.Kill(v.cmd.Process.Pid, syscall.SIGSTOP) }
+
+// Resume continues a paused server.
+func (v *Vault) Resume() error { return syscall.Kill(v.cmd.Process.Pid, syscall.SIGCONT) }
+
 // Close stops the server and removes its home directory.
 func (v *Vault) Close() {
+	_ = v.Resume() // a paused server cannot stop
 	stopProcess(v.cmd, v.done, syscall.SIGTERM, 10*time.Second)
 	os.RemoveAll(v.home)
 }

@@ -142,6 +142,13 @@ type Level struct {
 	// and so which connection the role uses and what its database user is
 	// named after.
 	Scope string
+	// Static, when set, makes the level a Vault static role over an existing
+	// database user (StaticUsername) whose password Vault rotates every
+	// RotationPeriod; CreationStatements, RevocationStatements and TTLs do
+	// not apply.
+	Static         bool
+	StaticUsername string
+	RotationPeriod time.Duration
 }
 
 // Scopes of a level, as in internal/config.

@@ -136,7 +136,8 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 	}
 	b, err := broker.New(broker.Config{
 		Client: a.vault, Self: a.self, JWTMount: cfg.Vault.JWTMount, DatabaseMount: cfg.Vault.DatabaseMount,
-		TokenGrace: cfg.TokenExpiryGrace.D(), ObserveVault: a.metrics.ObserveVault, Logger: log,
+		VaultTimeout: cfg.Vault.Timeout.D(), TokenGrace: cfg.TokenExpiryGrace.D(),
+		ObserveVault: a.metrics.ObserveVault, Logger: log,
 	})
 	if err != nil {
 		a.closeSelf()
@@ -307,9 +308,13 @@ func VaultSpec(cfg *config.Config, password func(envName string) string) vaultin
 		sd := vaultinit.Database{Name: d.Name, ConnectionURL: d.Admin.ConnectionURL, Username: d.Admin.Username,
 			Password: password(d.Admin.PasswordEnv)}
 		for _, l := range d.Levels {
-			sd.Levels = append(sd.Levels, vaultinit.Level{Name: l.Name, VaultRole: l.VaultRole, Groups: l.Groups,
+			vl := vaultinit.Level{Name: l.Name, VaultRole: l.VaultRole, Groups: l.Groups,
 				CreationStatements: l.CreationStatements, RevocationStatements: l.RevocationStatements,
-				DefaultTTL: l.DefaultTTL.D(), MaxTTL: l.MaxTTL.D(), Scope: l.Scope})
+				DefaultTTL: l.DefaultTTL.D(), MaxTTL: l.MaxTTL.D(), Scope: l.Scope}
+			if l.Static != nil {
+				vl.Static, vl.StaticUsername, vl.RotationPeriod = true, l.Static.Username, l.Static.RotationPeriod.D()
+			}
+			sd.Levels = append(sd.Levels, vl)
 		}
 		spec.Databases = append(spec.Databases, sd)
 	}

@@ -135,6 +135,11 @@ type Vault struct {
 	// https, or http to a loopback host.
 	JWTDiscoveryURL string `json:"jwt_discovery_url" env:"JWT_DISCOVERY_URL"`
 	JWTJWKSURL      string `json:"jwt_jwks_url" env:"JWT_JWKS_URL"`
+	// Timeout bounds what a client waits for Vault (VAULT_TIMEOUT): one
+	// login or read, retries included (vault/api retries a failed call
+	// twice, with jitter). Past it the client gets 08006 naming Vault.
+	// Default 10s.
+	Timeout Duration `json:"timeout" env:"TIMEOUT"`
 	// Auth is pgwarden's own Vault identity, which reads, renews and revokes
 	// the leases of levels in "role" scope. Levels in "identity" scope do not
 	// use it.
@@ -219,11 +224,25 @@ type Level struct {
 	// Vault's own defaults. DefaultTTL must not exceed MaxTTL when both are set.
 	DefaultTTL Duration `json:"default_ttl"`
 	MaxTTL     Duration `json:"max_ttl"`
+	// Static, when set, makes the level use a Vault static role: one existing
+	// database user whose password Vault rotates, read from
+	// <mount>/static-creds/<vault_role> by pgwarden's own identity (so the
+	// scope must be "role"). Creation and revocation statements do not apply.
+	Static *StaticRole `json:"static"`
 	// Scope is who shares a credential: "identity" (the default: one lease
 	// per person, read with their own Vault login, ending with their token)
 	// or "role" (one lease per Vault role, read, renewed and revoked by
 	// pgwarden's own Vault identity, vault.auth).
 	Scope string `json:"scope"`
+}
+
+// StaticRole is a database user Vault manages but does not create.
+type StaticRole struct {
+	// Username is the existing database user.
+	Username string `json:"username"`
+	// RotationPeriod is how often Vault changes its password (at least 5s,
+	// Vault's minimum).
+	RotationPeriod Duration `json:"rotation_period"`
 }
 
 // Sharing scopes of a level's credentials.
@@ -340,6 +359,7 @@ func (c *Config) checkDurations(errs *problems) {
 		{"token_expiry_notice", &c.TokenExpiryNotice, time.Minute},
 		{"token_expiry_grace", &c.TokenExpiryGrace, time.Minute},
 		{"oidc.leeway", &c.OIDC.Leeway, 30 * time.Second},
+		{"vault.timeout", &c.Vault.Timeout, 10 * time.Second},
 		{"pool.acquire_timeout", &c.Pool.AcquireTimeout, 10 * time.Second},
 		{"pool.idle_timeout", &c.Pool.IdleTimeout, 5 * time.Minute},
 		{"pool.dial_timeout", &c.Pool.DialTimeout, 10 * time.Second},
@@ -487,6 +507,20 @@ func (c *Config) checkDatabases(errs *problems) {
 				}
 			default:
 				errs.addf("%s.scope %q is not identity or role", at, l.Scope)
+			}
+			if st := l.Static; st != nil {
+				if st.Username == "" {
+					errs.addf("%s.static.username is required: the database user Vault rotates", at)
+				}
+				if st.RotationPeriod.D() < 5*time.Second {
+					errs.addf("%s.static.rotation_period %v is less than Vault's minimum, 5s", at, st.RotationPeriod.D())
+				}
+				if l.Scope != ScopeRole {
+					errs.addf("%s.static needs scope role: a static role's one user is shared by everyone, and read by pgwarden's own identity", at)
+				}
+				if len(l.CreationStatements) > 0 || len(l.RevocationStatements) > 0 || l.DefaultTTL != 0 || l.MaxTTL != 0 {
+					errs.addf("%s has static and creation or revocation statements or TTLs: a static role's user exists already and lives on", at)
+				}
 			}
 			if l.DefaultTTL > 0 && l.MaxTTL > 0 && l.DefaultTTL > l.MaxTTL {
 				errs.addf("%s.default_ttl %v is more than %s.max_ttl %v: a lease's default cannot outlive its maximum",

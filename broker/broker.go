@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -113,6 +114,10 @@ type Request struct {
 	VaultRole string
 	// Scope is ScopeIdentity (the default) or ScopeRole.
 	Scope string
+	// Static reads VaultRole's static credentials (<mount>/static-creds/):
+	// one existing database user whose password Vault rotates. Role scope
+	// only.
+	Static bool
 }
 
 // Credential is a database login issued by Vault, and the lease behind it.
@@ -128,6 +133,10 @@ type Credential struct {
 	// Scope is who shares it; Subject, in identity scope, is whose it is.
 	Scope   string
 	Subject string
+	// Static: a static role's user, whose password Vault rotates. It
+	// retires after each rotation (new sessions read the new password) but
+	// never ends: sessions already open are not affected by a rotation.
+	Static bool
 
 	lease *lease
 	key   credKey
@@ -161,8 +170,11 @@ type Broker struct {
 }
 
 // credKey keys the credential cache: the route (database), the Vault role,
-// and in identity scope the subject.
-type credKey struct{ database, role, subject string }
+// in identity scope the subject, and whether the role is static.
+type credKey struct {
+	database, role, subject string
+	static                  bool
+}
 
 // login is one client token's Vault login. Its Vault token is revoked when
 // it has expired and no lease it read is held any more.
@@ -203,6 +215,9 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 	if req.Scope == "" {
 		req.Scope = ScopeIdentity
 	}
+	if req.Static && req.Scope != ScopeRole {
+		return nil, pgerror.New(pgerror.ConfigurationFileError, "a static role's credential is shared by everyone: its level must use role scope")
+	}
 	if req.Scope == ScopeRole && b.cfg.Self == nil {
 		return nil, pgerror.New(pgerror.ConfigurationFileError, "this access level shares one credential per role, but pgwarden has no Vault identity of its own (vault.auth)")
 	}
@@ -230,7 +245,7 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 // when that login ends, cannot cut this session short), or a new one read
 // with l.
 func (b *Broker) identityCredential(ctx context.Context, req Request, l *login) (*Credential, error) {
-	key := credKey{req.Database, req.VaultRole, req.Subject}
+	key := credKey{database: req.Database, role: req.VaultRole, subject: req.Subject}
 	usable := func(c *Credential) bool {
 		return c != nil && !c.Retired() && (c.by == l || !c.by.expiresAt.Before(l.expiresAt))
 	}
@@ -271,7 +286,7 @@ func (b *Broker) identityCredential(ctx context.Context, req Request, l *login) 
 // roleCredential returns the role's shared credential, read by pgwarden's
 // own identity when there is none that has not retired.
 func (b *Broker) roleCredential(ctx context.Context, req Request) (*Credential, error) {
-	key := credKey{req.Database, req.VaultRole, ""}
+	key := credKey{database: req.Database, role: req.VaultRole, static: req.Static}
 	b.mu.Lock()
 	c := b.creds[key]
 	b.mu.Unlock()
@@ -298,7 +313,7 @@ func (b *Broker) roleCredential(ctx context.Context, req Request) (*Credential, 
 }
 
 func flightKey(k credKey, l *login) string {
-	s := k.database + "\x00" + k.role + "\x00" + k.subject
+	s := fmt.Sprintf("%s\x00%s\x00%s\x00%v", k.database, k.role, k.subject, k.static)
 	if l != nil {
 		s += "\x00" + string(l.key[:])
 	}
@@ -422,7 +437,11 @@ func (b *Broker) dropLogin(l *login) {
 // read reads a credential for key with vc and registers its lease.
 func (b *Broker) read(ctx context.Context, vc *vault.Client, key credKey, scope string, by *login) (*Credential, error) {
 	start := b.cfg.Now()
-	sec, err := vc.Logical().ReadWithContext(ctx, b.cfg.DatabaseMount+"/creds/"+key.role)
+	path := b.cfg.DatabaseMount + "/creds/" + key.role
+	if key.static {
+		path = b.cfg.DatabaseMount + "/static-creds/" + key.role
+	}
+	sec, err := vc.Logical().ReadWithContext(ctx, path)
 	b.cfg.ObserveVault("creds", b.cfg.Now().Sub(start), err)
 	if err != nil {
 		return nil, vaultFailure("creds", key.role, err)
@@ -436,8 +455,11 @@ func (b *Broker) read(ctx context.Context, vc *vault.Client, key credKey, scope 
 		return nil, vaultFailure("creds", key.role, errors.New("Vault returned no username or password"))
 	}
 	c := &Credential{Username: user, Password: pass, LeaseID: sec.LeaseID, VaultRole: key.role,
-		Scope: scope, Subject: key.subject, key: key, by: by}
+		Scope: scope, Subject: key.subject, Static: key.static, key: key, by: by}
 	retireAt, endAt := b.times(start, sec.LeaseDuration, by)
+	if key.static {
+		retireAt, endAt = staticTimes(start, sec.Data["ttl"])
+	}
 	c.lease = newLease(b.cfg.Now(), retireAt, endAt, func() { b.finished(c) })
 	b.mu.Lock()
 	if b.closed {
@@ -451,7 +473,7 @@ func (b *Broker) read(ctx context.Context, vc *vault.Client, key credKey, scope 
 		by.leases++
 	}
 	b.mu.Unlock()
-	if sec.Renewable && sec.LeaseID != "" {
+	if sec.Renewable && sec.LeaseID != "" && !key.static {
 		b.watch(vc, sec, c)
 	}
 	b.cfg.Logger.Debug("vault issued credentials", "role", key.role, "credential", c)
@@ -485,6 +507,28 @@ func (b *Broker) times(start time.Time, leaseSeconds int, by *login) (retireAt, 
 	}
 	return retireAt, endAt
 }
+
+// staticTimes: a static credential retires a moment after Vault's next
+// rotation of its password (ttl, in seconds, is the time to it), so new
+// sessions then read the new one, and it never ends: a rotation does not
+// touch sessions already open. A session opened in the moment between
+// rotation and retirement is refused by PostgreSQL (28P01), and the proxy
+// forgets the credential and reads it again.
+func staticTimes(start time.Time, ttl any) (retireAt, endAt time.Time) {
+	var secs int64
+	switch v := ttl.(type) {
+	case json.Number:
+		secs, _ = v.Int64()
+	case float64:
+		secs = int64(v)
+	}
+	return start.Add(time.Duration(max(secs, 0))*time.Second + staticSlack), start.Add(100 * 365 * 24 * time.Hour)
+}
+
+// staticSlack is how long after a static role's scheduled rotation its
+// credential retires: Vault's rotation runs a moment after the ttl it
+// reported reaches zero.
+const staticSlack = 2 * time.Second
 
 func minTime(a, b time.Time) time.Time {
 	if b.Before(a) {
@@ -564,7 +608,7 @@ func (b *Broker) finished(c *Credential) {
 	switch {
 	case revokeLogin != nil:
 		b.async(func() { b.revokeToken(revokeLogin) })
-	case c.Scope == ScopeRole:
+	case c.Scope == ScopeRole && !c.Static:
 		b.async(func() { b.revokeLease(c) })
 	}
 }
@@ -654,7 +698,7 @@ func (b *Broker) Close(ctx context.Context, revoke bool) error {
 		g, _ := errgroup.WithContext(ctx)
 		g.SetLimit(8)
 		for _, c := range leases {
-			if c.Scope == ScopeRole {
+			if c.Scope == ScopeRole && !c.Static {
 				g.Go(func() error { b.revokeLease(c); return nil })
 			}
 		}

@@ -31,6 +31,11 @@ type fakeVault struct {
 	renewStatus int
 	// credsStatus, when set, is the status every creds read fails with.
 	credsStatus atomic.Int32
+	// revoked is a Vault token the fake refuses (403), as Vault does a
+	// token revoked behind pgwarden's back.
+	revoked atomic.Value
+	// staticTTL is the ttl of static-creds answers (time to rotation).
+	staticTTL int
 }
 
 func (f *fakeVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -53,6 +58,11 @@ func (f *fakeVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			_, _ = w.Write([]byte(`{"errors":["permission denied"]}`))
 			return
 		}
+		if rv, _ := f.revoked.Load().(string); rv != "" && r.Header.Get("X-Vault-Token") == rv {
+			w.WriteHeader(http.StatusForbidden)
+			_, _ = w.Write([]byte(`{"errors":["permission denied"]}`))
+			return
+		}
 		if st := f.credsStatus.Load(); st != 0 {
 			w.WriteHeader(int(st))
 			_, _ = w.Write([]byte(`{"errors":["permission denied"]}`))
@@ -60,6 +70,9 @@ func (f *fakeVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		n := f.reads.Add(1)
 		fmt.Fprintf(w, `{"lease_id":"database/creds/app-reader/l%d","lease_duration":%d,"renewable":%v,"data":{"username":"v-user-%d","password":"pw-%d"}}`, n, f.leaseTTL, f.renewable, n, n)
+	case strings.HasPrefix(r.URL.Path, "/v1/database/static-creds/"):
+		n := f.reads.Add(1)
+		fmt.Fprintf(w, `{"data":{"username":"app_report","password":"pw-%d","ttl":%d,"rotation_period":60}}`, n, f.staticTTL)
 	case r.URL.Path == "/v1/sys/leases/renew":
 		f.renews.Add(1)
 		if f.renewStatus != 0 {
@@ -91,17 +104,31 @@ func newClock() *clock               { return &clock{now: time.Unix(1_800_000_00
 
 func newBroker(t *testing.T, fv *fakeVault, now func() time.Time) *Broker {
 	t.Helper()
+	return newBrokerWith(t, fv, Config{Now: now})
+}
+
+// newBrokerWith serves fv and returns a broker configured as cfg says; with
+// cfg.Self set to a non-nil *Self, a token-method identity using the
+// fake's "hvs.vt-self" token is made (role scope).
+func newBrokerWith(t *testing.T, fv *fakeVault, cfg Config) *Broker {
+	t.Helper()
 	srv := httptest.NewServer(fv)
 	t.Cleanup(srv.Close)
-	cfg := vault.DefaultConfig()
-	cfg.Address = srv.URL
-	cfg.MaxRetries = 0
-	c, err := vault.NewClient(cfg)
+	vcfg := vault.DefaultConfig()
+	vcfg.Address = srv.URL
+	vcfg.MaxRetries = 0
+	c, err := vault.NewClient(vcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c.ClearToken()
-	b, err := New(Config{Client: c, Now: now})
+	cfg.Client = c
+	if cfg.Self != nil {
+		done := make(chan struct{})
+		close(done)
+		cfg.Self = &Self{base: c, token: "hvs.vt-self", stop: func() {}, done: done}
+	}
+	b, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -369,5 +396,187 @@ func TestForgetDropsOnlyTheRefusedCredential(t *testing.T) {
 	b.Forget(old) // a late refusal of the old one
 	if again, _ := b.Credential(ctx, r); again != fresh || fv.reads.Load() != 2 {
 		t.Fatalf("forgetting a replaced credential dropped its successor (%d reads)", fv.reads.Load())
+	}
+}
+
+func reqAs(sub, tok string, exp time.Time) Request {
+	return Request{Token: tok, TokenExpiry: exp, Subject: sub, VaultRole: "app-reader"}
+}
+
+// Identity scope: each subject has a credential of its own; one subject's
+// tokens share theirs while the login that read it lasts at least as long
+// as theirs, and a token outliving it reads a fresh one.
+func TestIdentityScopeKeysBySubject(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 7200}
+	b := newBroker(t, fv, nil)
+	ctx := context.Background()
+	exp := time.Now().Add(time.Hour)
+	a1, err := b.Credential(ctx, reqAs("alice", "good-a1", exp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a2, _ := b.Credential(ctx, reqAs("alice", "good-a2", exp.Add(-time.Minute)))
+	bob, _ := b.Credential(ctx, reqAs("bob", "good-b", exp))
+	if a1 != a2 || a1 == bob || fv.reads.Load() != 2 {
+		t.Fatalf("alice's two tokens share: %v; alice and bob differ: %v; reads %d (want 2)", a1 == a2, a1 != bob, fv.reads.Load())
+	}
+	if a1.Scope != ScopeIdentity || a1.Subject != "alice" {
+		t.Fatalf("scope %q subject %q", a1.Scope, a1.Subject)
+	}
+	later, _ := b.Credential(ctx, reqAs("alice", "good-a3", exp.Add(time.Minute)))
+	if later == a1 {
+		t.Fatal("a token outliving the login that read alice's credential was given it: it would be cut when that login ends")
+	}
+}
+
+// Role scope needs pgwarden's own identity; with it, one credential is read
+// with pgwarden's token and shared by every subject.
+func TestRoleScopeIsReadByPgwardensOwnIdentity(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600}
+	none := newBroker(t, fv, nil)
+	r := reqAs("alice", "good-a", time.Now().Add(time.Hour))
+	r.Scope = ScopeRole
+	if _, err := none.Credential(context.Background(), r); pgerror.Code(err) != pgerror.ConfigurationFileError {
+		t.Fatalf("role scope without an own identity: %v", err)
+	}
+	b := newBrokerWith(t, fv, Config{Self: &Self{}})
+	a, err := b.Credential(context.Background(), r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2 := reqAs("bob", "good-b", time.Now().Add(time.Hour))
+	r2.Scope = ScopeRole
+	bb, _ := b.Credential(context.Background(), r2)
+	if a != bb || a.Scope != ScopeRole || a.Subject != "" {
+		t.Fatalf("role scope: shared %v, scope %q, subject %q", a == bb, a.Scope, a.Subject)
+	}
+	if fv.logins.Load() != 2 {
+		t.Fatalf("logins = %d: each client must still log in itself", fv.logins.Load())
+	}
+}
+
+// Renewal (LifetimeWatcher) moves a lease's end; a renewal Vault refuses
+// (the lease was revoked behind pgwarden's back) retires it at once.
+func TestRenewalExtendsOrRetiresTheLease(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{leaseTTL: 30, tokenTTL: 3600, renewable: true, renewTTL: 600}
+	b := newBroker(t, fv, nil)
+	c, err := b.Credential(context.Background(), reqAs("alice", "good-a", time.Now().Add(time.Hour)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a renewal to extend the lease", func() bool { return c.ExpiresAt().After(time.Now().Add(5 * time.Minute)) })
+
+	gone := &fakeVault{leaseTTL: 30, tokenTTL: 3600, renewable: true, renewStatus: http.StatusBadRequest}
+	b2 := newBroker(t, gone, nil)
+	c2, err := b2.Credential(context.Background(), reqAs("alice", "good-a", time.Now().Add(time.Hour)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a refused renewal to retire the lease", c2.Retired)
+	if c2.Ended() {
+		t.Fatal("a lease Vault no longer knows ended its sessions outright; they should end at an idle point")
+	}
+}
+
+// A client login's Vault token is revoked once its client token has expired
+// and no connection holds a lease it read — not before.
+func TestExpiredLoginIsRevokedOnceItsLeaseIsReleased(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600}
+	b := newBroker(t, fv, nil)
+	c, err := b.Credential(context.Background(), reqAs("alice", "good-a", time.Now().Add(time.Second)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Hold() // an upstream connection uses it
+	waitFor(t, "the credential to retire with its token", c.Retired)
+	time.Sleep(100 * time.Millisecond)
+	if n := fv.revokes.Load(); n != 0 {
+		t.Fatalf("%d revocations while a connection still holds the lease", n)
+	}
+	c.Release()
+	waitFor(t, "the login's Vault token to be revoked", func() bool { return fv.revokes.Load() == 1 })
+}
+
+// A cached login that Vault no longer honours (its token revoked) is
+// dropped and the request retried once with a fresh login.
+func TestRevokedCachedLoginIsReplacedOnce(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600}
+	b := newBroker(t, fv, nil)
+	ctx := context.Background()
+	r := reqAs("alice", "good-a", time.Now().Add(time.Hour))
+	c, err := b.Credential(ctx, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.Forget(c) // the next request reads again, with the cached login
+	fv.revoked.Store("hvs.vt-1")
+	c2, err := b.Credential(ctx, r)
+	if err != nil {
+		t.Fatalf("after Vault revoked the cached login: %v", err)
+	}
+	if c2 == c || fv.logins.Load() != 2 {
+		t.Fatalf("fresh credential %v, logins %d (want 2)", c2 != c, fv.logins.Load())
+	}
+}
+
+// Close with revoke revokes every client login's Vault token; without, none.
+func TestCloseRevokesClientLogins(t *testing.T) {
+	t.Parallel()
+	for _, revoke := range []bool{true, false} {
+		fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600}
+		b := newBroker(t, fv, nil)
+		for _, sub := range []string{"a", "b", "c"} {
+			if _, err := b.Credential(context.Background(), reqAs(sub, "good-"+sub, time.Now().Add(time.Hour))); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := b.Close(context.Background(), revoke); err != nil {
+			t.Fatal(err)
+		}
+		want := int32(0)
+		if revoke {
+			want = 3
+		}
+		if got := fv.revokes.Load(); got != want {
+			t.Fatalf("Close(revoke=%v): %d revocations, want %d", revoke, got, want)
+		}
+		if _, err := b.Credential(context.Background(), reqAs("d", "good-d", time.Now().Add(time.Hour))); err == nil {
+			t.Fatal("a closed broker issued a credential")
+		}
+	}
+}
+
+// A static role's credential retires after Vault's next rotation (so new
+// sessions read the new password) and never ends (open sessions are not
+// touched by a rotation).
+func TestStaticCredentialRetiresAfterRotationAndNeverEnds(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{staticTTL: 1}
+	b := newBrokerWith(t, fv, Config{Self: &Self{}})
+	r := reqAs("alice", "good-a", time.Now().Add(time.Hour))
+	r.Scope, r.Static = ScopeRole, true
+	c, err := b.Credential(context.Background(), r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Static || c.Username != "app_report" || c.Retired() {
+		t.Fatalf("static credential: %+v retired %v", c.LogValue(), c.Retired())
+	}
+	waitFor(t, "the static credential to retire after the rotation", c.Retired)
+	if c.Ended() || c.ExpiresAt().Before(time.Now().Add(24*time.Hour)) {
+		t.Fatal("a static credential ended: open sessions would be cut by a password rotation")
+	}
+	c2, err := b.Credential(context.Background(), r)
+	if err != nil || c2 == c || c2.Password == c.Password {
+		t.Fatalf("after the rotation: %v, same credential %v", err, c2 == c)
+	}
+	r.Scope = ScopeIdentity
+	if _, err := b.Credential(context.Background(), r); pgerror.Code(err) != pgerror.ConfigurationFileError {
+		t.Fatalf("a static role in identity scope: %v", err)
 	}
 }

@@ -55,6 +55,9 @@ type Route struct {
 	// Scopes maps each access level to who shares its credentials
 	// (broker.ScopeIdentity, the default, or broker.ScopeRole).
 	Scopes map[string]string
+	// Static marks the levels whose credentials come from a Vault static
+	// role (<mount>/static-creds/<role>).
+	Static map[string]bool
 	// Policy is what ParseUpstream enforces on Upstream (TLS, SCRAM).
 	Policy UpstreamPolicy
 }

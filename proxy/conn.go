@@ -279,7 +279,7 @@ func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessa
 		return nil, nil, e
 	}
 	req := broker.Request{Token: token, TokenExpiry: id.Expiry, Subject: id.Subject, Database: c.database,
-		VaultRole: role, Scope: route.Scopes[level]}
+		VaultRole: role, Scope: route.Scopes[level], Static: route.Static[level]}
 	up, err := c.upstream(ctx, req, level, route)
 	if err != nil {
 		c.srv.releaseSubject(id.Subject)

@@ -102,7 +102,9 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 		f := interrupt(flag)
 		return func() { f(); backstop.Reset(cutGrace) }
 	}
-	defer up.cred.OnRetire(interrupt(&st.retiring))()
+	if !up.cred.Static { // a rotated static password does not touch open sessions
+		defer up.cred.OnRetire(interrupt(&st.retiring))()
+	}
 	defer up.cred.OnEnd(cutNow(&st.cut))()
 	if exp := c.id.Expiry; !exp.IsZero() {
 		now := cfg.Now()

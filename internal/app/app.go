@@ -96,12 +96,13 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 	routes := make(map[string]proxy.Route, len(cfg.Databases))
 	for _, d := range cfg.Databases {
 		ad := authn.Database{Name: d.Name}
-		r := proxy.Route{Upstream: d.Upstream, VaultRoles: map[string]string{}, Scopes: map[string]string{},
+		r := proxy.Route{Upstream: d.Upstream, VaultRoles: map[string]string{}, Scopes: map[string]string{}, Static: map[string]bool{},
 			Policy: proxy.UpstreamPolicy{AllowInsecure: d.AllowInsecureUpstream}}
 		for _, l := range d.Levels {
 			ad.Levels = append(ad.Levels, authn.Level{Name: l.Name, Groups: l.Groups})
 			r.VaultRoles[l.Name] = l.VaultRole
 			r.Scopes[l.Name] = l.Scope
+			r.Static[l.Name] = l.Static != nil
 		}
 		dbs = append(dbs, ad)
 		routes[d.Name] = r

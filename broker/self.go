@@ -52,12 +52,17 @@ type Self struct {
 	// ownToken: pgwarden created the token by logging in, so it revokes it.
 	ownToken bool
 
-	stop chan struct{}
-	done chan struct{}
+	// ctx ends when Close is called, cancelling a login in progress.
+	ctx      context.Context
+	stopOnce sync.Once
+	stop     context.CancelFunc
+	done     chan struct{} // closed when keepAlive has returned
 }
 
 // NewSelf logs in (or looks the given token up) and starts keeping the token
-// alive. client supplies the address and TLS; it is not changed.
+// alive. client supplies the address and TLS; it is not changed. It checks
+// cfg and reads the token or secret file before it calls Vault, and its
+// error names what is missing: the file, or VAULT_TOKEN.
 func NewSelf(ctx context.Context, client *vault.Client, cfg SelfConfig, log *slog.Logger) (*Self, error) {
 	if log == nil {
 		log = slog.Default()
@@ -71,14 +76,35 @@ func NewSelf(ctx context.Context, client *vault.Client, cfg SelfConfig, log *slo
 	if cfg.Method == "kubernetes" && cfg.SecretFile == "" {
 		cfg.SecretFile = DefaultServiceAccountTokenFile
 	}
-	s := &Self{cfg: cfg, base: client, log: log, ownToken: cfg.Method != "token",
-		stop: make(chan struct{}), done: make(chan struct{})}
+	if cfg.Method != "token" && cfg.Role == "" {
+		return nil, fmt.Errorf("vault auth method %s: no role (set vault.auth.role: the AppRole role_id or the Kubernetes auth role)", cfg.Method)
+	}
+	if cfg.Method == "approle" && cfg.SecretFile == "" {
+		return nil, errors.New("vault auth method approle: no secret_id file (set vault.auth.secret_file)")
+	}
+	s := &Self{cfg: cfg, base: client, log: log, ownToken: cfg.Method != "token", done: make(chan struct{})}
+	s.ctx, s.stop = context.WithCancel(context.Background())
 	sec, err := s.login(ctx)
 	if err != nil {
+		s.stop()
 		return nil, err
 	}
 	go s.keepAlive(sec)
 	return s, nil
+}
+
+// readSecret reads a token or secret_id from path, without the white space
+// around it; what names it in errors, which never hold its content.
+func readSecret(path, what string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", what, err) // *fs.PathError names the file
+	}
+	v := strings.TrimSpace(string(b))
+	if v == "" {
+		return "", fmt.Errorf("%s %s is empty", what, path)
+	}
+	return v, nil
 }
 
 // login obtains a token and returns it as an auth secret the
@@ -93,11 +119,9 @@ func (s *Self) login(ctx context.Context) (*vault.Secret, error) {
 	case "token":
 		tok := s.base.Token()
 		if s.cfg.TokenFile != "" {
-			b, err := os.ReadFile(s.cfg.TokenFile)
-			if err != nil {
-				return nil, fmt.Errorf("vault token file: %w", err)
+			if tok, err = readSecret(s.cfg.TokenFile, "vault token file"); err != nil {
+				return nil, err
 			}
-			tok = strings.TrimSpace(string(b))
 		}
 		if tok == "" {
 			return nil, errors.New("vault auth method token: no token (set vault.auth.token_file or VAULT_TOKEN)")
@@ -112,13 +136,19 @@ func (s *Self) login(ctx context.Context) (*vault.Secret, error) {
 		accessor, _ := look.TokenAccessor()
 		sec = &vault.Secret{Auth: &vault.SecretAuth{ClientToken: tok, Accessor: accessor, Renewable: renewable, LeaseDuration: int(ttl.Seconds())}}
 	case "approle", "kubernetes":
-		b, err := os.ReadFile(s.cfg.SecretFile)
-		if err != nil {
-			return nil, fmt.Errorf("vault %s secret file: %w", s.cfg.Method, err)
-		}
-		body := map[string]any{"role_id": s.cfg.Role, "secret_id": strings.TrimSpace(string(b))}
+		// Read at every login: a projected service account token is
+		// rotated by the kubelet, a secret_id by whoever delivers it.
+		what := "vault approle secret_id file"
 		if s.cfg.Method == "kubernetes" {
-			body = map[string]any{"role": s.cfg.Role, "jwt": strings.TrimSpace(string(b))}
+			what = "vault kubernetes service account token file"
+		}
+		secret, err := readSecret(s.cfg.SecretFile, what)
+		if err != nil {
+			return nil, err
+		}
+		body := map[string]any{"role_id": s.cfg.Role, "secret_id": secret}
+		if s.cfg.Method == "kubernetes" {
+			body = map[string]any{"role": s.cfg.Role, "jwt": secret}
 		}
 		vc.ClearToken()
 		sec, err = vc.Logical().WriteWithContext(ctx, "auth/"+s.cfg.Mount+"/login", body)
@@ -132,7 +162,8 @@ func (s *Self) login(ctx context.Context) (*vault.Secret, error) {
 	s.mu.Lock()
 	s.token, s.accessor = sec.Auth.ClientToken, sec.Auth.Accessor
 	s.mu.Unlock()
-	s.log.Info("logged in to Vault as pgwarden", "method", s.cfg.Method, "ttl", time.Duration(sec.Auth.LeaseDuration)*time.Second)
+	s.log.Info("logged in to Vault as pgwarden", "method", s.cfg.Method, "accessor", sec.Auth.Accessor,
+		"ttl", time.Duration(sec.Auth.LeaseDuration)*time.Second, "renewable", sec.Auth.Renewable)
 	return sec, nil
 }
 
@@ -150,33 +181,36 @@ func (s *Self) keepAlive(sec *vault.Secret) {
 				s.log.Warn("renewing pgwarden's Vault token failed", "error", err)
 			}
 		} else {
-			<-s.stop // a token without TTL (a root token, in development) needs no care
+			<-s.ctx.Done() // a token without TTL (a root token, in development) needs no care
 			return
 		}
-		select {
-		case <-s.stop:
+		if s.ctx.Err() != nil {
 			return
-		default:
 		}
 		if s.cfg.Method == "token" {
 			s.log.Error("pgwarden's Vault token can be renewed no further; role-scoped credentials fail once it ends: give pgwarden a new token and restart it, or use approle or kubernetes auth")
-			<-s.stop
+			<-s.ctx.Done()
 			return
 		}
 		for attempt := 0; ; attempt++ {
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			ctx, cancel := context.WithTimeout(s.ctx, 30*time.Second)
 			next, err := s.login(ctx)
 			cancel()
 			if err == nil {
 				sec = next
 				break
 			}
+			if s.ctx.Err() != nil {
+				return
+			}
 			d := Backoff(attempt)
 			s.log.Warn("logging in to Vault as pgwarden failed; retrying", "error", err, "in", d)
+			t := time.NewTimer(d)
 			select {
-			case <-s.stop:
+			case <-s.ctx.Done():
+				t.Stop()
 				return
-			case <-time.After(d):
+			case <-t.C:
 			}
 		}
 	}
@@ -192,7 +226,7 @@ func (s *Self) watch(vc *vault.Client, sec *vault.Secret) error {
 	defer w.Stop()
 	for {
 		select {
-		case <-s.stop:
+		case <-s.ctx.Done():
 			return nil
 		case <-w.RenewCh():
 		case err := <-w.DoneCh():
@@ -231,16 +265,21 @@ func (s *Self) client() (*vault.Client, error) {
 	return vc, nil
 }
 
-// Close stops renewing and, with revoke, revokes a token pgwarden obtained
-// by logging in (never one the operator gave it).
+// Close stops renewing, cancelling a login in progress, and, with revoke,
+// revokes the token pgwarden obtained by logging in last (never one the
+// operator gave it). It returns when that is done or ctx ends. Only the
+// first call does anything; Close is safe for concurrent use.
 func (s *Self) Close(ctx context.Context, revoke bool) error {
-	select {
-	case <-s.stop:
+	first := false
+	s.stopOnce.Do(func() { first = true; s.stop() })
+	if !first {
 		return nil
-	default:
-		close(s.stop)
 	}
-	<-s.done
+	select {
+	case <-s.done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 	if !revoke || !s.ownToken {
 		return nil
 	}

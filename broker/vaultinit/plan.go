@@ -41,6 +41,7 @@ const (
 	KindJWTConfig     Kind = "JWT auth config"
 	KindConnection    Kind = "database connection"
 	KindDatabaseRole  Kind = "database role"
+	KindStaticRole    Kind = "static database role"
 	KindPolicy        Kind = "policy"
 	KindJWTRole       Kind = "JWT auth role"
 )
@@ -74,8 +75,9 @@ func (c Change) String() string {
 }
 
 // Changes is a plan: the changes in the order Apply makes them (mounts, the
-// JWT config, connections, then per level its policy before its database role
-// and JWT auth role, pgwarden's own policy, and last the removals).
+// JWT config, connections, then per level its policy, the role of the other
+// kind it replaces, its database or static role and its JWT auth role,
+// pgwarden's own policy, and last the removals).
 type Changes []Change
 
 // Apply makes the changes, which must come from Plan, in order with client,
@@ -99,9 +101,10 @@ func (cs Changes) Apply(ctx context.Context, client *vault.Client, done func(Cha
 }
 
 // Plan reads Vault's state with client (mounts, auth methods, the JWT
-// config, database connections and roles, policies, JWT auth roles) and
-// returns the changes that bring it to spec, none when it matches. It writes
-// nothing. client's token must be allowed to read and list what Apply writes.
+// config, database connections, database and static roles, policies, JWT
+// auth roles) and returns the changes that bring it to spec, none when it
+// matches. It writes nothing. client's token must be allowed to read and list
+// what Apply writes.
 func Plan(ctx context.Context, client *vault.Client, spec Spec) (Changes, error) {
 	if err := spec.checkAndSetDefaults(); err != nil {
 		return nil, err
@@ -208,7 +211,7 @@ func (p *planner) readState() error {
 		p.policies[n] = text
 	}
 	p.owned = map[string]string{}
-	creds := regexp.MustCompile(`(?m)^path "` + regexp.QuoteMeta(p.spec.DatabaseMount+"/creds/") + `([^"/]+)"`)
+	creds := regexp.MustCompile(`(?m)^path "` + regexp.QuoteMeta(p.spec.DatabaseMount+"/") + `(?:static-)?creds/([^"/]+)"`)
 	for n, text := range p.policies {
 		if n == ServerPolicyName || !strings.HasPrefix(text, PolicyMarker) {
 			continue
@@ -386,15 +389,18 @@ func (p *planner) planConnection(db Database, scope string, roles []string) {
 func (p *planner) planLevels() error {
 	for _, db := range p.spec.Databases {
 		for _, l := range db.Levels {
-			if err := p.planPolicy(PolicyName(l.VaultRole), levelPolicy(p.spec.DatabaseMount, l.VaultRole),
-				fmt.Sprintf("level %s of %s: read %s/creds/%s only", l.Name, db.Name, p.spec.DatabaseMount, l.VaultRole)); err != nil {
+			if err := p.planPolicy(PolicyName(l.VaultRole), levelPolicy(p.spec.DatabaseMount, l),
+				fmt.Sprintf("level %s of %s: read %s only", l.Name, db.Name, credsPath(p.spec.DatabaseMount, l))); err != nil {
 				return err
 			}
-			if err := p.planDatabaseRole(db, l); err != nil {
-				return err
+			steps := []func(Database, Level) error{p.planOtherKind, p.planDatabaseRole, p.planJWTRole}
+			if l.Static {
+				steps[1] = p.planStaticRole
 			}
-			if err := p.planJWTRole(db, l); err != nil {
-				return err
+			for _, step := range steps {
+				if err := step(db, l); err != nil {
+					return err
+				}
 			}
 		}
 	}
@@ -459,6 +465,93 @@ func (p *planner) planDatabaseRole(db Database, l Level) error {
 	return nil
 }
 
+// planStaticRole plans the static role of static level l (see the package
+// doc): created, updated in place, or deleted and created again when its user
+// changes, which Vault refuses to do in place.
+func (p *planner) planStaticRole(db Database, l Level) error {
+	path := p.spec.DatabaseMount + "/static-roles/" + l.VaultRole
+	conn := ConnectionName(db.Name, scopeOf(l))
+	period := seconds(l.RotationPeriod)
+	data := map[string]any{
+		"db_name":             conn,
+		"username":            l.StaticUsername,
+		"rotation_period":     period,
+		"credential_type":     "password",
+		"rotation_statements": []string{},
+	}
+	write := func(ctx context.Context, c *vault.Client) error {
+		_, err := c.Logical().WriteWithContext(ctx, path, data)
+		return err
+	}
+	var cur map[string]any
+	if p.dbMounted {
+		var err error
+		if cur, err = p.read(path); err != nil {
+			return err
+		}
+	}
+	create := func() {
+		p.add(ActionCreate, KindStaticRole, path, fmt.Sprintf("level %s of %s, connection %s, user %s, rotation_period %s; Vault sets the user's password now and keeps it",
+			l.Name, db.Name, conn, l.StaticUsername, ttl(period)), write)
+	}
+	if cur == nil {
+		create()
+		return nil
+	}
+	if old := str(cur["username"]); old != l.StaticUsername {
+		p.add(ActionDelete, KindStaticRole, path, fmt.Sprintf("its user %s becomes %s, which Vault cannot change in place: deleted and created again; Vault does not drop %s",
+			old, l.StaticUsername, old), deleter(path))
+		create()
+		return nil
+	}
+	var d diff
+	d.text("db_name", conn, cur["db_name"], true)
+	d.text("credential_type", "password", cur["credential_type"], true)
+	d.list("rotation_statements", nil, cur["rotation_statements"])
+	if sched := str(cur["rotation_schedule"]); sched != "" {
+		d = append(d, fmt.Sprintf("rotation_schedule %q → rotation_period %s", sched, ttl(period)))
+	} else {
+		d.secs("rotation_period", period, cur["rotation_period"])
+	}
+	if len(d) > 0 {
+		p.add(ActionUpdate, KindStaticRole, path, d.String(), write)
+	}
+	return nil
+}
+
+// planOtherKind deletes l's Vault role of the other kind, the static role of
+// a dynamic level or the database role of a static one: the level changed
+// kind, and Vault refuses a database role and a static role of one name. It
+// comes before the role of l's kind is written. A database role's leases are
+// revoked first. A role of the other kind that pgwarden does not own is
+// refused.
+func (p *planner) planOtherKind(db Database, l Level) error {
+	if !p.dbMounted {
+		return nil
+	}
+	other, kind := "/static-roles/", KindStaticRole
+	if l.Static {
+		other, kind = "/roles/", KindDatabaseRole
+	}
+	path := p.spec.DatabaseMount + other + l.VaultRole
+	cur, err := p.read(path)
+	if err != nil || cur == nil {
+		return err
+	}
+	if !p.isOwned(l.VaultRole) {
+		return fmt.Errorf("vaultinit: %s exists and is not pgwarden's (no policy %s marks it), and Vault refuses a database role and a static role of one name: remove it, or give level %s of %s another vault_role",
+			path, strings.ToLower(PolicyName(l.VaultRole)), l.Name, db.Name)
+	}
+	if l.Static {
+		p.add(ActionDelete, kind, path, fmt.Sprintf("level %s of %s is static now; its leases are revoked first", l.Name, db.Name),
+			p.revokeAndDelete(l.VaultRole))
+		return nil
+	}
+	p.add(ActionDelete, kind, path, fmt.Sprintf("level %s of %s is dynamic now; Vault does not drop its user %s", l.Name, db.Name, str(cur["username"])),
+		deleter(path))
+	return nil
+}
+
 func (p *planner) planJWTRole(db Database, l Level) error {
 	path := "auth/" + p.spec.JWTMount + "/role/" + l.VaultRole
 	j := p.spec.JWT
@@ -515,7 +608,11 @@ func (p *planner) planJWTRole(db Database, l Level) error {
 }
 
 func (p *planner) planServerPolicy() error {
-	if roles := roleScoped(p.spec); len(roles) > 0 {
+	if levels := roleScoped(p.spec); len(levels) > 0 {
+		var roles []string
+		for _, l := range levels {
+			roles = append(roles, l.VaultRole)
+		}
 		return p.planPolicy(ServerPolicyName, serverPolicy(p.spec),
 			fmt.Sprintf("pgwarden's own identity: read the creds of %s, renew and revoke leases, its own token", strings.Join(roles, ", ")))
 	}
@@ -523,8 +620,8 @@ func (p *planner) planServerPolicy() error {
 }
 
 // planPrune removes what pgwarden owns and the spec no longer names: JWT auth
-// roles first (no new logins), then database roles (their leases revoked),
-// then the policies that mark them, then connections.
+// roles first (no new logins), then database roles (their leases revoked) and
+// static roles, then the policies that mark them, then connections.
 func (p *planner) planPrune() error {
 	var gone []string // owned roles the spec no longer names, sorted
 	for lower, role := range p.owned {
@@ -562,14 +659,26 @@ func (p *planner) planPrune() error {
 			if p.inSpec[strings.ToLower(n)] || !p.isOwned(n) {
 				continue
 			}
-			path := p.spec.DatabaseMount + "/roles/" + n
-			prefix := p.spec.DatabaseMount + "/creds/" + n
-			p.add(ActionDelete, KindDatabaseRole, path, "no level of the spec has this Vault role; its leases are revoked first", func(ctx context.Context, c *vault.Client) error {
-				if err := c.Sys().RevokePrefixWithContext(ctx, prefix); err != nil {
-					return fmt.Errorf("revoke the leases of %s: %w", prefix, err)
-				}
-				return deleter(path)(ctx, c)
-			})
+			p.add(ActionDelete, KindDatabaseRole, p.spec.DatabaseMount+"/roles/"+n, "no level of the spec has this Vault role; its leases are revoked first",
+				p.revokeAndDelete(n))
+		}
+		if names, err = p.list(p.spec.DatabaseMount + "/static-roles"); err != nil {
+			return err
+		}
+		for _, n := range names {
+			if p.inSpec[strings.ToLower(n)] || !p.isOwned(n) {
+				continue
+			}
+			path := p.spec.DatabaseMount + "/static-roles/" + n
+			cur, err := p.read(path)
+			if err != nil {
+				return err
+			}
+			if cur == nil {
+				continue
+			}
+			p.add(ActionDelete, KindStaticRole, path, fmt.Sprintf("no level of the spec has this Vault role; Vault does not drop its user %s", str(cur["username"])),
+				deleter(path))
 		}
 	}
 	for _, role := range gone {
@@ -605,17 +714,30 @@ func (p *planner) planPrune() error {
 	return nil
 }
 
-// roleScoped lists the Vault roles of the levels in role scope.
-func roleScoped(spec Spec) []string {
-	var roles []string
+// roleScoped lists the levels in role scope.
+func roleScoped(spec Spec) []Level {
+	var levels []Level
 	for _, db := range spec.Databases {
 		for _, l := range db.Levels {
 			if scopeOf(l) == ScopeRole {
-				roles = append(roles, l.VaultRole)
+				levels = append(levels, l)
 			}
 		}
 	}
-	return roles
+	return levels
+}
+
+// revokeAndDelete revokes the leases of database role role, which drops the
+// users they name, then deletes the role.
+func (p *planner) revokeAndDelete(role string) func(context.Context, *vault.Client) error {
+	path := p.spec.DatabaseMount + "/roles/" + role
+	prefix := p.spec.DatabaseMount + "/creds/" + role
+	return func(ctx context.Context, c *vault.Client) error {
+		if err := c.Sys().RevokePrefixWithContext(ctx, prefix); err != nil {
+			return fmt.Errorf("revoke the leases of %s: %w", prefix, err)
+		}
+		return deleter(path)(ctx, c)
+	}
 }
 
 func deleter(path string) func(context.Context, *vault.Client) error {

@@ -459,6 +459,14 @@ func toStrings(v any) []string {
 	return out
 }
 
+// static turns the first level of s into a valid static level and returns it.
+func static(s *vaultinit.Spec) *vaultinit.Level {
+	l := &s.Databases[0].Levels[0]
+	l.Static, l.StaticUsername, l.RotationPeriod, l.Scope = true, "app_report", time.Hour, vaultinit.ScopeRole
+	l.CreationStatements, l.RevocationStatements, l.DefaultTTL, l.MaxTTL = nil, nil, 0, 0
+	return l
+}
+
 // Refusals need no Vault: the spec is checked before anything is read.
 func TestPlanRefusesSpecsVaultCannotHold(t *testing.T) {
 	t.Parallel()
@@ -486,9 +494,39 @@ func TestPlanRefusesSpecsVaultCannotHold(t *testing.T) {
 			s.Databases[0].Levels = append(s.Databases[0].Levels, vaultinit.Level{Name: "r2", VaultRole: "APP-reader", CreationStatements: []string{"x"}})
 		}, "also"},
 		"no audience for the JWT binding": {func(s *vaultinit.Spec) { s.JWT.Audiences = nil }, "audience"},
+
+		"a static level without a user": {func(s *vaultinit.Spec) { static(s).StaticUsername = "" }, `static level "reader": needs a database user`},
+		"a static level rotating faster than Vault can": {func(s *vaultinit.Spec) { static(s).RotationPeriod = 4 * time.Second },
+			`static level "reader": rotation period 4s is under Vault's minimum`},
+		"a static level in identity scope": {func(s *vaultinit.Spec) { static(s).Scope = "" }, `static level "reader": scope is identity`},
+		"a static level with creation statements": {func(s *vaultinit.Spec) { static(s).CreationStatements = []string{"CREATE ROLE x"} },
+			`static level "reader": has creation or revocation statements`},
+		"a static level with revocation statements": {func(s *vaultinit.Spec) { static(s).RevocationStatements = []string{"DROP ROLE x"} },
+			`static level "reader": has creation or revocation statements`},
+		"a static level with a TTL": {func(s *vaultinit.Spec) { static(s).MaxTTL = time.Hour }, `static level "reader": has TTLs`},
+		"a static level over the connection's admin": {func(s *vaultinit.Spec) { static(s).StaticUsername = "vault_admin" },
+			`static level "reader": user "vault_admin" is the connection's admin`},
+		"a static user that would break out of its quotes": {func(s *vaultinit.Spec) { static(s).StaticUsername = `app"; DROP ROLE x; --` },
+			"double quote"},
+		"a static user longer than PostgreSQL's names": {func(s *vaultinit.Spec) { static(s).StaticUsername = strings.Repeat("u", 64) }, "63-byte"},
+		"two static levels over one user": {func(s *vaultinit.Spec) {
+			l := *static(s)
+			l.Name, l.VaultRole = "report", "app-report"
+			s.Databases[0].Levels = append(s.Databases[0].Levels, l)
+		}, `static level "report": user "app_report" is also static level "reader"'s`},
+		"a static and a dynamic level share a Vault role": {func(s *vaultinit.Spec) {
+			l := *static(s)
+			l.Name, l.VaultRole = "report", "APP-reader"
+			s.Databases[0].Levels = []vaultinit.Level{base().Databases[0].Levels[0], l}
+		}, "also"},
 	}
 	if _, err := vaultinit.ServerPolicy(base()); err != nil {
 		t.Fatalf("the base of every case must be valid: %v", err)
+	}
+	valid := base()
+	static(&valid)
+	if _, err := vaultinit.ServerPolicy(valid); err != nil {
+		t.Fatalf("the base made static must be valid: %v", err)
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -503,8 +541,9 @@ func TestPlanRefusesSpecsVaultCannotHold(t *testing.T) {
 	}
 }
 
-// pgwarden's own policy reads the role-scoped levels' creds and static creds,
-// manages leases and its own token, and nothing of the identity-scoped ones.
+// pgwarden's own policy reads the role-scoped levels' creds (a dynamic
+// level's) or static creds (a static level's), manages leases and its own
+// token, and nothing of the identity-scoped ones.
 func TestServerPolicyCoversRoleScopedLevelsOnly(t *testing.T) {
 	t.Parallel()
 	spec := vaultinit.Spec{
@@ -514,6 +553,7 @@ func TestServerPolicyCoversRoleScopedLevelsOnly(t *testing.T) {
 			Levels: []vaultinit.Level{
 				{Name: "reader", VaultRole: "app-reader", CreationStatements: []string{"x"}},
 				{Name: "report", VaultRole: "app-report", CreationStatements: []string{"x"}, Scope: vaultinit.ScopeRole},
+				{Name: "nightly", VaultRole: "app-nightly", Scope: vaultinit.ScopeRole, Static: true, StaticUsername: "app_nightly", RotationPeriod: time.Hour},
 			}}},
 	}
 	text, err := vaultinit.ServerPolicy(spec)
@@ -523,14 +563,16 @@ func TestServerPolicyCoversRoleScopedLevelsOnly(t *testing.T) {
 	if !strings.HasPrefix(text, vaultinit.PolicyMarker) {
 		t.Errorf("no marker:\n%s", text)
 	}
-	for _, want := range []string{`"db/creds/app-report"`, `"db/static-creds/app-report"`, `"sys/leases/renew"`, `"sys/leases/revoke"`,
+	for _, want := range []string{`"db/creds/app-report"`, `"db/static-creds/app-nightly"`, `"sys/leases/renew"`, `"sys/leases/revoke"`,
 		`"auth/token/renew-self"`, `"auth/token/revoke-self"`, `"auth/token/lookup-self"`} {
 		if !strings.Contains(text, "path "+want) {
 			t.Errorf("lacks %s:\n%s", want, text)
 		}
 	}
-	if strings.Contains(text, "app-reader") {
-		t.Errorf("grants an identity-scoped level:\n%s", text)
+	for _, not := range []string{"app-reader", `"db/static-creds/app-report"`, `"db/creds/app-nightly"`} {
+		if strings.Contains(text, not) {
+			t.Errorf("grants %s, which no role-scoped level reads:\n%s", not, text)
+		}
 	}
 	if spec.Databases[0].Levels[0].Scope != "" || spec.DatabaseMount != "/db/" {
 		t.Error("ServerPolicy changed the caller's spec")

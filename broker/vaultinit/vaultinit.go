@@ -33,17 +33,41 @@
 // the password was changed in PostgreSQL). A connection whose stored fields
 // match is otherwise left alone.
 //
+// # Static levels
+//
+// A level with Static set is a Vault static role, <mount>/static-roles/<role>,
+// instead of a database role: one database user (StaticUsername) that exists
+// already and whose password Vault rotates every RotationPeriod, read from
+// <mount>/static-creds/<role>. It must be in "role" scope, so it sits on
+// the <name>-role connection. The user must exist before Apply creates the
+// static role: Vault logs in as the connection's admin and sets a new
+// password for the user at once (ALTER ROLE … PASSWORD), and from then on
+// Vault alone knows it. Its policy and, for pgwarden's own identity,
+// ServerPolicyName's policy grant the static creds only; its JWT auth role is
+// written as for any level, because a client must still be let in by Vault.
+// Vault cannot change a static role's user in place: a level whose
+// StaticUsername changes is deleted and created again. Vault refuses a
+// database role and a static role of one name, so a level that turns from
+// dynamic to static, or back, has the role of the other kind deleted first
+// (a database role's leases revoked, a static role's user left in place),
+// whether or not Spec.Prune is set; Plan refuses one pgwarden does not own.
+// Vault deleting a static role never drops or changes its database user.
+//
 // # Ownership and pruning
 //
 // With Spec.Prune, objects pgwarden created that the Spec no longer names are
 // removed. pgwarden owns a Vault role name R when the policy PolicyName(R)
-// exists, its text begins with PolicyMarker and it grants R's credentials
-// under this Spec's database mount (Plan writes that policy before the roles
-// it marks and Apply deletes it after them, so an interrupted run never leaves
-// an unmarked object behind). Then:
+// exists, its text begins with PolicyMarker and it grants R's credentials or
+// static credentials under this Spec's database mount (Plan writes that
+// policy before the roles it marks and Apply deletes it after them, so an
+// interrupted run never leaves an unmarked object behind). Then:
 //   - a database role R is pgwarden's when R is owned; its leases are revoked
 //     (sys/leases/revoke-prefix, which needs sudo) before it is deleted, so the
 //     PostgreSQL users it created are dropped;
+//   - a static role R is pgwarden's when R is owned; Vault deletes it and
+//     leaves its database user in place, with the last password Vault set,
+//     which nobody knows any more (change it in PostgreSQL to use the user
+//     again);
 //   - a JWT auth role R is pgwarden's when R is owned and the auth role's
 //     token_policies include PolicyName(R);
 //   - a connection is pgwarden's when its allowed_roles is not empty and every
@@ -80,10 +104,11 @@ type Spec struct {
 	JWT JWT
 	// Databases to configure.
 	Databases []Database
-	// Prune removes the database roles, policies, JWT auth roles and
-	// connections pgwarden owns (see the package doc) that the Spec no longer
-	// names, and ServerPolicyName's policy when no level is in "role" scope.
-	// Default false: nothing is removed.
+	// Prune removes the database roles, static roles, policies, JWT auth
+	// roles and connections pgwarden owns (see the package doc) that the
+	// Spec no longer names, and ServerPolicyName's policy when no level is in
+	// "role" scope. Default false: nothing is removed, except a role of the
+	// other kind when a level turns from dynamic to static or back.
 	Prune bool
 	// WritePasswords sends every connection's admin password even when the
 	// connection's stored fields match. Default false: the password is sent
@@ -126,8 +151,8 @@ type Database struct {
 	Levels []Level
 }
 
-// Level is one access level: a Vault database role, a policy and a JWT auth
-// role, all named VaultRole.
+// Level is one access level: a Vault database role (or, when Static, a static
+// role), a policy and a JWT auth role, all named VaultRole.
 type Level struct {
 	Name                 string
 	VaultRole            string
@@ -144,12 +169,17 @@ type Level struct {
 	Scope string
 	// Static, when set, makes the level a Vault static role over an existing
 	// database user (StaticUsername) whose password Vault rotates every
-	// RotationPeriod; CreationStatements, RevocationStatements and TTLs do
-	// not apply.
+	// RotationPeriod (whole seconds, at least MinRotationPeriod); the level
+	// must be in "role" scope, and CreationStatements, RevocationStatements
+	// and TTLs do not apply (see the package doc).
 	Static         bool
 	StaticUsername string
 	RotationPeriod time.Duration
 }
+
+// MinRotationPeriod is the shortest rotation period of a static level: the
+// tick of Vault's rotation queue, below which Vault refuses rotation_period.
+const MinRotationPeriod = 5 * time.Second
 
 // Scopes of a level, as in internal/config.
 const (
@@ -192,9 +222,10 @@ func PolicyName(role string) string { return "pgwarden-" + role }
 const ServerPolicyName = "pgwarden-server"
 
 // ServerPolicy returns the text of ServerPolicyName's policy for spec: read
-// the dynamic and static credentials of every level in "role" scope, renew and
-// revoke leases, and look up, renew and revoke its own token. It returns an
-// error when spec is invalid.
+// the credentials of every level in "role" scope (<mount>/creds/<role> of a
+// dynamic level, <mount>/static-creds/<role> of a static one, and nothing
+// else), renew and revoke leases, and look up, renew and revoke its own
+// token. It returns an error when spec is invalid.
 func ServerPolicy(spec Spec) (string, error) {
 	if err := spec.checkAndSetDefaults(); err != nil {
 		return "", err
@@ -208,9 +239,8 @@ func serverPolicy(spec Spec) string {
 	rule := func(path, capability string) {
 		fmt.Fprintf(&b, "path %q {\n  capabilities = [%q]\n}\n", path, capability)
 	}
-	for _, role := range roleScoped(spec) {
-		rule(spec.DatabaseMount+"/creds/"+role, "read")
-		rule(spec.DatabaseMount+"/static-creds/"+role, "read")
+	for _, l := range roleScoped(spec) {
+		rule(credsPath(spec.DatabaseMount, l), "read")
 	}
 	rule("sys/leases/renew", "update")
 	rule("sys/leases/revoke", "update")
@@ -220,10 +250,24 @@ func serverPolicy(spec Spec) string {
 	return b.String()
 }
 
-// levelPolicy is the policy of a level's JWT logins: read its credentials only.
-func levelPolicy(mount, role string) string {
-	return fmt.Sprintf("%s: read %s credentials only.\npath %q {\n  capabilities = [\"read\"]\n}\n",
-		PolicyMarker, role, mount+"/creds/"+role)
+// levelPolicy is the policy of a level's JWT logins: read its credentials
+// (dynamic or static) only.
+func levelPolicy(mount string, l Level) string {
+	what := "credentials"
+	if l.Static {
+		what = "static credentials"
+	}
+	return fmt.Sprintf("%s: read %s %s only.\npath %q {\n  capabilities = [\"read\"]\n}\n",
+		PolicyMarker, l.VaultRole, what, credsPath(mount, l))
+}
+
+// credsPath is where l's credentials are read: <mount>/creds/<role>, or
+// <mount>/static-creds/<role> for a static level.
+func credsPath(mount string, l Level) string {
+	if l.Static {
+		return mount + "/static-creds/" + l.VaultRole
+	}
+	return mount + "/creds/" + l.VaultRole
 }
 
 func scopeOf(l Level) string {
@@ -271,9 +315,10 @@ func (s *Spec) checkAndSetDefaults() error {
 			}
 			conns[strings.ToLower(c)] = d.Name
 		}
+		users := map[string]string{} // static user → level
 		for _, l := range d.Levels {
-			if l.VaultRole == "" || len(l.CreationStatements) == 0 {
-				errs = append(errs, fmt.Errorf("vaultinit: database %q level %q needs a Vault role and creation statements", d.Name, l.Name))
+			if l.VaultRole == "" || (!l.Static && len(l.CreationStatements) == 0) {
+				errs = append(errs, fmt.Errorf("vaultinit: database %q level %q needs a Vault role and creation statements (or to be static)", d.Name, l.Name))
 				continue
 			}
 			// A role names paths in policies too, where * and + are globs.
@@ -293,9 +338,53 @@ func (s *Spec) checkAndSetDefaults() error {
 			if l.DefaultTTL < 0 || l.MaxTTL < 0 {
 				errs = append(errs, fmt.Errorf("vaultinit: database %q level %q: a TTL is negative", d.Name, l.Name))
 			}
+			if l.Static {
+				errs = append(errs, checkStatic(d, l, users)...)
+			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// checkStatic refuses a static level Vault would refuse or that would break
+// another's credentials. users maps the static users of d's levels seen so far
+// to their level, and gains l's.
+func checkStatic(d Database, l Level, users map[string]string) []error {
+	var errs []error
+	bad := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf("vaultinit: database %q static level %q: "+format, append([]any{d.Name, l.Name}, args...)...))
+	}
+	if scopeOf(l) != ScopeRole {
+		bad("scope is %s, not %s: its one database user is shared by everyone, and read by pgwarden's own identity", scopeOf(l), ScopeRole)
+	}
+	if l.RotationPeriod < MinRotationPeriod {
+		bad("rotation period %v is under Vault's minimum, %v", l.RotationPeriod, MinRotationPeriod)
+	}
+	if len(l.CreationStatements) > 0 || len(l.RevocationStatements) > 0 {
+		bad("has creation or revocation statements: Vault neither creates nor drops a static role's user")
+	}
+	if l.DefaultTTL != 0 || l.MaxTTL != 0 {
+		bad("has TTLs: a static role's password lasts until Vault rotates it")
+	}
+	u := l.StaticUsername
+	switch {
+	case u == "":
+		bad("needs a database user for Vault to rotate (static username)")
+	case len(u) > 63:
+		// PostgreSQL would truncate it to another name
+		// (https://www.postgresql.org/docs/current/sql-syntax-lexical.html#SQL-SYNTAX-IDENTIFIERS).
+		bad("user %q is longer than PostgreSQL's 63-byte names", u)
+	case strings.ContainsFunc(u, func(r rune) bool { return r < ' ' || r == 0x7f || r == '"' }):
+		// Vault's rotation statement quotes the name: ALTER ROLE "{{name}}".
+		bad("user %q holds a double quote or a control character", u)
+	case u == d.Username:
+		bad("user %q is the connection's admin: Vault would rotate its own login away", u)
+	case users[u] != "":
+		bad("user %q is also static level %q's: each rotation would lock the other out", u, users[u])
+	default:
+		users[u] = l.Name
+	}
+	return errs
 }
 
 // checkSegment refuses a name that would not stay one segment of a Vault
@@ -316,8 +405,9 @@ func checkSegment(name, also string) error {
 // Apply plans spec against Vault and applies the plan (see Plan and
 // Changes.Apply), logging each change on log (slog.Default when nil) and
 // "no changes" when there are none. client's token must be allowed to manage
-// mounts, auth methods, policies and the database engine, and, to prune
-// database roles, to revoke leases by prefix (sudo).
+// mounts, auth methods, policies and the database engine, and, to prune a
+// database role or replace it with a static one, to revoke leases by prefix
+// (sudo).
 func Apply(ctx context.Context, client *vault.Client, spec Spec, log *slog.Logger) error {
 	if log == nil {
 		log = slog.Default()

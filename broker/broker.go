@@ -64,8 +64,9 @@ type Config struct {
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
 	// ObserveVault, when set, is called after every Vault call with the
-	// operation ("login", "creds", "renew", "revoke"), its duration and its
-	// error.
+	// operation ("login", "creds", "revoke"; "renew" only when a renewal
+	// fails, with a negative duration: vault/api's LifetimeWatcher makes
+	// those calls and does not time them), its duration and its error.
 	ObserveVault func(op string, d time.Duration, err error)
 	// Logger. Default slog.Default().
 	Logger *slog.Logger
@@ -286,6 +287,24 @@ func (b *Broker) identityCredential(ctx context.Context, req Request, l *login) 
 // roleCredential returns the role's shared credential, read by pgwarden's
 // own identity when there is none that has not retired.
 func (b *Broker) roleCredential(ctx context.Context, req Request) (*Credential, error) {
+	for attempt := 0; ; attempt++ {
+		c, err := b.roleCredentialOnce(ctx, req)
+		var ve *VaultError
+		if errors.As(err, &ve) && ve.Denied() {
+			// The read is pgwarden's own, not the client's: a refusal is
+			// pgwarden's problem (its token revoked or its policy wrong).
+			e := pgerror.New(pgerror.ConnectionFailure, "the credential service (Vault) refused pgwarden's own identity")
+			e.Err = ve
+			return nil, e.WithHint("Try again in a moment; if it persists, pgwarden's operator sees the reason in its log.")
+		}
+		if err != nil || !c.Retired() || attempt > 0 {
+			return c, err
+		}
+		// Read in the moment pgwarden's token was being replaced: read again.
+	}
+}
+
+func (b *Broker) roleCredentialOnce(ctx context.Context, req Request) (*Credential, error) {
 	key := credKey{database: req.Database, role: req.VaultRole, static: req.Static}
 	b.mu.Lock()
 	c := b.creds[key]
@@ -300,11 +319,32 @@ func (b *Broker) roleCredential(ctx context.Context, req Request) (*Credential, 
 		if c != nil && !c.Retired() {
 			return c, nil
 		}
-		vc, err := b.cfg.Self.client()
+		vc, ep, err := b.cfg.Self.clientAndEpoch()
 		if err != nil {
 			return nil, err
 		}
-		return b.read(ctx, vc, key, ScopeRole, nil)
+		cred, err := b.read(ctx, vc, key, ScopeRole, nil)
+		var ve *VaultError
+		if errors.As(err, &ve) && ve.StatusCode == 403 {
+			// pgwarden's own token was refused (revoked?): have Self log
+			// in again now, rather than when it would next renew.
+			b.cfg.Logger.Warn("Vault refused pgwarden's own token; logging in again", "error", ve)
+			b.cfg.Self.refused(vc.Token())
+		}
+		if err != nil || ep == nil {
+			return cred, err
+		}
+		// Vault ends a token's leases with it: when the token that read this
+		// one will be renewed no further, the lease retires, and ends no
+		// later than the token.
+		stop := context.AfterFunc(ep.ctx, func() {
+			if end := ep.endsAt(); !end.IsZero() {
+				cred.lease.capEnd(b.cfg.Now(), end)
+			}
+			cred.lease.doRetire()
+		})
+		context.AfterFunc(cred.lease.endCtx, func() { stop() })
+		return cred, nil
 	})
 	if err != nil {
 		return nil, err
@@ -561,7 +601,6 @@ func (b *Broker) watch(vc *vault.Client, sec *vault.Secret, c *Credential) {
 				return
 			case r := <-w.RenewCh():
 				retireAt, endAt := b.times(r.RenewedAt, r.Secret.LeaseDuration, c.by)
-				b.cfg.ObserveVault("renew", 0, nil)
 				c.lease.extend(b.cfg.Now(), retireAt, endAt)
 				b.cfg.Logger.Debug("renewed lease", "credential", c)
 			case err := <-w.DoneCh():
@@ -571,11 +610,11 @@ func (b *Broker) watch(vc *vault.Client, sec *vault.Secret, c *Credential) {
 					b.cfg.Logger.Info("lease cannot be renewed further; new sessions get a new credential", "credential", c)
 					c.lease.doRetire()
 				case errors.As(err, &re) && re.StatusCode >= 400 && re.StatusCode < 500:
-					b.cfg.ObserveVault("renew", 0, err)
+					b.cfg.ObserveVault("renew", -1, err)
 					b.cfg.Logger.Warn("Vault no longer knows the lease (revoked?); retiring its sessions", "credential", c, "error", err)
 					b.Forget(c)
 				default:
-					b.cfg.ObserveVault("renew", 0, err)
+					b.cfg.ObserveVault("renew", -1, err)
 					b.cfg.Logger.Warn("lease renewal failed; the credential serves until its end", "credential", c, "error", err)
 				}
 				return

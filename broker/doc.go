@@ -1,19 +1,36 @@
 // Package broker turns a verified client token and a route into database
-// credentials issued by Vault's database secrets engine.
+// credentials issued by Vault's database secrets engine, and owns their
+// leases.
 //
-// In jwt mode (the only mode so far) pgwarden holds no standing Vault power: it
-// logs in to Vault's JWT auth method with the client's own token, under the
-// auth role of the chosen access level, so Vault's role bindings decide whether
-// this identity may have that level. The Vault token the login returns can only
-// read that level's credentials. Logins are cached per distinct client token
-// (keyed by its SHA-256, never the token) until the earlier of the token's exp
-// and the Vault token's TTL.
+// Every client logs in to Vault's JWT auth method with its own token, under
+// the auth role of the chosen access level, so Vault's role bindings decide
+// whether this identity may have that level. Logins are cached per distinct
+// client token (keyed by its SHA-256, never the token) until the earlier of
+// the token's exp and the Vault token's TTL; a cached login Vault refuses
+// (403) is replaced once. A login's Vault token is revoked once the client
+// token has expired and no lease it read is held.
 //
-// Credentials are shared per Vault role ("role" scope): the first client's
-// Vault token reads them, later clients — each still logged in on their own —
-// reuse them while the lease is valid. Concurrent first requests collapse into
-// one Vault call. A credential lives no longer than the earlier of its lease
-// and the Vault token that read it (Vault revokes a token's leases with it), and
-// is handed out only until its RetireAt, a margin before that end, after which
-// the next request reads fresh credentials.
+// Who shares a credential is the level's scope:
+//
+//   - identity (the default): one lease per subject, read with that person's
+//     own login, shared by their connections; it retires at their token's
+//     expiry and ends a grace later. A token outliving the login that read
+//     the cached lease reads a fresh one, so no session is cut before its
+//     own token ends.
+//   - role: one lease per Vault role, read, renewed and revoked by
+//     pgwarden's own Vault identity (Self: token, AppRole or Kubernetes
+//     auth). Static roles (static-creds) are role-scoped: they retire after
+//     each rotation of the password and never end.
+//
+// The Broker is the lease registry (lease.go): lease → credential → the
+// upstream connections holding it (Hold, Release). Only the broker renews a
+// lease (vault/api's LifetimeWatcher), retires it (a jittered margin before
+// its end, when renewal can extend it no further, when Vault says it is
+// gone, or when the client token that read it expires), ends it, and revokes
+// it once it is retired and unheld (role scope with Self; identity scope
+// through the login's token). Sessions learn of retirement and end through
+// Credential.OnRetire and OnEnd. Concurrent first requests collapse into one
+// Vault call, which runs detached from any one caller and bounded by
+// VaultTimeout. Close stops renewal and, when asked, revokes everything the
+// broker holds.
 package broker

@@ -74,6 +74,17 @@ func (l *lease) extend(now, retireAt, endAt time.Time) {
 	l.scheduleLocked(now, retireAt, endAt)
 }
 
+// capEnd moves the lease's end to end, if that is sooner (and its
+// retirement with it).
+func (l *lease) capEnd(now, end time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.done || !end.Before(l.endAt) {
+		return
+	}
+	l.scheduleLocked(now, minTime(l.retireAt, end), end)
+}
+
 // doRetire retires the lease now.
 func (l *lease) doRetire() {
 	l.retire()

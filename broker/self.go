@@ -49,6 +49,10 @@ type Self struct {
 	mu       sync.Mutex
 	token    string // guarded by mu
 	accessor string // guarded by mu
+	epoch    *epoch // guarded by mu: the life of the current token
+	// kick asks keepAlive to log in again now: Vault refused the current
+	// token (revoked behind pgwarden's back).
+	kick chan struct{}
 	// ownToken: pgwarden created the token by logging in, so it revokes it.
 	ownToken bool
 
@@ -57,6 +61,40 @@ type Self struct {
 	stopOnce sync.Once
 	stop     context.CancelFunc
 	done     chan struct{} // closed when keepAlive has returned
+}
+
+// epoch is the life of one of Self's tokens. Vault revokes a token's leases
+// when the token ends, so every lease read with it must end no later: ctx
+// ends when the token will be renewed no further (it reached its max TTL, a
+// new login replaces it, or Vault refused it), and end is then when the
+// token ends.
+type epoch struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	end    time.Time // zero: no end (a token without TTL)
+}
+
+func newEpoch(now time.Time, ttlSeconds int) *epoch {
+	e := &epoch{}
+	e.ctx, e.cancel = context.WithCancel(context.Background())
+	if ttlSeconds > 0 {
+		e.end = now.Add(time.Duration(ttlSeconds) * time.Second)
+	}
+	return e
+}
+
+// endsAt is when the token ends as things stand.
+func (e *epoch) endsAt() time.Time {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.end
+}
+
+func (e *epoch) renewed(at time.Time, ttlSeconds int) {
+	e.mu.Lock()
+	e.end = at.Add(time.Duration(ttlSeconds) * time.Second)
+	e.mu.Unlock()
 }
 
 // NewSelf logs in (or looks the given token up) and starts keeping the token
@@ -82,7 +120,8 @@ func NewSelf(ctx context.Context, client *vault.Client, cfg SelfConfig, log *slo
 	if cfg.Method == "approle" && cfg.SecretFile == "" {
 		return nil, errors.New("vault auth method approle: no secret_id file (set vault.auth.secret_file)")
 	}
-	s := &Self{cfg: cfg, base: client, log: log, ownToken: cfg.Method != "token", done: make(chan struct{})}
+	s := &Self{cfg: cfg, base: client, log: log, ownToken: cfg.Method != "token", done: make(chan struct{}),
+		kick: make(chan struct{}, 1)}
 	s.ctx, s.stop = context.WithCancel(context.Background())
 	sec, err := s.login(ctx)
 	if err != nil {
@@ -161,7 +200,12 @@ func (s *Self) login(ctx context.Context) (*vault.Secret, error) {
 	}
 	s.mu.Lock()
 	s.token, s.accessor = sec.Auth.ClientToken, sec.Auth.Accessor
+	old := s.epoch
+	s.epoch = newEpoch(time.Now(), sec.Auth.LeaseDuration)
 	s.mu.Unlock()
+	if old != nil {
+		old.cancel() // its leases retire, and end when it does
+	}
 	s.log.Info("logged in to Vault as pgwarden", "method", s.cfg.Method, "accessor", sec.Auth.Accessor,
 		"ttl", time.Duration(sec.Auth.LeaseDuration)*time.Second, "renewable", sec.Auth.Renewable)
 	return sec, nil
@@ -177,17 +221,26 @@ func (s *Self) keepAlive(sec *vault.Secret) {
 			if err == nil {
 				err = s.watch(vc, sec)
 			}
-			if err != nil {
+			if err != nil && !errors.Is(err, errKicked) {
 				s.log.Warn("renewing pgwarden's Vault token failed", "error", err)
 			}
+			s.endEpoch() // renewed no further: what it read must go before it does
 		} else {
-			<-s.ctx.Done() // a token without TTL (a root token, in development) needs no care
-			return
+			// A token without TTL (a root token, in development) needs no
+			// care, unless Vault refuses it.
+			select {
+			case <-s.ctx.Done():
+				return
+			case <-s.kick:
+				s.kick <- struct{}{} // read back below
+				s.endEpoch()
+			}
 		}
 		if s.ctx.Err() != nil {
 			return
 		}
-		if s.cfg.Method == "token" {
+		kicked := s.kicked()
+		if s.cfg.Method == "token" && !kicked {
 			s.log.Error("pgwarden's Vault token can be renewed no further; role-scoped credentials fail once it ends: give pgwarden a new token and restart it, or use approle or kubernetes auth")
 			<-s.ctx.Done()
 			return
@@ -228,10 +281,59 @@ func (s *Self) watch(vc *vault.Client, sec *vault.Secret) error {
 		select {
 		case <-s.ctx.Done():
 			return nil
-		case <-w.RenewCh():
+		case <-s.kick:
+			s.kick <- struct{}{} // keepAlive reads it back (kicked)
+			return errKicked
+		case r := <-w.RenewCh():
+			if r.Secret != nil && r.Secret.Auth != nil {
+				s.currentEpoch().renewed(r.RenewedAt, r.Secret.Auth.LeaseDuration)
+			}
 		case err := <-w.DoneCh():
 			return err
 		}
+	}
+}
+
+// errKicked: the token was refused, and is replaced at once.
+var errKicked = errors.New("Vault refused pgwarden's token")
+
+// kicked reports (and clears) a refusal of the current token.
+func (s *Self) kicked() bool {
+	select {
+	case <-s.kick:
+		return true
+	default:
+		return false
+	}
+}
+
+// refused says Vault answered 403 to token: unless a new login replaced it
+// already, it is ended and replaced now (Vault's renewal watcher cannot
+// tell a revoked token from one it may not renew, so Self would not notice).
+func (s *Self) refused(token string) {
+	s.mu.Lock()
+	current := s.token == token
+	s.mu.Unlock()
+	if !current {
+		return
+	}
+	s.endEpoch()
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Self) currentEpoch() *epoch {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.epoch
+}
+
+// endEpoch ends the current token's epoch: leases read with it retire.
+func (s *Self) endEpoch() {
+	if e := s.currentEpoch(); e != nil {
+		e.cancel()
 	}
 }
 
@@ -255,14 +357,22 @@ func (s *Self) Accessor() string {
 
 // client returns a Vault client with pgwarden's current token.
 func (s *Self) client() (*vault.Client, error) {
+	vc, _, err := s.clientAndEpoch()
+	return vc, err
+}
+
+// clientAndEpoch returns a Vault client with pgwarden's current token and
+// that token's epoch (nil for a Self made without a login, in tests).
+func (s *Self) clientAndEpoch() (*vault.Client, *epoch, error) {
 	vc, err := s.base.Clone()
 	if err != nil {
-		return nil, pgerror.Wrap(err, pgerror.InternalError, "pgwarden internal error")
+		return nil, nil, pgerror.Wrap(err, pgerror.InternalError, "pgwarden internal error")
 	}
 	s.mu.Lock()
 	vc.SetToken(s.token)
+	e := s.epoch
 	s.mu.Unlock()
-	return vc, nil
+	return vc, e, nil
 }
 
 // Close stops renewing, cancelling a login in progress, and, with revoke,

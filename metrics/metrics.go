@@ -78,9 +78,13 @@ func (m *Metrics) AuthResult(database, level, result string) {
 	m.authTotal.WithLabelValues(database, level, result).Inc()
 }
 
-// ObserveVault is the broker's hook for Vault call latency.
+// ObserveVault is the broker's hook for Vault call latency. A negative d
+// means the call's duration is not known (renewals vault/api's
+// LifetimeWatcher makes): only an error is counted.
 func (m *Metrics) ObserveVault(op string, d time.Duration, err error) {
-	m.vaultDuration.WithLabelValues(op).Observe(d.Seconds())
+	if d >= 0 {
+		m.vaultDuration.WithLabelValues(op).Observe(d.Seconds())
+	}
 	if err != nil {
 		m.vaultErrors.WithLabelValues(op).Inc()
 	}

@@ -45,8 +45,12 @@
 // goroutine), but only the pool lets go of the session and its slot. While lent, the relay's two goroutines use it — the
 // client-to-server one writes it, the server-to-client one reads it — and the
 // client's cancel target points at it; the client gives it back only after a
-// cancel in flight has landed. A credential's lease is the broker's; the
-// relay only reads its RetireAt and ExpiresAt.
+// cancel in flight has landed. A credential's lease is the broker's: the
+// pool says which sessions hold it (Credential.Hold at dial, Release at
+// close), and the relay learns of its retirement and end from the broker
+// (OnRetire, OnEnd); it keeps no timer of its own for a lease. The client's
+// token is the client's: the relay times its NOTICE, its end at an idle
+// point after exp, and its cut after the grace.
 //
 // The relay never loses its place in a message. The server-to-client side is
 // interrupted only by a read deadline on the upstream, after a flag that says
@@ -61,14 +65,19 @@
 // thread, two context switches per round trip. The steady state allocates
 // nothing per message (TestCopyFrameDoesNotAllocate, TestRawIODoesNotAllocate).
 //
-// An upstream session never outlives its credential: at the credential's
-// RetireAt the client gets FATAL 57P01 at its next idle point, at its lease's
-// end the session is ended, and idle pooled sessions are closed before either.
-// Vault drops a role when its lease ends, and a session of a dropped role still
-// answers `select 1` while failing every privilege check, so no liveness probe
-// could catch it. Liveness is still checked before an idle session is lent:
-// PostgreSQL may have ended it (restart, pg_terminate_backend,
-// idle_session_timeout), or the network may have gone silent.
+// An upstream session never outlives its credential: when the credential
+// retires the client gets FATAL 57P01 at its next idle point, at its lease's
+// end the session is ended, and idle pooled sessions are closed before either
+// (a static role's credential retires at each rotation of its password but
+// never ends: open sessions are not touched). A session is lent only under
+// the very credential the client's request returned, so one person's lease
+// (identity scope) never serves another. Vault drops a role when its lease
+// ends, and a session of a dropped role still answers `select 1` while
+// failing every privilege check; liveness is checked before an idle session
+// is lent — PostgreSQL may have ended it (restart, pg_terminate_backend,
+// idle_session_timeout), the network may have gone silent, or its role may
+// be gone (a lease revoked behind pgwarden's back): the ping of a session
+// idle longer than PingAfterIdle asks whether its role still exists.
 //
 // Pooling is per session for now: a client holds its upstream session from
 // greeting to Terminate.

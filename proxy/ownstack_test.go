@@ -321,3 +321,83 @@ func vaultCallsOf(t *testing.T, st *testenv.Stack, op string) float64 {
 	}
 	return 0
 }
+
+// A static role (one existing database user whose password Vault rotates):
+// clients keep running transactions and reconnecting while Vault rotates
+// the password, on its schedule and on demand. Open sessions are not
+// touched by a rotation; new ones log in with the new password; no query
+// fails.
+func TestStaticRoleRotationFailsNoQuery(t *testing.T) {
+	st := ownStack(t, func(c *config.Config) {
+		c.Databases[0].Levels = append(c.Databases[0].Levels, config.Level{Name: "report", Groups: []string{"analyst"},
+			Scope: config.ScopeRole, Static: &config.StaticRole{Username: "app_report", RotationPeriod: config.Duration(5 * time.Second)}})
+	})
+	ctx := context.Background()
+	vc, err := st.Vault.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	password := func() string {
+		sec, err := vc.Logical().Read("database/static-creds/app-report")
+		if err != nil || sec == nil {
+			t.Fatalf("static creds: %v", err)
+		}
+		return sec.Data["password"].(string)
+	}
+	const workers = 4
+	stop := time.Now().Add(20 * time.Second)
+	type result struct {
+		txns, reconnects int
+		err              error
+	}
+	results := make(chan result, workers)
+	for i := range workers {
+		tok := mint(t, st, fmt.Sprintf("reporter-%d", i))
+		go func() {
+			var r result
+			defer func() { results <- r }()
+			for time.Now().Before(stop) {
+				c, err := pgx.Connect(ctx, st.ConnString("report", tok))
+				if err != nil {
+					r.err = fmt.Errorf("connect after %d transactions: %w", r.txns, err)
+					return
+				}
+				r.reconnects++
+				for range 200 { // a while on one session, across rotations
+					var user string
+					if err := c.QueryRow(ctx, "select current_user").Scan(&user); err != nil {
+						r.err = fmt.Errorf("query: %w", err)
+						c.Close(ctx)
+						return
+					}
+					if user != "app_report" {
+						r.err = fmt.Errorf("ran as %s", user)
+					}
+					r.txns++
+					time.Sleep(5 * time.Millisecond)
+				}
+				c.Close(ctx)
+			}
+		}()
+	}
+	seen := map[string]bool{password(): true}
+	for time.Now().Before(stop) {
+		time.Sleep(3 * time.Second)
+		if _, err := vc.Logical().Write("database/rotate-role/app-report", nil); err != nil {
+			t.Fatal(err)
+		}
+		seen[password()] = true
+	}
+	var txns, reconnects int
+	for range workers {
+		r := <-results
+		if r.err != nil {
+			t.Error(r.err)
+		}
+		txns, reconnects = txns+r.txns, reconnects+r.reconnects
+	}
+	t.Logf("%d queries over %d connections while Vault used %d passwords", txns, reconnects, len(seen))
+	if len(seen) < 5 {
+		t.Fatalf("only %d passwords: the rotation did not happen", len(seen))
+	}
+}

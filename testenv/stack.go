@@ -23,13 +23,15 @@ import (
 // Audience is the aud of tokens the dev issuer mints and pgwarden accepts.
 const Audience = "pgwarden"
 
-// Seed creates the group roles each access level's dynamic users join, and
-// the dev database `app`, each statement on its own (CREATE DATABASE cannot
+// Seed creates the group roles each access level's dynamic users join, a
+// login role for static levels, and the dev database `app`, each statement on its own (CREATE DATABASE cannot
 // share a transaction).
 var Seed = []string{
 	"CREATE ROLE app_owner NOLOGIN",
 	"CREATE ROLE app_read NOLOGIN",
 	"CREATE ROLE app_write NOLOGIN",
+	// A reader whose password Vault owns (a static role), for static levels.
+	"CREATE ROLE app_report LOGIN IN ROLE app_read",
 	"CREATE DATABASE app OWNER app_owner",
 }
 

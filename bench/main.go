@@ -110,6 +110,9 @@ func run(ctx context.Context, p profile, bin, outDir string) (string, error) {
 	if err := r.stormRun(ctx, env); err != nil {
 		return "", err
 	}
+	if err := r.vaultRun(ctx, env); err != nil {
+		return "", err
+	}
 	if err := r.coldRun(ctx, env); err != nil {
 		return "", err
 	}

@@ -25,6 +25,7 @@ type report struct {
 	stormTargets  []target
 	stormRes      map[string][]pgbenchResult
 	cold          map[string][]float64
+	vaultCalls    map[string]map[string]float64 // how → Vault operation → calls, for 1,000 connections of one identity
 	idle          []idleResult
 	profiles      []profileTop
 	micro         []string
@@ -217,12 +218,22 @@ func (r *report) write(dir string) (string, error) {
 		w("| %s | %.0f | %s | %s | %s | %.2f ms | %s |\n", t.name, v, ratio(v, pbS), ratio(v, pbT), ratio(v, dRate), med(r.stormRes[t.name], connTime), cpu)
 	}
 
-	w("\n## Cold path\n\nTime from the connection attempt to the first row (`select 1`), %d times each, no TLS. *cold*: a pgwarden just started, so the token check, the Vault JWT login, the creation of the database credential and the upstream SCRAM all happen; *new identity*: a token never seen before on a running pgwarden (token check and Vault login; a pooled session).\n\n", p.cold)
+	w("\n## Cold path\n\nTime from the connection attempt to the first row (`select 1`), %d times each, no TLS. *cold*: a pgwarden just started, so the token check, the Vault JWT login, the creation of the database credential and the upstream SCRAM all happen; *new identity*: a person never seen before on a running pgwarden — in `identity` scope (the default, measured here) that is the same work: the token check, the person's Vault login, their own credential and a new upstream session.\n\n", p.cold)
 	w("| connection | median | p99 |\n| --- | ---: | ---: |\n")
 	for _, k := range []string{"pgwarden, cold", "pgwarden, new identity", "direct", "pgbouncer"} {
 		if xs := r.cold[k]; len(xs) > 0 {
 			w("| %s | %.1f ms | %.1f ms |\n", k, median(xs), percentile(xs, 0.99))
 		}
+	}
+
+	if len(r.vaultCalls) > 0 {
+		w("\n## Vault calls per 1,000 connections of one identity\n\nSequential connections (connect, `select 1`, close) of one person, counted from pgwarden's `pgwarden_vault_request_duration_seconds_count` by operation.\n\n")
+		w("| tokens | login | creds | revoke | total |\n| --- | ---: | ---: | ---: | ---: |\n")
+		for _, how := range []string{"one token", "a token each"} {
+			c := r.vaultCalls[how]
+			w("| %s | %.0f | %.0f | %.0f | %.0f |\n", how, c["login"], c["creds"], c["revoke"], c["login"]+c["creds"]+c["revoke"])
+		}
+		w("\nOne token: one login, one credential, shared by the person's connections. A token each: Vault must see every new token once (its login is how Vault decides), while the person's credential is shared as long as the first login that read it lasts at least as long as the new token; a new token that outlives it reads a fresh one.\n")
 	}
 
 	w("\n## Memory per idle client\n\nResident memory of the proxy process (`VmRSS`) after opening authenticated clients that then sit idle, minus before, per client held. pgwarden is restarted before each measurement.\n\n")

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -154,6 +155,72 @@ func (r *report) coldRun(ctx context.Context, e *env) error {
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// vaultRun counts the Vault calls pgwarden makes for 1,000 connections of
+// one identity, sequential: with one token (an application's pool), and
+// with a fresh token each time (a client that fetches one per connection).
+func (r *report) vaultRun(ctx context.Context, e *env) error {
+	const conns = 1000
+	r.vaultCalls = map[string]map[string]float64{}
+	for _, how := range []string{"one token", "a token each"} {
+		before, err := vaultCalls(ctx, e.pgw.metrics)
+		if err != nil {
+			return err
+		}
+		t := e.pgwarden(false)
+		sub := "calls-" + strings.ReplaceAll(how, " ", "-")
+		for i := range conns {
+			if i == 0 || how == "a token each" {
+				if t.pass, err = e.stack.Issuer.Mint(testenv.Claims{Subject: sub, Groups: []string{"engineer"}, TTL: time.Hour, Extra: map[string]any{"n": i}}); err != nil {
+					return err
+				}
+			}
+			if _, err := firstRow(ctx, t); err != nil {
+				return fmt.Errorf("vault calls, %s, connection %d: %w", how, i, err)
+			}
+		}
+		after, err := vaultCalls(ctx, e.pgw.metrics)
+		if err != nil {
+			return err
+		}
+		r.vaultCalls[how] = map[string]float64{}
+		for op, n := range after {
+			r.vaultCalls[how][op] = n - before[op]
+		}
+		logf("vault calls for %d connections of one identity, %s: %v", conns, how, r.vaultCalls[how])
+	}
+	return nil
+}
+
+// vaultCalls reads pgwarden's Vault call counts by operation from its
+// metrics endpoint.
+func vaultCalls(ctx context.Context, addr string) (map[string]float64, error) {
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/metrics", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	const prefix = `pgwarden_vault_request_duration_seconds_count{op="`
+	out := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, prefix) {
+			continue
+		}
+		op, rest, ok := strings.Cut(line[len(prefix):], `"} `)
+		if !ok {
+			continue
+		}
+		n, err := strconv.ParseFloat(rest, 64)
+		if err != nil {
+			return nil, fmt.Errorf("metrics line %q: %w", line, err)
+		}
+		out[op] = n
+	}
+	return out, sc.Err()
+}
 
 // idleResult is one idle-memory measurement.
 type idleResult struct {

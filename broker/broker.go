@@ -241,14 +241,14 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 	}
 }
 
-// identityCredential returns the subject's credential: the cached one if
-// the login that read it lasts at least as long as l (so its revocation,
-// when that login ends, cannot cut this session short), or a new one read
-// with l.
+// identityCredential returns the subject's credential: the cached one,
+// whose life a later token of the same person extends (Vault just let them
+// in again) as far as Vault's bound on it allows, or a new one read with l
+// when it cannot serve until l ends.
 func (b *Broker) identityCredential(ctx context.Context, req Request, l *login) (*Credential, error) {
 	key := credKey{database: req.Database, role: req.VaultRole, subject: req.Subject}
 	usable := func(c *Credential) bool {
-		return c != nil && !c.Retired() && (c.by == l || !c.by.expiresAt.Before(l.expiresAt))
+		return c != nil && c.lease.authorize(b.cfg.Now(), l.expiresAt)
 	}
 	b.mu.Lock()
 	c := b.creds[key]
@@ -500,7 +500,11 @@ func (b *Broker) read(ctx context.Context, vc *vault.Client, key credKey, scope 
 	if key.static {
 		retireAt, endAt = staticTimes(start, sec.Data["ttl"])
 	}
-	c.lease = newLease(b.cfg.Now(), retireAt, endAt, func() { b.finished(c) })
+	var authUntil time.Time
+	if by != nil {
+		authUntil = by.expiresAt
+	}
+	c.lease = newLease(b.cfg.Now(), retireAt, endAt, authUntil, b.cfg.TokenGrace, func() { b.finished(c) })
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -520,12 +524,10 @@ func (b *Broker) read(ctx context.Context, vc *vault.Client, key credKey, scope 
 	return c, nil
 }
 
-// times computes when a lease of leaseSeconds from start retires and ends:
-// it ends with the lease, or with the Vault token that read it, or a grace
-// after the client token that read it expires (identity scope), whichever
-// comes first; it retires a margin (and up to half as much again, at
-// random) before the lease's end, and no later than that client token's
-// expiry.
+// times computes Vault's bound on a lease of leaseSeconds from start: it
+// ends with the lease or with the Vault token that read it, whichever comes
+// first, and retires a margin (and up to half as much again, at random)
+// before. (The client's bound, identity scope, is the lease's authUntil.)
 func (b *Broker) times(start time.Time, leaseSeconds int, by *login) (retireAt, endAt time.Time) {
 	var vaultEnd time.Time
 	if leaseSeconds > 0 {
@@ -540,12 +542,7 @@ func (b *Broker) times(start time.Time, leaseSeconds int, by *login) (retireAt, 
 	// Jitter: leases read together (a thousand pools at start) do not all
 	// retire, and so get re-read, in the same second.
 	m := margin(vaultEnd.Sub(start))
-	retireAt, endAt = vaultEnd.Add(-m-rand.N(m/2+1)), vaultEnd
-	if by != nil && !by.expiresAt.IsZero() {
-		retireAt = minTime(retireAt, by.expiresAt)
-		endAt = minTime(endAt, by.expiresAt.Add(b.cfg.TokenGrace))
-	}
-	return retireAt, endAt
+	return vaultEnd.Add(-m - rand.N(m/2+1)), vaultEnd
 }
 
 // staticTimes: a static credential retires a moment after Vault's next
@@ -601,7 +598,7 @@ func (b *Broker) watch(vc *vault.Client, sec *vault.Secret, c *Credential) {
 				return
 			case r := <-w.RenewCh():
 				retireAt, endAt := b.times(r.RenewedAt, r.Secret.LeaseDuration, c.by)
-				c.lease.extend(b.cfg.Now(), retireAt, endAt)
+				c.lease.renewed(b.cfg.Now(), retireAt, endAt)
 				b.cfg.Logger.Debug("renewed lease", "credential", c)
 			case err := <-w.DoneCh():
 				var re *vault.ResponseError

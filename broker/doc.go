@@ -13,10 +13,9 @@
 // Who shares a credential is the level's scope:
 //
 //   - identity (the default): one lease per subject, read with that person's
-//     own login, shared by their connections; it retires at their token's
-//     expiry and ends a grace later. A token outliving the login that read
-//     the cached lease reads a fresh one, so no session is cut before its
-//     own token ends.
+//     own login, shared by their connections; it retires at the expiry of
+//     the latest of their tokens it served (a later token extends it: Vault
+//     just let them in again) and ends a grace later, within Vault's bound.
 //   - role: one lease per Vault role, read, renewed and revoked by
 //     pgwarden's own Vault identity (Self: token, AppRole or Kubernetes
 //     auth). Static roles (static-creds) are role-scoped: they retire after

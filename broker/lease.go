@@ -26,25 +26,44 @@ type lease struct {
 	end       context.CancelFunc
 
 	mu       sync.Mutex
-	retireAt time.Time   // guarded by mu
-	endAt    time.Time   // guarded by mu
-	holders  int         // guarded by mu
-	retireT  *time.Timer // guarded by mu
-	endT     *time.Timer // guarded by mu
-	done     bool        // guarded by mu: finish has been called
+	retireAt time.Time // guarded by mu: the earlier of Vault's and the client's bound
+	endAt    time.Time // guarded by mu
+	// Vault's bound (the lease, the token that read it) and the client's
+	// (identity scope: the latest token exp of the person it serves, zero
+	// for none), guarded by mu. retireAt and endAt follow from them.
+	vaultRetire, vaultEnd time.Time
+	authUntil             time.Time
+	grace                 time.Duration // how long past authUntil it ends
+	holders               int           // guarded by mu
+	retireT               *time.Timer   // guarded by mu
+	endT                  *time.Timer   // guarded by mu
+	done                  bool          // guarded by mu: finish has been called
 	// finish is called once, without mu, when the lease is retired and
 	// nobody holds it. The broker revokes it there.
 	finish func()
 }
 
-func newLease(now time.Time, retireAt, endAt time.Time, finish func()) *lease {
-	l := &lease{finish: finish}
+// newLease starts a lease that Vault bounds by vaultRetire and vaultEnd
+// and, when authUntil is not zero, the client by authUntil (retire) and
+// authUntil+grace (end).
+func newLease(now, vaultRetire, vaultEnd, authUntil time.Time, grace time.Duration, finish func()) *lease {
+	l := &lease{finish: finish, vaultRetire: vaultRetire, vaultEnd: vaultEnd, authUntil: authUntil, grace: grace}
 	l.retireCtx, l.retire = context.WithCancel(context.Background())
 	l.endCtx, l.end = context.WithCancel(context.Background())
 	l.mu.Lock()
-	l.scheduleLocked(now, retireAt, endAt)
+	l.applyLocked(now)
 	l.mu.Unlock()
 	return l
+}
+
+// applyLocked schedules the lease by its bounds.
+func (l *lease) applyLocked(now time.Time) {
+	retireAt, endAt := l.vaultRetire, l.vaultEnd
+	if !l.authUntil.IsZero() {
+		retireAt = minTime(retireAt, l.authUntil)
+		endAt = minTime(endAt, l.authUntil.Add(l.grace))
+	}
+	l.scheduleLocked(now, retireAt, endAt)
 }
 
 // scheduleLocked (re)arms the timers for retireAt and endAt. Times only
@@ -64,14 +83,31 @@ func (l *lease) scheduleLocked(now, retireAt, endAt time.Time) {
 	l.endT = time.AfterFunc(endAt.Sub(now), l.doEnd)
 }
 
-// extend moves the lease's times after a renewal.
-func (l *lease) extend(now, retireAt, endAt time.Time) {
+// renewed moves Vault's bound after a renewal.
+func (l *lease) renewed(now, vaultRetire, vaultEnd time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.retireCtx.Err() != nil {
 		return // retired leases are on their way out; renewal cannot call them back
 	}
-	l.scheduleLocked(now, retireAt, endAt)
+	l.vaultRetire, l.vaultEnd = vaultRetire, vaultEnd
+	l.applyLocked(now)
+}
+
+// authorize extends the client's bound to until (a later token of the
+// person the lease serves: Vault just let them in again); Vault's bound
+// still holds. It reports false when the lease has retired.
+func (l *lease) authorize(now, until time.Time) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.retireCtx.Err() != nil {
+		return false
+	}
+	if until.After(l.authUntil) {
+		l.authUntil = until
+		l.applyLocked(now)
+	}
+	return true
 }
 
 // capEnd moves the lease's end to end, if that is sooner (and its
@@ -79,10 +115,11 @@ func (l *lease) extend(now, retireAt, endAt time.Time) {
 func (l *lease) capEnd(now, end time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.done || !end.Before(l.endAt) {
+	if l.done || !end.Before(l.vaultEnd) {
 		return
 	}
-	l.scheduleLocked(now, minTime(l.retireAt, end), end)
+	l.vaultRetire, l.vaultEnd = minTime(l.vaultRetire, end), end
+	l.applyLocked(now)
 }
 
 // doRetire retires the lease now.
@@ -181,5 +218,5 @@ func (c *Credential) Release() { c.lease.release() }
 // boundary).
 func Fixed(username, password, leaseID string, retireAt, endAt time.Time) *Credential {
 	return &Credential{Username: username, Password: password, LeaseID: leaseID,
-		lease: newLease(time.Now(), retireAt, endAt, nil)}
+		lease: newLease(time.Now(), retireAt, endAt, time.Time{}, 0, nil)}
 }

@@ -233,7 +233,7 @@ func (r *report) write(dir string) (string, error) {
 			c := r.vaultCalls[how]
 			w("| %s | %.0f | %.0f | %.0f | %.0f |\n", how, c["login"], c["creds"], c["revoke"], c["login"]+c["creds"]+c["revoke"])
 		}
-		w("\nOne token: one login, one credential, shared by the person's connections. A token each: Vault must see every new token once (its login is how Vault decides), while the person's credential is shared as long as the first login that read it lasts at least as long as the new token; a new token that outlives it reads a fresh one.\n")
+		w("\nOne token: one login, one credential, shared by the person's connections. A token each: Vault must see every new token once (its login is how Vault decides), while the person's credential is shared by every token that ends about when the login that read it does (within a tenth of its remaining life, at most 5 min).\n")
 	}
 
 	w("\n## Memory per idle client\n\nResident memory of the proxy process (`VmRSS`) after opening authenticated clients that then sit idle, minus before, per client held. pgwarden is restarted before each measurement.\n\n")

@@ -241,14 +241,20 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 	}
 }
 
-// identityCredential returns the subject's credential: the cached one,
-// whose life a later token of the same person extends (Vault just let them
-// in again) as far as Vault's bound on it allows, or a new one read with l
-// when it cannot serve until l ends.
+// identityCredential returns the subject's credential: the cached one if
+// the login that read it lasts about as long as l (within reuseSlack), or
+// a new one read with l. A lease lives no longer than the login (and so the
+// token) that read it; a session of a later token that lands on it ends, at
+// an idle point, up to reuseSlack before its own token would have made it,
+// and reconnects onto a newer lease — the price of not reading a lease for
+// every new token of a client that fetches one per connection.
 func (b *Broker) identityCredential(ctx context.Context, req Request, l *login) (*Credential, error) {
 	key := credKey{database: req.Database, role: req.VaultRole, subject: req.Subject}
 	usable := func(c *Credential) bool {
-		return c != nil && c.lease.authorize(b.cfg.Now(), l.expiresAt)
+		if c == nil || c.Retired() {
+			return false
+		}
+		return c.by == l || !c.by.expiresAt.Before(l.expiresAt.Add(-reuseSlack(b.cfg.Now(), l.expiresAt)))
 	}
 	b.mu.Lock()
 	c := b.creds[key]
@@ -350,6 +356,12 @@ func (b *Broker) roleCredentialOnce(ctx context.Context, req Request) (*Credenti
 		return nil, err
 	}
 	return v.(*Credential), nil
+}
+
+// reuseSlack is how much sooner than a login's end the lease it may reuse
+// may end: a tenth of the login's remaining life, 1s to 5m.
+func reuseSlack(now, end time.Time) time.Duration {
+	return min(max(end.Sub(now)/10, time.Second), 5*time.Minute)
 }
 
 func flightKey(k credKey, l *login) string {

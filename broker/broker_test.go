@@ -403,9 +403,9 @@ func reqAs(sub, tok string, exp time.Time) Request {
 	return Request{Token: tok, TokenExpiry: exp, Subject: sub, VaultRole: "app-reader"}
 }
 
-// Identity scope: each subject has a credential of its own, which all
-// their tokens share; a later token extends its life (Vault's bound still
-// holds).
+// Identity scope: each subject has a credential of its own, shared by their
+// tokens that end about when the login that read it does; it never outlives
+// that login.
 func TestIdentityScopeKeysBySubject(t *testing.T) {
 	t.Parallel()
 	fv := &fakeVault{leaseTTL: 7200, tokenTTL: 7200}
@@ -424,15 +424,20 @@ func TestIdentityScopeKeysBySubject(t *testing.T) {
 	if a1.Scope != ScopeIdentity || a1.Subject != "alice" {
 		t.Fatalf("scope %q subject %q", a1.Scope, a1.Subject)
 	}
-	// A later token of alice's (Vault let her in again) extends her lease
-	// instead of reading another: a client fetching a fresh token for every
-	// connection costs one lease, not one per token.
+	// A token of alice's that ends a little later (a client fetching one per
+	// connection) shares her lease: not a lease per token.
 	later, _ := b.Credential(ctx, reqAs("alice", "good-a3", exp.Add(time.Minute)))
 	if later != a1 || fv.reads.Load() != 2 {
-		t.Fatalf("a later token of alice's read a new credential (%d reads)", fv.reads.Load())
+		t.Fatalf("a token of alice's ending a minute later read a new credential (%d reads)", fv.reads.Load())
 	}
-	if r := a1.RetireAt(); !r.Equal(exp.Add(time.Minute)) {
-		t.Fatalf("alice's lease retires at %v, want her latest token's expiry %v", r, exp.Add(time.Minute))
+	// One that outlives her lease's login by more than the slack reads her
+	// a new one: the lease dies with the token that read it.
+	much, _ := b.Credential(ctx, reqAs("alice", "good-a4", exp.Add(time.Hour)))
+	if much == a1 || fv.reads.Load() != 3 {
+		t.Fatalf("a token of alice's outliving her lease's login by an hour shared it (%d reads)", fv.reads.Load())
+	}
+	if r := a1.RetireAt(); r.After(exp) {
+		t.Fatalf("alice's first lease retires at %v, after the token that read it expires (%v)", r, exp)
 	}
 }
 

@@ -14,8 +14,9 @@
 //
 //   - identity (the default): one lease per subject, read with that person's
 //     own login, shared by their connections; it retires at the expiry of
-//     the latest of their tokens it served (a later token extends it: Vault
-//     just let them in again) and ends a grace later, within Vault's bound.
+//     the token that read it and ends a grace later. A later token of the
+//     person shares it when it ends within a slack of that one (a tenth of
+//     its life, at most 5m); one that outlives it by more reads a new lease.
 //   - role: one lease per Vault role, read, renewed and revoked by
 //     pgwarden's own Vault identity (Self: token, AppRole or Kubernetes
 //     auth). Static roles (static-creds) are role-scoped: they retire after

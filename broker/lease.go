@@ -94,22 +94,6 @@ func (l *lease) renewed(now, vaultRetire, vaultEnd time.Time) {
 	l.applyLocked(now)
 }
 
-// authorize extends the client's bound to until (a later token of the
-// person the lease serves: Vault just let them in again); Vault's bound
-// still holds. It reports false when the lease has retired.
-func (l *lease) authorize(now, until time.Time) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.retireCtx.Err() != nil {
-		return false
-	}
-	if until.After(l.authUntil) {
-		l.authUntil = until
-		l.applyLocked(now)
-	}
-	return true
-}
-
 // capEnd moves the lease's end to end, if that is sooner (and its
 // retirement with it).
 func (l *lease) capEnd(now, end time.Time) {

@@ -134,9 +134,9 @@ type Credential struct {
 	// Scope is who shares it; Subject, in identity scope, is whose it is.
 	Scope   string
 	Subject string
-	// Static: a static role's user, whose password Vault rotates. It
-	// retires after each rotation (new sessions read the new password) but
-	// never ends: sessions already open are not affected by a rotation.
+	// Static: a static role's user, whose password Vault rotates. It is
+	// superseded after each rotation (new sessions read the new password)
+	// but never retires or ends: sessions already open are not affected.
 	Static bool
 
 	lease *lease
@@ -250,8 +250,13 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 // every new token of a client that fetches one per connection.
 func (b *Broker) identityCredential(ctx context.Context, req Request, l *login) (*Credential, error) {
 	key := credKey{database: req.Database, role: req.VaultRole, subject: req.Subject}
+	if !l.expiresAt.After(b.cfg.Now().Add(time.Second)) {
+		// Expired while Vault answered: a lease read now would retire at once.
+		return nil, &pgerror.Error{Code: pgerror.InvalidPassword, Message: "token rejected: it has expired",
+			Hint: "Send a current token from the configured identity provider as the password."}
+	}
 	usable := func(c *Credential) bool {
-		if c == nil || c.Retired() {
+		if c == nil || c.Stale() {
 			return false
 		}
 		return c.by == l || !c.by.expiresAt.Before(l.expiresAt.Add(-reuseSlack(b.cfg.Now(), l.expiresAt)))
@@ -303,8 +308,12 @@ func (b *Broker) roleCredential(ctx context.Context, req Request) (*Credential, 
 			e.Err = ve
 			return nil, e.WithHint("Try again in a moment; if it persists, pgwarden's operator sees the reason in its log.")
 		}
-		if err != nil || !c.Retired() || attempt > 0 {
+		if err != nil || !c.Stale() {
 			return c, err
+		}
+		if attempt > 0 {
+			return nil, pgerror.New(pgerror.ConnectionFailure, "the credential service (Vault) issued a credential that retired at once").
+				WithHint("Try again; pgwarden's operator sees the details in its log.")
 		}
 		// Read in the moment pgwarden's token was being replaced: read again.
 	}
@@ -315,14 +324,14 @@ func (b *Broker) roleCredentialOnce(ctx context.Context, req Request) (*Credenti
 	b.mu.Lock()
 	c := b.creds[key]
 	b.mu.Unlock()
-	if c != nil && !c.Retired() {
+	if c != nil && !c.Stale() {
 		return c, nil
 	}
 	v, err := b.shared(ctx, &b.credFlight, flightKey(key, nil), func(ctx context.Context) (any, error) {
 		b.mu.Lock()
 		c := b.creds[key]
 		b.mu.Unlock()
-		if c != nil && !c.Retired() {
+		if c != nil && !c.Stale() {
 			return c, nil
 		}
 		vc, ep, err := b.cfg.Self.clientAndEpoch()
@@ -332,9 +341,9 @@ func (b *Broker) roleCredentialOnce(ctx context.Context, req Request) (*Credenti
 		cred, err := b.read(ctx, vc, key, ScopeRole, nil)
 		var ve *VaultError
 		if errors.As(err, &ve) && ve.StatusCode == 403 {
-			// pgwarden's own token was refused (revoked?): have Self log
-			// in again now, rather than when it would next renew.
-			b.cfg.Logger.Warn("Vault refused pgwarden's own token; logging in again", "error", ve)
+			// pgwarden's own token was refused: revoked (Self logs in again
+			// now, rather than when it would next renew), or a policy gap.
+			b.cfg.Logger.Warn("Vault refused a read with pgwarden's own token", "error", ve)
 			b.cfg.Self.refused(vc.Token())
 		}
 		if err != nil || ep == nil {
@@ -343,13 +352,12 @@ func (b *Broker) roleCredentialOnce(ctx context.Context, req Request) (*Credenti
 		// Vault ends a token's leases with it: when the token that read this
 		// one will be renewed no further, the lease retires, and ends no
 		// later than the token.
-		stop := context.AfterFunc(ep.ctx, func() {
+		cred.lease.onFinish(context.AfterFunc(ep.ctx, func() {
 			if end := ep.endsAt(); !end.IsZero() {
 				cred.lease.capEnd(b.cfg.Now(), end)
 			}
 			cred.lease.doRetire()
-		})
-		context.AfterFunc(cred.lease.endCtx, func() { stop() })
+		}))
 		return cred, nil
 	})
 	if err != nil {
@@ -372,11 +380,13 @@ func flightKey(k credKey, l *login) string {
 	return s
 }
 
-// Forget retires c at once and drops it from the cache, if it is still the
-// cached credential for its key, so the next request reads a new one. The
-// proxy calls it when PostgreSQL refuses c: its lease was revoked early, or
-// a session of the shared user changed its password (ALTER ROLE CURRENT_USER
-// PASSWORD, which PostgreSQL allows any role). A credential that was already
+// Forget supersedes c: it drops it from the cache, if it is still the
+// cached credential for its key, so the next request reads a new one, and
+// it is not handed out again; its open sessions carry on. The proxy calls it
+// when PostgreSQL refuses c for a new session: its lease was revoked early,
+// or a session of the shared user changed its password (ALTER ROLE
+// CURRENT_USER PASSWORD, which PostgreSQL allows any role) — which must not
+// let one user end everybody's sessions. A credential that was already
 // replaced is left in place, so many clients refused at once cause one new
 // read, not many.
 func (b *Broker) Forget(c *Credential) {
@@ -385,7 +395,7 @@ func (b *Broker) Forget(c *Credential) {
 		delete(b.creds, c.key)
 	}
 	b.mu.Unlock()
-	c.lease.doRetire()
+	c.lease.supersede()
 }
 
 // shared runs fn once for key among concurrent callers. fn runs under a
@@ -453,7 +463,7 @@ func (b *Broker) login(ctx context.Context, req Request) (*login, bool, error) {
 		b.mu.Lock()
 		defer b.mu.Unlock()
 		if b.closed {
-			go b.revokeToken(l)
+			go b.revokeToken(context.Background(), l)
 			return nil, errClosed
 		}
 		b.logins[key] = l
@@ -482,7 +492,7 @@ func (b *Broker) dropLogin(l *login) {
 	}
 	b.mu.Unlock()
 	if revoke {
-		b.async(func() { b.revokeToken(l) })
+		b.async(func() { b.revokeToken(context.Background(), l) })
 	}
 }
 
@@ -509,14 +519,22 @@ func (b *Broker) read(ctx context.Context, vc *vault.Client, key credKey, scope 
 	c := &Credential{Username: user, Password: pass, LeaseID: sec.LeaseID, VaultRole: key.role,
 		Scope: scope, Subject: key.subject, Static: key.static, key: key, by: by}
 	retireAt, endAt := b.times(start, sec.LeaseDuration, by)
+	var rotatedAt time.Time
 	if key.static {
-		retireAt, endAt = staticTimes(start, sec.Data["ttl"])
+		rotatedAt = staticRotation(start, sec.Data["ttl"])
+		retireAt, endAt = start.Add(100*365*24*time.Hour), start.Add(100*365*24*time.Hour)
 	}
 	var authUntil time.Time
 	if by != nil {
 		authUntil = by.expiresAt
 	}
 	c.lease = newLease(b.cfg.Now(), retireAt, endAt, authUntil, b.cfg.TokenGrace, func() { b.finished(c) })
+	if key.static {
+		// New sessions read the new password after Vault's rotation; open
+		// ones are not touched by it.
+		t := time.AfterFunc(rotatedAt.Sub(b.cfg.Now()), c.lease.supersede)
+		c.lease.onFinish(t.Stop)
+	}
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -557,13 +575,13 @@ func (b *Broker) times(start time.Time, leaseSeconds int, by *login) (retireAt, 
 	return vaultEnd.Add(-m - rand.N(m/2+1)), vaultEnd
 }
 
-// staticTimes: a static credential retires a moment after Vault's next
-// rotation of its password (ttl, in seconds, is the time to it), so new
-// sessions then read the new one, and it never ends: a rotation does not
-// touch sessions already open. A session opened in the moment between
-// rotation and retirement is refused by PostgreSQL (28P01), and the proxy
-// forgets the credential and reads it again.
-func staticTimes(start time.Time, ttl any) (retireAt, endAt time.Time) {
+// staticRotation is a moment after Vault's next rotation of a static
+// role's password (ttl, in seconds, is the time to it): its credential is
+// superseded then, so new sessions read the new password, and never retires
+// or ends — a rotation does not touch sessions already open. A session
+// opened in the moment between rotation and then is refused by PostgreSQL
+// (28P01), and the proxy forgets the credential and reads it again.
+func staticRotation(start time.Time, ttl any) time.Time {
 	var secs int64
 	switch v := ttl.(type) {
 	case json.Number:
@@ -571,7 +589,7 @@ func staticTimes(start time.Time, ttl any) (retireAt, endAt time.Time) {
 	case float64:
 		secs = int64(v)
 	}
-	return start.Add(time.Duration(max(secs, 0))*time.Second + staticSlack), start.Add(100 * 365 * 24 * time.Hour)
+	return start.Add(time.Duration(max(secs, 0))*time.Second + staticSlack)
 }
 
 // staticSlack is how long after a static role's scheduled rotation its
@@ -586,50 +604,82 @@ func minTime(a, b time.Time) time.Time {
 	return a
 }
 
-// watch renews c's lease with vault/api's LifetimeWatcher while it has not
-// retired. When renewal can extend it no further the lease retires (new
+// watch renews c's lease with vault/api's LifetimeWatcher until it retires
+// or finishes. When renewal can extend it no further the lease retires (new
 // sessions get a new one; old ones end at their next idle point); when Vault
 // says the lease is gone (revoked behind pgwarden's back) it retires at
-// once; when Vault cannot be reached it lives out the time it has.
+// once; when Vault cannot be reached renewal is tried again with backoff
+// and jitter, the lease serving out the time it has meanwhile.
 func (b *Broker) watch(vc *vault.Client, sec *vault.Secret, c *Credential) {
-	w, err := vc.NewLifetimeWatcher(&vault.LifetimeWatcherInput{Secret: sec, RenewBehavior: vault.RenewBehaviorErrorOnErrors})
-	if err != nil {
-		b.cfg.Logger.Warn("cannot renew lease", "credential", c, "error", err)
+	if !b.track(1) {
 		return
 	}
-	if !b.track(2) {
-		return
-	}
-	go func() { defer b.wg.Done(); w.Start() }()
+	quit := make(chan struct{}) // closed when the lease finishes
+	c.lease.onFinish(func() bool { close(quit); return true })
 	go func() {
 		defer b.wg.Done()
-		defer w.Stop()
-		for {
-			select {
-			case <-c.lease.retireCtx.Done():
-				return
-			case r := <-w.RenewCh():
-				retireAt, endAt := b.times(r.RenewedAt, r.Secret.LeaseDuration, c.by)
-				c.lease.renewed(b.cfg.Now(), retireAt, endAt)
-				b.cfg.Logger.Debug("renewed lease", "credential", c)
-			case err := <-w.DoneCh():
-				var re *vault.ResponseError
-				switch {
-				case err == nil:
-					b.cfg.Logger.Info("lease cannot be renewed further; new sessions get a new credential", "credential", c)
-					c.lease.doRetire()
-				case errors.As(err, &re) && re.StatusCode >= 400 && re.StatusCode < 500:
-					b.cfg.ObserveVault("renew", -1, err)
-					b.cfg.Logger.Warn("Vault no longer knows the lease (revoked?); retiring its sessions", "credential", c, "error", err)
-					b.Forget(c)
-				default:
-					b.cfg.ObserveVault("renew", -1, err)
-					b.cfg.Logger.Warn("lease renewal failed; the credential serves until its end", "credential", c, "error", err)
-				}
+		for attempt := 0; ; attempt++ {
+			w, err := vc.NewLifetimeWatcher(&vault.LifetimeWatcherInput{Secret: sec, RenewBehavior: vault.RenewBehaviorErrorOnErrors})
+			if err != nil || !b.track(1) {
 				return
 			}
+			go func() { defer b.wg.Done(); w.Start() }()
+			stopped, renewed, err := b.follow(w, c, quit)
+			w.Stop()
+			if renewed {
+				attempt = 0
+			}
+			var re *vault.ResponseError
+			switch {
+			case stopped:
+				return
+			case err == nil:
+				b.cfg.Logger.Info("lease cannot be renewed further; new sessions get a new credential", "credential", c)
+				c.lease.doRetire()
+				return
+			case errors.As(err, &re) && re.StatusCode >= 400 && re.StatusCode < 500:
+				b.cfg.ObserveVault("renew", -1, err)
+				b.cfg.Logger.Warn("Vault no longer knows the lease (revoked?); retiring its sessions", "credential", c, "error", err)
+				b.Forget(c)
+				c.lease.doRetire()
+				return
+			}
+			// Vault away: try again, with backoff and jitter, while the
+			// lease lives; it serves until its end meanwhile.
+			b.cfg.ObserveVault("renew", -1, err)
+			d := Backoff(attempt)
+			b.cfg.Logger.Warn("lease renewal failed; retrying", "credential", c, "error", err, "in", d)
+			t := time.NewTimer(d)
+			select {
+			case <-quit:
+			case <-c.lease.retireCtx.Done():
+			case <-t.C:
+				continue
+			}
+			t.Stop()
+			return
 		}
 	}()
+}
+
+// follow applies w's renewals to c until w stops (its error), the lease
+// retires or finishes (stopped), reporting whether any renewal succeeded.
+func (b *Broker) follow(w *vault.LifetimeWatcher, c *Credential, quit <-chan struct{}) (stopped, renewed bool, err error) {
+	for {
+		select {
+		case <-quit:
+			return true, renewed, nil
+		case <-c.lease.retireCtx.Done():
+			return true, renewed, nil
+		case r := <-w.RenewCh():
+			retireAt, endAt := b.times(r.RenewedAt, r.Secret.LeaseDuration, c.by)
+			c.lease.renewed(b.cfg.Now(), retireAt, endAt)
+			renewed = true
+			b.cfg.Logger.Debug("renewed lease", "credential", c)
+		case err := <-w.DoneCh():
+			return false, renewed, err
+		}
+	}
 }
 
 // finished is called once when c has retired and no connection holds it:
@@ -655,9 +705,9 @@ func (b *Broker) finished(c *Credential) {
 	b.mu.Unlock()
 	switch {
 	case revokeLogin != nil:
-		b.async(func() { b.revokeToken(revokeLogin) })
+		b.async(func() { b.revokeToken(context.Background(), revokeLogin) })
 	case c.Scope == ScopeRole && !c.Static:
-		b.async(func() { b.revokeLease(c) })
+		b.async(func() { b.revokeLease(context.Background(), c) })
 	}
 }
 
@@ -683,13 +733,13 @@ func (b *Broker) track(n int) bool {
 
 // revokeToken revokes a client login's Vault token, and with it every lease
 // it read.
-func (b *Broker) revokeToken(l *login) {
+func (b *Broker) revokeToken(ctx context.Context, l *login) {
 	vc, err := b.cfg.Client.Clone()
 	if err != nil {
 		return
 	}
 	vc.SetToken(l.vaultToken)
-	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.VaultTimeout)
+	ctx, cancel := context.WithTimeout(ctx, b.cfg.VaultTimeout)
 	defer cancel()
 	start := b.cfg.Now()
 	err = vc.Auth().Token().RevokeSelfWithContext(ctx, "")
@@ -703,12 +753,12 @@ func (b *Broker) revokeToken(l *login) {
 }
 
 // revokeLease revokes a role-scoped lease with pgwarden's own identity.
-func (b *Broker) revokeLease(c *Credential) {
+func (b *Broker) revokeLease(ctx context.Context, c *Credential) {
 	vc, err := b.cfg.Self.client()
 	if err != nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.VaultTimeout)
+	ctx, cancel := context.WithTimeout(ctx, b.cfg.VaultTimeout)
 	defer cancel()
 	start := b.cfg.Now()
 	err = vc.Sys().RevokeWithContext(ctx, c.LeaseID)
@@ -743,15 +793,19 @@ func (b *Broker) Close(ctx context.Context, revoke bool) error {
 		c.lease.retire() // stops its renewal
 	}
 	if revoke {
-		g, _ := errgroup.WithContext(ctx)
+		// Eight at a time, each bounded by VaultTimeout and all by ctx: a
+		// Vault that does not answer costs the shutdown ctx, no more.
+		var g errgroup.Group
 		g.SetLimit(8)
 		for _, c := range leases {
-			if c.Scope == ScopeRole && !c.Static {
-				g.Go(func() error { b.revokeLease(c); return nil })
+			if c.Scope == ScopeRole && !c.Static && ctx.Err() == nil {
+				g.Go(func() error { b.revokeLease(ctx, c); return nil })
 			}
 		}
 		for _, l := range tokens {
-			g.Go(func() error { b.revokeToken(l); return nil })
+			if ctx.Err() == nil {
+				g.Go(func() error { b.revokeToken(ctx, l); return nil })
+			}
 		}
 		_ = g.Wait()
 	}

@@ -28,7 +28,8 @@ type fakeVault struct {
 	// grants, renewStatus (when set) the HTTP status it fails with instead.
 	renewable   bool
 	renewTTL    int
-	renewStatus int
+	mu          sync.Mutex
+	renewStatus int // guarded by mu
 	// credsStatus, when set, is the status every creds read fails with.
 	credsStatus atomic.Int32
 	// revoked is a Vault token the fake refuses (403), as Vault does a
@@ -75,8 +76,11 @@ func (f *fakeVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, `{"data":{"username":"app_report","password":"pw-%d","ttl":%d,"rotation_period":60}}`, n, f.staticTTL)
 	case r.URL.Path == "/v1/sys/leases/renew":
 		f.renews.Add(1)
-		if f.renewStatus != 0 {
-			w.WriteHeader(f.renewStatus)
+		f.mu.Lock()
+		st := f.renewStatus
+		f.mu.Unlock()
+		if st != 0 {
+			w.WriteHeader(st)
 			_, _ = w.Write([]byte(`{"errors":["lease not found"]}`))
 			return
 		}
@@ -126,7 +130,7 @@ func newBrokerWith(t *testing.T, fv *fakeVault, cfg Config) *Broker {
 	if cfg.Self != nil {
 		done := make(chan struct{})
 		close(done)
-		cfg.Self = &Self{base: c, token: "hvs.vt-self", stop: func() {}, done: done}
+		cfg.Self = &Self{base: c, token: "hvs.vt-self", ctx: context.Background(), stop: func() {}, done: done}
 	}
 	b, err := New(cfg)
 	if err != nil {
@@ -239,7 +243,7 @@ func TestCredentialIsNotHandedOutPastRetirement(t *testing.T) {
 	if c2.Username == c1.Username {
 		t.Fatal("a retiring credential was handed out")
 	}
-	waitFor(t, "the old credential to end", c1.Ended)
+	waitFor(t, "the old credential, retired and unheld, to finish", c1.Finished)
 }
 
 // waitFor polls cond for up to 10s.
@@ -562,10 +566,10 @@ func TestCloseRevokesClientLogins(t *testing.T) {
 	}
 }
 
-// A static role's credential retires after Vault's next rotation (so new
-// sessions read the new password) and never ends (open sessions are not
-// touched by a rotation).
-func TestStaticCredentialRetiresAfterRotationAndNeverEnds(t *testing.T) {
+// A static role's credential is superseded after Vault's next rotation (so
+// new sessions read the new password) and never retires or ends (open
+// sessions are not touched by a rotation).
+func TestStaticCredentialIsSupersededByRotationAndNeverEnds(t *testing.T) {
 	t.Parallel()
 	fv := &fakeVault{staticTTL: 1}
 	b := newBrokerWith(t, fv, Config{Self: &Self{}})
@@ -575,13 +579,16 @@ func TestStaticCredentialRetiresAfterRotationAndNeverEnds(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !c.Static || c.Username != "app_report" || c.Retired() {
-		t.Fatalf("static credential: %+v retired %v", c.LogValue(), c.Retired())
+	if !c.Static || c.Username != "app_report" || c.Stale() {
+		t.Fatalf("static credential: %+v stale %v", c.LogValue(), c.Stale())
 	}
-	waitFor(t, "the static credential to retire after the rotation", c.Retired)
-	if c.Ended() || c.ExpiresAt().Before(time.Now().Add(24*time.Hour)) {
-		t.Fatal("a static credential ended: open sessions would be cut by a password rotation")
+	c.Hold() // an open session
+	waitFor(t, "the static credential to be superseded after the rotation", c.Stale)
+	if c.Retired() || c.Ended() || c.ExpiresAt().Before(time.Now().Add(24*time.Hour)) {
+		t.Fatal("a static credential retired or ended: open sessions would be cut by a password rotation")
 	}
+	c.Release()
+	waitFor(t, "the superseded static credential to finish once unheld", c.Finished)
 	c2, err := b.Credential(context.Background(), r)
 	if err != nil || c2 == c || c2.Password == c.Password {
 		t.Fatalf("after the rotation: %v, same credential %v", err, c2 == c)
@@ -590,4 +597,47 @@ func TestStaticCredentialRetiresAfterRotationAndNeverEnds(t *testing.T) {
 	if _, err := b.Credential(context.Background(), r); pgerror.Code(err) != pgerror.ConfigurationFileError {
 		t.Fatalf("a static role in identity scope: %v", err)
 	}
+}
+
+// Forget (PostgreSQL refused the credential for a new session: say a
+// session of the shared user changed its password) stops the credential
+// being handed out but does not end the sessions open under it — one user
+// must not be able to end everybody's sessions.
+func TestForgetLeavesOpenSessionsBe(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{leaseTTL: 3600, tokenTTL: 3600}
+	b := newBroker(t, fv, nil)
+	c, err := b.Credential(context.Background(), reqAs("alice", "good-a", time.Now().Add(time.Hour)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Hold()
+	b.Forget(c)
+	if !c.Stale() || c.Retired() || c.Finished() {
+		t.Fatalf("after Forget: stale %v retired %v finished %v; want stale only", c.Stale(), c.Retired(), c.Finished())
+	}
+	c.Release()
+	if !c.Finished() {
+		t.Fatal("a forgotten credential nothing holds did not finish")
+	}
+}
+
+// A renewal that fails because Vault is away is tried again; the lease
+// keeps serving, and renewals resume when Vault answers.
+func TestRenewalIsRetriedWhileVaultIsAway(t *testing.T) {
+	t.Parallel()
+	fv := &fakeVault{leaseTTL: 30, tokenTTL: 3600, renewable: true, renewTTL: 600, renewStatus: http.StatusServiceUnavailable}
+	b := newBroker(t, fv, nil)
+	c, err := b.Credential(context.Background(), reqAs("alice", "good-a", time.Now().Add(time.Hour)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a first failed renewal", func() bool { return fv.renews.Load() >= 1 })
+	if c.Stale() {
+		t.Fatal("a renewal failing while Vault is away retired the lease")
+	}
+	fv.mu.Lock()
+	fv.renewStatus = 0
+	fv.mu.Unlock()
+	waitFor(t, "renewal to resume and extend the lease", func() bool { return c.ExpiresAt().After(time.Now().Add(5 * time.Minute)) })
 }

@@ -12,13 +12,18 @@ import (
 // session keeps a timer of its own for a lease); the pool says who uses it
 // through Hold and Release, so the broker knows when nothing does.
 //
-//   - retired: new sessions must not use it; open ones end at their next idle
-//     point. It retires a margin before its end, when renewal can extend it
-//     no further (make-before-break: the next request reads a new one), when
+//   - superseded: new sessions must not use it, open ones carry on. A
+//     credential PostgreSQL refused (Forget: its password was changed by a
+//     session of it, or it was revoked) and a static role's credential
+//     after Vault rotated the password are superseded.
+//   - retired: superseded, and open sessions end at their next idle point.
+//     It retires a margin before its end, when renewal can extend it no
+//     further (make-before-break: the next request reads a new one), when
 //     Vault says it is gone, or when the token that read it expires.
 //   - ended: open sessions are cut; Vault drops (or has dropped) the role.
-//   - finished: retired (or ended) and held by nobody; the broker revokes it
-//     then (finish runs once).
+//   - finished: superseded (or retired, or ended) and held by nobody; the
+//     broker revokes it then (finish runs once), and its timers and
+//     callbacks are let go.
 type lease struct {
 	retireCtx context.Context
 	retire    context.CancelFunc
@@ -37,7 +42,9 @@ type lease struct {
 	holders               int           // guarded by mu
 	retireT               *time.Timer   // guarded by mu
 	endT                  *time.Timer   // guarded by mu
+	superseded            bool          // guarded by mu
 	done                  bool          // guarded by mu: finish has been called
+	cleanups              []func() bool // guarded by mu: run at finish (AfterFunc stops)
 	// finish is called once, without mu, when the lease is retired and
 	// nobody holds it. The broker revokes it there.
 	finish func()
@@ -112,6 +119,37 @@ func (l *lease) doRetire() {
 	l.maybeFinish()
 }
 
+// supersede stops the lease being handed out, leaving its sessions be.
+func (l *lease) supersede() {
+	l.mu.Lock()
+	l.superseded = true
+	l.mu.Unlock()
+	l.maybeFinish()
+}
+
+// stale reports whether new sessions must not use the lease.
+func (l *lease) stale() bool {
+	if l.retireCtx.Err() != nil {
+		return true
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.superseded
+}
+
+// onFinish registers stop to be called when the lease finishes (or at
+// once, if it has).
+func (l *lease) onFinish(stop func() bool) {
+	l.mu.Lock()
+	if !l.done {
+		l.cleanups = append(l.cleanups, stop)
+		l.mu.Unlock()
+		return
+	}
+	l.mu.Unlock()
+	stop()
+}
+
 // doEnd ends (and so retires) the lease now.
 func (l *lease) doEnd() {
 	l.retire()
@@ -132,19 +170,34 @@ func (l *lease) release() {
 	l.maybeFinish()
 }
 
-// maybeFinish calls finish once the lease is retired and unheld.
+// maybeFinish calls finish once the lease is superseded (or retired) and
+// unheld, and lets go of its timers and callbacks: nothing uses it any
+// more, and a lease that never ends (a static role's) must not keep them.
 func (l *lease) maybeFinish() {
 	l.mu.Lock()
-	if l.done || l.holders > 0 || l.retireCtx.Err() == nil {
+	if l.done || l.holders > 0 || (l.retireCtx.Err() == nil && !l.superseded) {
 		l.mu.Unlock()
 		return
 	}
 	l.done = true
 	l.retireT.Stop()
+	l.endT.Stop()
+	cleanups := l.cleanups
+	l.cleanups = nil
 	l.mu.Unlock()
+	for _, stop := range cleanups {
+		stop()
+	}
 	if l.finish != nil {
 		l.finish()
 	}
+}
+
+// finished reports whether the lease has finished.
+func (l *lease) finished() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.done
 }
 
 func (l *lease) stopTimers() {
@@ -154,9 +207,18 @@ func (l *lease) stopTimers() {
 	l.mu.Unlock()
 }
 
-// Retired reports whether the credential must no longer be used for new
-// sessions.
+// Retired reports whether the credential's sessions must end at their next
+// idle point.
 func (c *Credential) Retired() bool { return c.lease.retireCtx.Err() != nil }
+
+// Stale reports whether the credential must no longer be used for new
+// sessions (it is superseded or retired); its open sessions may carry on
+// unless it is retired.
+func (c *Credential) Stale() bool { return c.lease.stale() }
+
+// Finished reports whether the credential is stale and nothing holds it:
+// it will not be used again.
+func (c *Credential) Finished() bool { return c.lease.finished() }
 
 // Ended reports whether the credential's lease has ended.
 func (c *Credential) Ended() bool { return c.lease.endCtx.Err() != nil }

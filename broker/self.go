@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net/http"
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	vault "github.com/hashicorp/vault/api"
@@ -52,7 +54,8 @@ type Self struct {
 	epoch    *epoch // guarded by mu: the life of the current token
 	// kick asks keepAlive to log in again now: Vault refused the current
 	// token (revoked behind pgwarden's back).
-	kick chan struct{}
+	kick     chan struct{}
+	checking atomic.Bool // refused is asking Vault about a token
 	// ownToken: pgwarden created the token by logging in, so it revokes it.
 	ownToken bool
 
@@ -307,21 +310,48 @@ func (s *Self) kicked() bool {
 	}
 }
 
-// refused says Vault answered 403 to token: unless a new login replaced it
-// already, it is ended and replaced now (Vault's renewal watcher cannot
-// tell a revoked token from one it may not renew, so Self would not notice).
+// refused says Vault answered 403 to a read with token. A 403 means a
+// revoked token or a policy that does not cover the path (a level added and
+// vault-init not run again), and only the first is cured by logging in
+// again — which retires every role-scoped lease. So Self asks Vault about
+// the token itself first (once at a time, in the background); only when
+// Vault does not know it any more, and no new login replaced it already,
+// is it ended and replaced now (vault/api's renewal watcher cannot tell a
+// revoked token from one it may not renew, so Self would not notice).
 func (s *Self) refused(token string) {
-	s.mu.Lock()
-	current := s.token == token
-	s.mu.Unlock()
-	if !current {
+	if !s.checking.CompareAndSwap(false, true) {
 		return
 	}
-	s.endEpoch()
-	select {
-	case s.kick <- struct{}{}:
-	default:
-	}
+	go func() {
+		defer s.checking.Store(false)
+		vc, err := s.base.Clone()
+		if err != nil {
+			return
+		}
+		vc.SetToken(token)
+		ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+		defer cancel()
+		_, err = vc.Auth().Token().LookupSelfWithContext(ctx)
+		var re *vault.ResponseError
+		if err == nil || !errors.As(err, &re) || re.StatusCode != http.StatusForbidden {
+			if err == nil {
+				s.log.Error("Vault refused a read with pgwarden's own token, which is valid: its policy does not cover the path (run pgwarden vault-init again?)")
+			}
+			return
+		}
+		s.mu.Lock()
+		current := s.token == token
+		s.mu.Unlock()
+		if !current {
+			return
+		}
+		s.log.Warn("Vault no longer knows pgwarden's own token (revoked?); logging in again")
+		s.endEpoch()
+		select {
+		case s.kick <- struct{}{}:
+		default:
+		}
+	}()
 }
 
 func (s *Self) currentEpoch() *epoch {

@@ -300,7 +300,17 @@ func (c *clientConn) upstream(ctx context.Context, req broker.Request, level str
 		if err != nil {
 			return nil, err
 		}
+		// Held while the session is found or opened, so the broker cannot
+		// finish (revoke) the lease under the dial.
+		cred.Hold()
 		up, err := c.srv.pools.acquire(ctx, c.database, level, route, cred)
+		cred.Release()
+		if err == nil && cred.Stale() && attempt == 0 {
+			// It retired or was superseded meanwhile: a session under it
+			// would end at once. Take a fresh credential.
+			c.srv.pools.discard(up)
+			continue
+		}
 		var pgErr *pgconn.PgError
 		if attempt > 0 || !errors.As(err, &pgErr) || !strings.HasPrefix(pgErr.Code, "28") {
 			return up, err

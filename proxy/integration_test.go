@@ -58,7 +58,7 @@ func needStack(t *testing.T) *testenv.Stack {
 		stack, stackErr = testenv.StartStack(ctx, testenv.StackOptions{
 			UnixSocketDir: socketDir,
 			Logger:        newJSONLogger(logs),
-			ExtraLevels:   []config.Level{briefLevel(), roleLevel("crowd"), roleLevel("team"), testenv.ReadLevel("solo", time.Hour, "analyst")},
+			ExtraLevels:   []config.Level{briefLevel(), roleLevel("crowd"), roleLevel("team"), soloLevel()},
 			// Only 127.0.0.1 is trusted, so a client from 127.0.0.2 counts as remote.
 			TrustedNetworks: []string{"127.0.0.1/32"},
 		})
@@ -79,6 +79,16 @@ func briefLevel() config.Level {
 func roleLevel(name string) config.Level {
 	l := testenv.ReadLevel(name, time.Hour, "analyst")
 	l.Scope = config.ScopeRole
+	return l
+}
+
+// soloLevel is identity-scoped, used by the credentials tests alone, and
+// its revocation only drops the role (no pg_terminate_backend), so a
+// revoked lease leaves pooled sessions of a dropped role for pgwarden to
+// find.
+func soloLevel() config.Level {
+	l := testenv.ReadLevel("solo", time.Hour, "analyst")
+	l.RevocationStatements = []string{`DROP ROLE IF EXISTS "{{name}}";`}
 	return l
 }
 

@@ -6,10 +6,13 @@ import (
 	"io"
 	"net/http"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgwarden/pgwarden/internal/config"
 	"github.com/pgwarden/pgwarden/testenv"
@@ -285,19 +288,31 @@ func TestRoleScopeRotatesUnderLoadWithoutFailedTransactions(t *testing.T) {
 			t.Errorf("shared user %q does not name pgwarden", u)
 		}
 	}
+	vc, err := st.Vault.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	spinLeases := func() int {
+		sec, err := vc.Logical().List("sys/leases/lookup/database/creds/app-spin/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sec == nil {
+			return 0
+		}
+		return len(sec.Data["keys"].([]any))
+	}
+	// Rotated-out leases were revoked as their last session went: only the
+	// current one is left (two, in the moment of a rotation).
+	if n := spinLeases(); n > 2 {
+		t.Errorf("%d leases in Vault after the run, with pgwarden still up: rotated-out leases were not revoked", n)
+	}
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if err := st.App.Shutdown(sctx); err != nil {
 		t.Fatal(err)
 	}
-	vc, err := st.Vault.Client()
-	if err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, 10*time.Second, func() bool {
-		sec, err := vc.Logical().List("sys/leases/lookup/database/creds/app-spin/")
-		return err == nil && (sec == nil || len(sec.Data["keys"].([]any)) == 0)
-	}, "a lease of the run outlived it")
+	eventually(t, 10*time.Second, func() bool { return spinLeases() == 0 }, "a lease of the run outlived it")
 }
 
 // vaultCallsOf is how many Vault calls of op st's pgwarden made.
@@ -400,4 +415,91 @@ func TestStaticRoleRotationFailsNoQuery(t *testing.T) {
 	if len(seen) < 5 {
 		t.Fatalf("only %d passwords: the rotation did not happen", len(seen))
 	}
+}
+
+// The NOTICE comes token_expiry_notice before the token expires, not
+// before: a session well inside its token's life hears nothing.
+func TestTokenExpiryNoticeComesAtItsLeadTime(t *testing.T) {
+	st := ownStack(t, func(c *config.Config) { c.TokenExpiryNotice = config.Duration(3 * time.Second) })
+	ctx := context.Background()
+	tok, err := st.Issuer.Mint(testenv.Claims{Subject: "nora", Groups: []string{"analyst"}, TTL: 9 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := pgx.ParseConfig(st.ConnString("reader", tok))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var notices atomic.Int32
+	cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) {
+		if strings.Contains(n.Message, "token expires") {
+			notices.Add(1)
+		}
+	}
+	c, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	time.Sleep(2 * time.Second) // ~7s left: no notice yet
+	queryString(t, c, "select 1::text")
+	if n := notices.Load(); n != 0 {
+		t.Fatalf("%d notices with ~7s of the token left and a 3s lead", n)
+	}
+	time.Sleep(5 * time.Second) // ~2s left: inside the lead
+	queryString(t, c, "select 1::text")
+	if n := notices.Load(); n != 1 {
+		t.Fatalf("%d notices inside the lead time, want 1", n)
+	}
+}
+
+// A shared (role-scoped) lease revoked behind pgwarden's back while
+// clients use it: the revocation ends its sessions (the level's revocation
+// statements terminate them), and the very next new connection gets fresh
+// credentials, under load, without waiting for anything.
+func TestRevokedSharedLeaseUnderLoad(t *testing.T) {
+	st := ownStack(t, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	first := connectTo(t, st, "shared", mint(t, st, "load-0"))
+	old := queryString(t, first, "select current_user")
+	first.Close(ctx)
+	var wg sync.WaitGroup
+	for i := range 4 {
+		tok := mint(t, st, fmt.Sprintf("load-%d", i+1))
+		wg.Add(1)
+		go func() { // busy sessions of the shared lease, reconnecting when ended
+			defer wg.Done()
+			for ctx.Err() == nil {
+				c, err := pgx.Connect(ctx, st.ConnString("shared", tok))
+				if err != nil {
+					continue
+				}
+				for ctx.Err() == nil {
+					if _, err := c.Exec(ctx, "select 1"); err != nil {
+						break
+					}
+				}
+				c.Close(context.Background())
+			}
+		}()
+	}
+	time.Sleep(time.Second)
+	vc, err := st.Vault.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := vc.Sys().RevokePrefixWithContext(ctx, "database/creds/app-shared"); err != nil {
+		t.Fatal(err)
+	}
+	next := connectTo(t, st, "shared", mint(t, st, "after"))
+	var n int
+	if err := next.QueryRow(ctx, "select count(*) from items").Scan(&n); err != nil {
+		t.Fatalf("the first connection after the revocation: %v", err)
+	}
+	if u := queryString(t, next, "select current_user"); u == old {
+		t.Fatalf("still %s, whose lease was revoked", u)
+	}
+	cancel()
+	wg.Wait()
 }

@@ -37,10 +37,12 @@ type poolSet struct {
 	total   int               // guarded by mu; connections open or being opened, all pools
 	changed chan struct{}     // guarded by mu; closed (and replaced) when a slot frees or a connection turns idle
 	closed  bool              // guarded by mu
-	// baselines are each credential's role-level settings as its first
-	// session found them (see rolesettings.go); guarded by mu, dropped when
-	// the credential expires.
-	baselines map[*broker.Credential][]roleSetting
+	// baselines are each database user's role-level settings as its first
+	// session found them (see rolesettings.go), keyed by user name — a
+	// static role's user outlives each credential Vault rotates for it, and
+	// a tampered setting must not become the next credential's baseline;
+	// guarded by mu, dropped when a dynamic user's credential is finished.
+	baselines map[string]baseline
 
 	stop      chan struct{}
 	reaperWG  sync.WaitGroup
@@ -48,6 +50,13 @@ type poolSet struct {
 }
 
 type poolKey struct{ database, level string }
+
+// baseline is a database user's recorded role settings and the newest
+// credential seen for it.
+type baseline struct {
+	settings []roleSetting
+	cred     *broker.Credential
+}
 
 type pool struct {
 	key  poolKey
@@ -60,7 +69,7 @@ type pool struct {
 
 func newPoolSet(cfg *Config) (*poolSet, error) {
 	ps := &poolSet{cfg: cfg, pools: map[poolKey]*pool{}, changed: make(chan struct{}), stop: make(chan struct{}),
-		baselines: map[*broker.Credential][]roleSetting{}}
+		baselines: map[string]baseline{}}
 	// Parse every upstream now, so a bad connection string fails at start.
 	for db, r := range cfg.Routes {
 		if _, err := ParseUpstream(r.Upstream, r.Policy); err != nil {
@@ -231,8 +240,8 @@ func (ps *poolSet) evictLocked() *serverConn {
 // past ctx's deadline (the client's authentication deadline).
 func (ps *poolSet) check(ctx context.Context, sc *serverConn) error {
 	now := ps.cfg.Now()
-	if sc.cred.Retired() {
-		return errors.New("credential retired")
+	if sc.cred.Stale() {
+		return errors.New("credential retired or superseded")
 	}
 	if now.Sub(sc.lastUsed) < ps.cfg.Pool.PingAfterIdle {
 		return sc.alive(ctx, false)
@@ -290,11 +299,13 @@ func (ps *poolSet) open(ctx context.Context, p *pool, cred *broker.Credential) (
 			return nil, upstreamFailure(err)
 		}
 		ps.mu.Lock()
-		want, known := ps.baselines[cred]
+		bl, known := ps.baselines[cred.Username]
 		if !known {
-			ps.baselines[cred] = got
-			want = got
+			bl.settings = got
 		}
+		bl.cred = cred
+		ps.baselines[cred.Username] = bl
+		want := bl.settings
 		ps.mu.Unlock()
 		if sameRoleSettings(got, want) {
 			sc.pool = p
@@ -325,7 +336,7 @@ func (ps *poolSet) release(sc *serverConn) {
 	ps.mu.Lock()
 	p := sc.pool
 	p.active--
-	if err == nil && !ps.closed && !sc.cred.Retired() {
+	if err == nil && !ps.closed && !sc.cred.Stale() {
 		sc.lastUsed = now
 		p.idle = append(p.idle, sc)
 		ps.changedLocked()
@@ -370,12 +381,12 @@ func (ps *poolSet) reap() {
 		ps.mu.Lock()
 		for _, p := range ps.pools {
 			dead = append(dead, ps.takeIdleLocked(p, func(c *serverConn) bool {
-				return c.cred.Retired() || now.Sub(c.lastUsed) >= ps.cfg.Pool.IdleTimeout
+				return c.cred.Stale() || now.Sub(c.lastUsed) >= ps.cfg.Pool.IdleTimeout
 			})...)
 		}
-		for c := range ps.baselines {
-			if c.Ended() {
-				delete(ps.baselines, c)
+		for user, bl := range ps.baselines {
+			if !bl.cred.Static && bl.cred.Finished() {
+				delete(ps.baselines, user)
 			}
 		}
 		ps.mu.Unlock()

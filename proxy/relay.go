@@ -89,22 +89,39 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 	// once it ends the session is cut. The client's token bounds it too: a
 	// NOTICE a while before it expires, the end at the next idle point after,
 	// a cut when the grace for an open transaction is over.
+	//
+	// These callbacks run on timer goroutines and may come late: once the
+	// relay is over (the session may be another client's by then) they do
+	// nothing.
+	var over atomic.Bool
+	defer over.Store(true)
 	interrupt := func(flag *atomic.Bool) func() {
 		return func() {
+			if over.Load() {
+				return
+			}
 			flag.Store(true)
 			_ = up.conn.SetReadDeadline(time.Now())
 		}
 	}
 	// A session stuck writing to a peer that reads nothing cannot say goodbye.
-	backstop := time.AfterFunc(time.Duration(math.MaxInt64), func() { c.kill(); up.close() })
+	backstop := time.AfterFunc(time.Duration(math.MaxInt64), func() {
+		if !over.Load() {
+			c.kill()
+			up.close()
+		}
+	})
 	defer backstop.Stop()
 	cutNow := func(flag *atomic.Bool) func() {
 		f := interrupt(flag)
-		return func() { f(); backstop.Reset(cutGrace) }
+		return func() {
+			if !over.Load() {
+				f()
+				backstop.Reset(cutGrace)
+			}
+		}
 	}
-	if !up.cred.Static { // a rotated static password does not touch open sessions
-		defer up.cred.OnRetire(interrupt(&st.retiring))()
-	}
+	defer up.cred.OnRetire(interrupt(&st.retiring))()
 	defer up.cred.OnEnd(cutNow(&st.cut))()
 	if exp := c.id.Expiry; !exp.IsZero() {
 		now := cfg.Now()
@@ -277,6 +294,9 @@ func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
 			if typ == 'Z' && status == 'I' && st.retiring.Load() && st.idle() {
 				return stop(retiredEnd(st))
 			}
+			if typ == 'Z' && st.cut.Load() && st.syncsSent.Load() == st.readyRecv.Load() {
+				return stop(cutEnd(st))
+			}
 		}
 	}
 }
@@ -292,10 +312,12 @@ func (c *clientConn) interrupted(up *serverConn, st *relayState, fc *frameCopier
 	switch {
 	case st.stopping.Load():
 		return end{why: "stopped", clean: true}, true
-	case st.cut.Load() && st.tokenExpired.Load():
-		return end{why: "token expired", notify: errTokenExpiredCut}, true
+	case st.cut.Load() && st.syncsSent.Load() > st.readyRecv.Load():
+		// A query (a COMMIT, say) is in flight: its answer goes through
+		// first, so the client learns how it ended; the backstop bounds the
+		// wait (cutGrace).
 	case st.cut.Load():
-		return end{why: "credential lease ended", notify: errLeaseEnded}, true
+		return cutEnd(st), true
 	case st.retiring.Load() && fc.atBoundary() && up.r.Buffered() == 0 && st.idle():
 		return retiredEnd(st), true
 	}
@@ -306,6 +328,15 @@ func (c *clientConn) interrupted(up *serverConn, st *relayState, fc *frameCopier
 		}
 	}
 	return end{}, false
+}
+
+// cutEnd is the end of a session cut when its lease ended or its token's
+// grace ran out, between messages with no query in flight.
+func cutEnd(st *relayState) end {
+	if st.tokenExpired.Load() {
+		return end{why: "token expired", notify: errTokenExpiredCut}
+	}
+	return end{why: "credential lease ended", notify: errLeaseEnded}
 }
 
 // retiredEnd is the end of a session at an idle point after its credential

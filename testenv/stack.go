@@ -69,7 +69,7 @@ func Levels() []config.Level {
 		{Name: "writer", Groups: []string{"engineer"}, CreationStatements: createIn("app_read, app_write"),
 			RevocationStatements: dropRole, DefaultTTL: hour, MaxTTL: 4 * hour},
 		{Name: "admin", Groups: []string{"dba"}, CreationStatements: createIn("app_owner"), DefaultTTL: hour, MaxTTL: 4 * hour,
-			RevocationStatements: []string{`REASSIGN OWNED BY "{{name}}" TO app_owner;`, `DROP OWNED BY "{{name}}";`, `DROP ROLE IF EXISTS "{{name}}";`}},
+			RevocationStatements: []string{terminate, `REASSIGN OWNED BY "{{name}}" TO app_owner;`, `DROP OWNED BY "{{name}}";`, `DROP ROLE IF EXISTS "{{name}}";`}},
 	}
 }
 
@@ -79,7 +79,13 @@ func ReadLevel(name string, ttl time.Duration, groups ...string) config.Level {
 		DefaultTTL: config.Duration(ttl), MaxTTL: config.Duration(max(ttl, 4*time.Hour))}
 }
 
-var dropRole = []string{`DROP ROLE IF EXISTS "{{name}}";`}
+// dropRole ends the role's sessions, then drops it: when Vault revokes a
+// lease early (an incident, `vault lease revoke -prefix`), its sessions end
+// too, rather than live on as a dropped role that fails every privilege
+// check (PostgreSQL lets DROP ROLE succeed under open sessions).
+var dropRole = []string{terminate, `DROP ROLE IF EXISTS "{{name}}";`}
+
+const terminate = `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}';`
 
 func createIn(groups string) []string {
 	return []string{`CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}' IN ROLE ` + groups + `;`}

@@ -203,6 +203,9 @@ func New(cfg Config) (*Broker, error) {
 
 var errClosed = pgerror.New(pgerror.AdminShutdown, "pgwarden is shutting down")
 
+var errTokenExpired = &pgerror.Error{Code: pgerror.InvalidPassword, Message: "token rejected: it has expired",
+	Hint: "Send a current token from the configured identity provider as the password."}
+
 // Credential logs in to Vault with req.Token (unless a login for it is
 // cached), which proves Vault lets this identity have req.VaultRole, and
 // returns a credential for it: in identity scope one read with that login
@@ -223,6 +226,11 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 		return nil, pgerror.New(pgerror.ConfigurationFileError, "this access level shares one credential per role, but pgwarden has no Vault identity of its own (vault.auth)")
 	}
 	for attempt := 0; ; attempt++ {
+		if !req.TokenExpiry.IsZero() && !req.TokenExpiry.After(b.cfg.Now().Add(time.Second)) {
+			// Expired (or about to, say while Vault answered the last
+			// call): a login or lease now would end at once.
+			return nil, errTokenExpired
+		}
 		l, cached, err := b.login(ctx, req)
 		if err != nil {
 			return nil, err
@@ -250,11 +258,6 @@ func (b *Broker) Credential(ctx context.Context, req Request) (*Credential, erro
 // every new token of a client that fetches one per connection.
 func (b *Broker) identityCredential(ctx context.Context, req Request, l *login) (*Credential, error) {
 	key := credKey{database: req.Database, role: req.VaultRole, subject: req.Subject}
-	if !l.expiresAt.After(b.cfg.Now().Add(time.Second)) {
-		// Expired while Vault answered: a lease read now would retire at once.
-		return nil, &pgerror.Error{Code: pgerror.InvalidPassword, Message: "token rejected: it has expired",
-			Hint: "Send a current token from the configured identity provider as the password."}
-	}
 	usable := func(c *Credential) bool {
 		if c == nil || c.Stale() {
 			return false

@@ -194,16 +194,9 @@ func TestSelfRetriesLoginWhileVaultIsAway(t *testing.T) {
 // server. The subtests run in parallel on one server, each on its own
 // mount; each takes its token's max TTL or so (about 10s).
 func TestSelfWithVault(t *testing.T) {
-	testenv.Integration(t)
+	v, root := testenv.NewVault(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	v, err := testenv.StartVault(ctx)
-	testenv.Check(t, err)
-	t.Cleanup(v.Close)
-	root, err := v.Client()
-	if err != nil {
-		t.Fatal(err)
-	}
 	// pgwarden-server as vault-init writes it with no level in role scope:
 	// the token's own lookup, renew and revoke, and leases. Tokens below get
 	// it without Vault's default policy, so it alone must do.

@@ -103,14 +103,7 @@ func token(t *testing.T, sub string, groups ...string) string {
 
 func connect(t *testing.T, user, tok string) *pgx.Conn {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	c, err := pgx.Connect(ctx, stack.ConnString(user, tok))
-	if err != nil {
-		t.Fatalf("connect as %s: %v", user, err)
-	}
-	t.Cleanup(func() { c.Close(context.Background()) })
-	return c
+	return connectTo(t, stack, user, tok)
 }
 
 func queryString(t *testing.T, c *pgx.Conn, sql string) string {

@@ -6,6 +6,8 @@ import (
 	"os"
 	"testing"
 	"time"
+
+	vault "github.com/hashicorp/vault/api"
 )
 
 // InCI reports whether we run under CI (CI=true), where integration tests
@@ -32,6 +34,23 @@ func Check(t testing.TB, err error) {
 		t.Fatalf("%v (integration tests need it; `make deps` installs it)", err)
 	}
 	t.Fatal(err)
+}
+
+// NewVault starts a Vault dev server of its own for t, stopped when t ends,
+// and returns it with a root client; a missing Vault fails t in CI.
+func NewVault(t testing.TB) (*Vault, *vault.Client) {
+	t.Helper()
+	Integration(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	v, err := StartVault(ctx)
+	Check(t, err)
+	t.Cleanup(v.Close)
+	vc, err := v.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v, vc
 }
 
 // NewStack starts a Stack for one test and stops it when the test ends. It

@@ -160,6 +160,23 @@ func (p *planner) read(path string) (map[string]any, error) {
 	return s.Data, nil
 }
 
+// readIf reads path when its mount exists (a mount about to be created
+// holds nothing yet).
+func (p *planner) readIf(mounted bool, path string) (map[string]any, error) {
+	if !mounted {
+		return nil, nil
+	}
+	return p.read(path)
+}
+
+// writeData is a change that writes data to path.
+func writeData(path string, data map[string]any) func(context.Context, *vault.Client) error {
+	return func(ctx context.Context, c *vault.Client) error {
+		_, err := c.Logical().WriteWithContext(ctx, path, data)
+		return err
+	}
+}
+
 func (p *planner) list(path string) ([]string, error) {
 	s, err := p.lg.ListWithContext(p.ctx, path)
 	if err != nil {
@@ -275,22 +292,16 @@ func (p *planner) planJWTConfig() error {
 		"oidc_discovery_url": discovery,
 		"jwks_url":           j.JWKSURL,
 	}
-	var cur map[string]any
-	if p.jwtMounted {
-		var err error
-		if cur, err = p.read(path); err != nil {
-			return err
-		}
+	cur, err := p.readIf(p.jwtMounted, path)
+	if err != nil {
+		return err
 	}
 	for _, k := range jwtConfigKept {
 		if v := str(cur[k]); v != "" {
 			data[k] = v
 		}
 	}
-	write := func(ctx context.Context, c *vault.Client) error {
-		_, err := c.Logical().WriteWithContext(ctx, path, data)
-		return err
-	}
+	write := writeData(path, data)
 	if cur == nil || (str(cur["oidc_discovery_url"]) == "" && str(cur["jwks_url"]) == "" && len(strs(cur["jwt_validation_pubkeys"])) == 0) {
 		keys := "OIDC discovery " + redactURL(discovery)
 		if j.JWKSURL != "" {
@@ -436,16 +447,10 @@ func (p *planner) planDatabaseRole(db Database, l Level) error {
 		"default_ttl":           seconds(l.DefaultTTL),
 		"max_ttl":               seconds(l.MaxTTL),
 	}
-	write := func(ctx context.Context, c *vault.Client) error {
-		_, err := c.Logical().WriteWithContext(ctx, path, data)
+	write := writeData(path, data)
+	cur, err := p.readIf(p.dbMounted, path)
+	if err != nil {
 		return err
-	}
-	var cur map[string]any
-	if p.dbMounted {
-		var err error
-		if cur, err = p.read(path); err != nil {
-			return err
-		}
 	}
 	if cur == nil {
 		p.add(ActionCreate, KindDatabaseRole, path, fmt.Sprintf("level %s of %s, %s scope, connection %s, default_ttl %s, max_ttl %s",
@@ -479,16 +484,10 @@ func (p *planner) planStaticRole(db Database, l Level) error {
 		"credential_type":     "password",
 		"rotation_statements": []string{},
 	}
-	write := func(ctx context.Context, c *vault.Client) error {
-		_, err := c.Logical().WriteWithContext(ctx, path, data)
+	write := writeData(path, data)
+	cur, err := p.readIf(p.dbMounted, path)
+	if err != nil {
 		return err
-	}
-	var cur map[string]any
-	if p.dbMounted {
-		var err error
-		if cur, err = p.read(path); err != nil {
-			return err
-		}
 	}
 	create := func() {
 		p.add(ActionCreate, KindStaticRole, path, fmt.Sprintf("level %s of %s, connection %s, user %s, rotation_period %s; Vault sets the user's password now and keeps it",
@@ -575,16 +574,10 @@ func (p *planner) planJWTRole(db Database, l Level) error {
 		"token_ttl":         seconds(tokenTTL),
 		"token_max_ttl":     seconds(tokenTTL),
 	}
-	write := func(ctx context.Context, c *vault.Client) error {
-		_, err := c.Logical().WriteWithContext(ctx, path, data)
+	write := writeData(path, data)
+	cur, err := p.readIf(p.jwtMounted, path)
+	if err != nil {
 		return err
-	}
-	var cur map[string]any
-	if p.jwtMounted {
-		var err error
-		if cur, err = p.read(path); err != nil {
-			return err
-		}
 	}
 	if cur == nil {
 		p.add(ActionCreate, KindJWTRole, path, fmt.Sprintf("level %s of %s: %s in %v, policy %s, token_ttl %s",

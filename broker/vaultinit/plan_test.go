@@ -22,15 +22,7 @@ import (
 // nothing has configured yet.
 func freshVault(t *testing.T) *vault.Client {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	v, err := testenv.StartVault(ctx)
-	testenv.Check(t, err)
-	t.Cleanup(v.Close)
-	vc, err := v.Client()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, vc := testenv.NewVault(t)
 	return vc
 }
 

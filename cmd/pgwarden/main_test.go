@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
@@ -11,7 +10,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/pgwarden/pgwarden/internal/config"
 	"github.com/pgwarden/pgwarden/testenv"
@@ -92,15 +90,7 @@ func TestVaultInitAndCheckAgainstTheStack(t *testing.T) {
 // prints holds the admin password.
 func TestVaultInitDryRunApplyPrune(t *testing.T) {
 	st := testenv.NewStack(t, testenv.StackOptions{NoProxy: true})
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	v, err := testenv.StartVault(ctx)
-	testenv.Check(t, err)
-	t.Cleanup(v.Close)
-	vc, err := v.Client()
-	if err != nil {
-		t.Fatal(err)
-	}
+	v, vc := testenv.NewVault(t)
 	t.Setenv("VAULT_ADDR", v.Addr)
 	t.Setenv("VAULT_TOKEN", v.RootToken)
 	t.Setenv("PGWARDEN_DB_ADMIN_PASSWORD", "")

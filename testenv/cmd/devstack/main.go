@@ -126,6 +126,12 @@ func run() error {
 		return err
 	}
 	u, _ := url.Parse(st.Issuer.URL)
+	shownLog := logPath // relative to where make dev runs, as the lines below are
+	if wd, err := os.Getwd(); err == nil {
+		if rel, err := filepath.Rel(wd, logPath); err == nil && !strings.HasPrefix(rel, "..") {
+			shownLog = rel
+		}
+	}
 	fmt.Printf(`devstack: ready — pgwarden on %s (TLS), metrics on http://%s/metrics
   PostgreSQL %s on 127.0.0.1:%d, Vault dev server %s, OIDC issuer %s
   pgwarden log: %s
@@ -137,7 +143,7 @@ In another terminal:
 
 Levels: reader (groups analyst, engineer), writer (engineer), admin (dba).
 Ctrl-C stops everything.
-`, st.Config.Listen, st.Config.MetricsListen, st.PG.Version, st.PG.Port, st.Vault.Addr, u.Host, logPath)
+`, st.Config.Listen, st.Config.MetricsListen, st.PG.Version, st.PG.Port, st.Vault.Addr, u.Host, shownLog)
 
 	select {
 	case <-ctx.Done():

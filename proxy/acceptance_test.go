@@ -335,10 +335,16 @@ func vaultCalls(t *testing.T, op string) float64 {
 	return float64(m.GetHistogram().GetSampleCount())
 }
 
-// metric is the stack's pgwarden's series of name with labels, or nil.
+// metric is the shared stack's pgwarden's series of name with labels, or nil.
 func metric(t *testing.T, name string, labels map[string]string) *dto.Metric {
 	t.Helper()
-	mfs, err := stack.App.Metrics().Registry().Gather()
+	return metricIn(t, stack, name, labels)
+}
+
+// metricIn is st's pgwarden's series of name with labels, or nil.
+func metricIn(t *testing.T, st *testenv.Stack, name string, labels map[string]string) *dto.Metric {
+	t.Helper()
+	mfs, err := st.App.Metrics().Registry().Gather()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -101,6 +101,9 @@ func TestVaultOutageIsBoundedAndRecovered(t *testing.T) {
 	if code := readyz(t, st); code != http.StatusServiceUnavailable {
 		t.Fatalf("/readyz during the outage: %d, want 503", code)
 	}
+	if m := metricIn(t, st, "pgwarden_vault_request_errors_total", map[string]string{"op": "login"}); m == nil || m.GetCounter().GetValue() < 1 {
+		t.Fatal("the failed Vault login was not counted in pgwarden_vault_request_errors_total")
+	}
 
 	if err := st.Vault.Resume(); err != nil {
 		t.Fatal(err)
@@ -318,21 +321,8 @@ func TestRoleScopeRotatesUnderLoadWithoutFailedTransactions(t *testing.T) {
 // vaultCallsOf is how many Vault calls of op st's pgwarden made.
 func vaultCallsOf(t *testing.T, st *testenv.Stack, op string) float64 {
 	t.Helper()
-	mfs, err := st.App.Metrics().Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != "pgwarden_vault_request_duration_seconds" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "op" && l.GetValue() == op {
-					return float64(m.GetHistogram().GetSampleCount())
-				}
-			}
-		}
+	if m := metricIn(t, st, "pgwarden_vault_request_duration_seconds", map[string]string{"op": op}); m != nil {
+		return float64(m.GetHistogram().GetSampleCount())
 	}
 	return 0
 }

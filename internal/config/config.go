@@ -455,6 +455,7 @@ func (c *Config) checkDatabases(errs *problems) {
 			d.Admin.PasswordEnv = "PGWARDEN_DB_ADMIN_PASSWORD"
 		}
 		levelAt := map[string]int{}
+		staticAt := map[string]int{} // static user → level using it
 		for j := range d.Levels {
 			l := &d.Levels[j]
 			at := fmt.Sprintf("databases[%d].levels[%d]", i, j)
@@ -509,8 +510,19 @@ func (c *Config) checkDatabases(errs *problems) {
 				errs.addf("%s.scope %q is not identity or role", at, l.Scope)
 			}
 			if st := l.Static; st != nil {
-				if st.Username == "" {
+				switch {
+				case st.Username == "":
 					errs.addf("%s.static.username is required: the database user Vault rotates", at)
+				case st.Username == d.Admin.Username:
+					errs.addf("%s.static.username %q is the admin Vault logs in as (databases[%d].admin.username): Vault would rotate its own login away", at, st.Username, i)
+				case len(st.Username) > 63 || strings.ContainsFunc(st.Username, func(r rune) bool { return r == '"' || r < ' ' || r == 0x7f }):
+					errs.addf("%s.static.username %q is not a PostgreSQL user name Vault can manage (at most 63 bytes, no quote or control character)", at, st.Username)
+				default:
+					if prev, dup := staticAt[st.Username]; dup {
+						errs.addf("%s.static.username %q is also databases[%d].levels[%d]'s: Vault would rotate one user for two levels", at, st.Username, i, prev)
+					} else {
+						staticAt[st.Username] = j
+					}
 				}
 				if st.RotationPeriod.D() < 5*time.Second {
 					errs.addf("%s.static.rotation_period %v is less than Vault's minimum, 5s", at, st.RotationPeriod.D())

@@ -310,3 +310,25 @@ func TestScopeAndOwnIdentity(t *testing.T) {
 		}
 	}
 }
+
+// A static level's user must be one Vault can rotate for it alone: not the
+// admin Vault logs in as, not another static level's, a valid name.
+func TestStaticLevelUsersAreChecked(t *testing.T) {
+	static := func(name, user string) Level {
+		return Level{Name: name, Scope: ScopeRole, Static: &StaticRole{Username: user, RotationPeriod: Duration(time.Hour)}}
+	}
+	c := &Config{OIDC: OIDC{IssuerURL: "https://issuer.example", Audiences: []string{"pgwarden"}},
+		Vault: Vault{Auth: VaultAuth{Method: "token"}},
+		Databases: []Database{{Name: "app", Upstream: "host=127.0.0.1", Admin: Admin{Username: "vault_admin"},
+			Levels: []Level{static("a", "vault_admin"), static("b", "report"), static("c", "report"), static("d", `bad"name`)}}}}
+	err := c.setDefaultsAndValidate()
+	for _, want := range []string{
+		`databases[0].levels[0].static.username "vault_admin" is the admin`,
+		`databases[0].levels[2].static.username "report" is also databases[0].levels[1]'s`,
+		`databases[0].levels[3].static.username "bad\"name" is not a PostgreSQL user name`,
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v does not say %s", err, want)
+		}
+	}
+}

@@ -228,13 +228,20 @@ func (p *planner) readState() error {
 		p.policies[n] = text
 	}
 	p.owned = map[string]string{}
+	// A level's policy names its mount and role on LevelMarker's line; one
+	// written before that line existed grants the role's creds or static
+	// creds on the mount instead.
+	level := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(LevelMarker+" "+p.spec.DatabaseMount+" ") + `([^\s"/]+)$`)
 	creds := regexp.MustCompile(`(?m)^path "` + regexp.QuoteMeta(p.spec.DatabaseMount+"/") + `(?:static-)?creds/([^"/]+)"`)
 	for n, text := range p.policies {
 		if n == ServerPolicyName || !strings.HasPrefix(text, PolicyMarker) {
 			continue
 		}
-		if m := creds.FindStringSubmatch(text); m != nil && strings.EqualFold(PolicyName(m[1]), n) {
-			p.owned[strings.ToLower(m[1])] = m[1]
+		for _, re := range []*regexp.Regexp{level, creds} {
+			if m := re.FindStringSubmatch(text); m != nil && strings.EqualFold(PolicyName(m[1]), n) {
+				p.owned[strings.ToLower(m[1])] = m[1]
+				break
+			}
 		}
 	}
 
@@ -400,8 +407,11 @@ func (p *planner) planConnection(db Database, scope string, roles []string) {
 func (p *planner) planLevels() error {
 	for _, db := range p.spec.Databases {
 		for _, l := range db.Levels {
-			if err := p.planPolicy(PolicyName(l.VaultRole), levelPolicy(p.spec.DatabaseMount, l),
-				fmt.Sprintf("level %s of %s: read %s only", l.Name, db.Name, credsPath(p.spec.DatabaseMount, l))); err != nil {
+			what := fmt.Sprintf("level %s of %s: read %s only", l.Name, db.Name, credsPath(p.spec.DatabaseMount, l))
+			if scopeOf(l) == ScopeRole {
+				what = fmt.Sprintf("level %s of %s, role scope: no secret (%s reads %s)", l.Name, db.Name, ServerPolicyName, credsPath(p.spec.DatabaseMount, l))
+			}
+			if err := p.planPolicy(PolicyName(l.VaultRole), levelPolicy(p.spec.DatabaseMount, l), what); err != nil {
 				return err
 			}
 			steps := []func(Database, Level) error{p.planOtherKind, p.planDatabaseRole, p.planJWTRole}

@@ -1,9 +1,25 @@
 // Package vaultinit configures Vault for pgwarden from a declarative Spec: the
 // database secrets engine (connections per database, one role per access
 // level), the JWT auth method (the issuer's keys, one auth role per access
-// level bound to its groups), one policy per level that can read only that
-// level's credentials, and, when some level is in "role" scope, the policy of
-// pgwarden's own Vault identity (ServerPolicyName).
+// level bound to its groups), one policy per level, and, when some level is
+// in "role" scope, the policy of pgwarden's own Vault identity
+// (ServerPolicyName).
+//
+// # Policies
+//
+// A level's policy, PolicyName(role), is what a client's JWT login under the
+// level's auth role gets. In "identity" scope it reads that level's
+// credentials and nothing else: the person's own login reads the person's
+// lease. In "role" scope it grants no path at all: pgwarden reads the shared
+// credential with its own identity (ServerPolicyName's policy reads the
+// creds, or static creds, of the role-scoped levels only), and the client's
+// login only has to succeed to show that Vault lets the person have the
+// level; so a member of the level's groups who logs in to Vault directly
+// with their token reads no shared credential, a static level's long-lived
+// password least of all. The token of such a login still looks itself up,
+// renews and revokes itself through Vault's default policy, which every JWT
+// login gets (pgwarden revokes its client logins with revoke-self); an
+// operator who narrows the default policy must keep those three paths.
 //
 // # Plan, then apply
 //
@@ -42,9 +58,10 @@
 // the <name>-role connection. The user must exist before Apply creates the
 // static role: Vault logs in as the connection's admin and sets a new
 // password for the user at once (ALTER ROLE … PASSWORD), and from then on
-// Vault alone knows it. Its policy and, for pgwarden's own identity,
-// ServerPolicyName's policy grant the static creds only; its JWT auth role is
-// written as for any level, because a client must still be let in by Vault.
+// Vault alone knows it. Its policy grants nothing, as any role-scoped level's,
+// and ServerPolicyName's policy grants its static creds only; its JWT auth
+// role is written as for any level, because a client must still be let in by
+// Vault.
 // Vault cannot change a static role's user in place: a level whose
 // StaticUsername changes is deleted and created again. Vault refuses a
 // database role and a static role of one name, so a level that turns from
@@ -57,10 +74,13 @@
 //
 // With Spec.Prune, objects pgwarden created that the Spec no longer names are
 // removed. pgwarden owns a Vault role name R when the policy PolicyName(R)
-// exists, its text begins with PolicyMarker and it grants R's credentials or
-// static credentials under this Spec's database mount (Plan writes that
+// exists, its text begins with PolicyMarker, and it has the line
+// "<LevelMarker> <mount> R" with this Spec's database mount, or, as policies
+// written before that line existed do, grants R's credentials or static
+// credentials under that mount (such a policy is rewritten in the new form:
+// for a role-scoped level the update removes its grant). Plan writes that
 // policy before the roles it marks and Apply deletes it after them, so an
-// interrupted run never leaves an unmarked object behind). Then:
+// interrupted run never leaves an unmarked object behind. Then:
 //   - a database role R is pgwarden's when R is owned; its leases are revoked
 //     (sys/leases/revoke-prefix, which needs sudo) before it is deleted, so the
 //     PostgreSQL users it created are dropped;
@@ -250,15 +270,33 @@ func serverPolicy(spec Spec) string {
 	return b.String()
 }
 
-// levelPolicy is the policy of a level's JWT logins: read its credentials
-// (dynamic or static) only.
+// LevelMarker begins the second line of every level's policy, followed by
+// the database mount and the level's Vault role ("# pgwarden level: database
+// app-reader"): it marks the Vault role as pgwarden's on that mount (see the
+// package doc), whether or not the policy grants anything.
+const LevelMarker = "# pgwarden level:"
+
+// levelPolicy is the policy of a level's JWT logins. In "identity" scope it
+// reads the level's credentials only: the person's own login reads the
+// person's lease. In "role" scope it grants nothing: pgwarden's own identity
+// reads the shared credential, and a client's login only has to succeed, so
+// a person who logs in to Vault directly with their token gets no secret
+// (Vault's default policy, attached to every JWT login, covers the token's
+// lookup-self, renew-self and revoke-self). Both begin with PolicyMarker and
+// carry LevelMarker's line.
 func levelPolicy(mount string, l Level) string {
 	what := "credentials"
 	if l.Static {
 		what = "static credentials"
 	}
-	return fmt.Sprintf("%s: read %s %s only.\npath %q {\n  capabilities = [\"read\"]\n}\n",
-		PolicyMarker, l.VaultRole, what, credsPath(mount, l))
+	head := fmt.Sprintf("%s: %%s\n%s %s %s\n", PolicyMarker, LevelMarker, mount, l.VaultRole)
+	if scopeOf(l) == ScopeRole {
+		return fmt.Sprintf(head, fmt.Sprintf("level %s is in role scope: this policy grants no secret.", l.VaultRole)) +
+			fmt.Sprintf("# A login under it only proves that Vault lets the person have the level;\n"+
+				"# pgwarden's own identity (%s) reads %s.\n", ServerPolicyName, credsPath(mount, l))
+	}
+	return fmt.Sprintf(head, fmt.Sprintf("read %s %s only.", l.VaultRole, what)) +
+		fmt.Sprintf("path %q {\n  capabilities = [\"read\"]\n}\n", credsPath(mount, l))
 }
 
 // credsPath is where l's credentials are read: <mount>/creds/<role>, or

@@ -58,9 +58,22 @@ type Route struct {
 	// Static marks the levels whose credentials come from a Vault static
 	// role (<mount>/static-creds/<role>).
 	Static map[string]bool
+	// Modes maps each access level to its pool mode, PoolSession (the
+	// default) or PoolTransaction.
+	Modes map[string]string
 	// Policy is what ParseUpstream enforces on Upstream (TLS, SCRAM).
 	Policy UpstreamPolicy
 }
+
+// Pool modes: how long a client holds an upstream session.
+const (
+	// PoolSession lends a client a session from its first message to its
+	// disconnect.
+	PoolSession = "session"
+	// PoolTransaction lends a client a session from the first message of a
+	// transaction to the ReadyForQuery that ends it.
+	PoolTransaction = "transaction"
+)
 
 // Config configures a Server.
 type Config struct {
@@ -128,6 +141,10 @@ type PoolConfig struct {
 	PingAfterIdle time.Duration
 	// PingTimeout bounds that round trip. Default 2s.
 	PingTimeout time.Duration
+	// MaxPreparedStatements bounds the named statements kept prepared on
+	// each session in transaction mode; the least recently used is closed
+	// beyond it. Default 200.
+	MaxPreparedStatements int
 }
 
 func (c *Config) checkAndSetDefaults() error {
@@ -180,7 +197,10 @@ func (c *Config) checkAndSetDefaults() error {
 	if p.PingTimeout == 0 {
 		p.PingTimeout = 2 * time.Second
 	}
-	if p.MaxPerPool < 1 || p.MaxTotal < 1 || c.MaxHandshakes < 1 || c.MaxSubjectConnections < 0 {
+	if p.MaxPreparedStatements == 0 {
+		p.MaxPreparedStatements = 200
+	}
+	if p.MaxPerPool < 1 || p.MaxTotal < 1 || p.MaxPreparedStatements < 1 || c.MaxHandshakes < 1 || c.MaxSubjectConnections < 0 {
 		return fmt.Errorf("proxy: connection limits must be positive")
 	}
 	for _, d := range []time.Duration{c.AuthTimeout, c.WriteTimeout, c.TokenExpiryNotice, c.TokenExpiryGrace, p.AcquireTimeout, p.IdleTimeout, p.DialTimeout, p.PingAfterIdle, p.PingTimeout} {

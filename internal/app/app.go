@@ -97,12 +97,13 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 	for _, d := range cfg.Databases {
 		ad := authn.Database{Name: d.Name}
 		r := proxy.Route{Upstream: d.Upstream, VaultRoles: map[string]string{}, Scopes: map[string]string{}, Static: map[string]bool{},
-			Policy: proxy.UpstreamPolicy{AllowInsecure: d.AllowInsecureUpstream}}
+			Modes: map[string]string{}, Policy: proxy.UpstreamPolicy{AllowInsecure: d.AllowInsecureUpstream}}
 		for _, l := range d.Levels {
 			ad.Levels = append(ad.Levels, authn.Level{Name: l.Name, Groups: l.Groups})
 			r.VaultRoles[l.Name] = l.VaultRole
 			r.Scopes[l.Name] = l.Scope
 			r.Static[l.Name] = l.Static != nil
+			r.Modes[l.Name] = l.PoolMode
 		}
 		dbs = append(dbs, ad)
 		routes[d.Name] = r
@@ -163,7 +164,8 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 		MaxHandshakes: cfg.MaxHandshakes, MaxSubjectConnections: cfg.MaxSubjectConnections,
 		Pool: proxy.PoolConfig{MaxPerPool: cfg.Pool.MaxPerPool, MaxTotal: cfg.Pool.MaxTotal,
 			AcquireTimeout: cfg.Pool.AcquireTimeout.D(), IdleTimeout: cfg.Pool.IdleTimeout.D(),
-			DialTimeout: cfg.Pool.DialTimeout.D(), PingAfterIdle: cfg.Pool.PingAfterIdle.D(), PingTimeout: cfg.Pool.PingTimeout.D()},
+			DialTimeout: cfg.Pool.DialTimeout.D(), PingAfterIdle: cfg.Pool.PingAfterIdle.D(), PingTimeout: cfg.Pool.PingTimeout.D(),
+			MaxPreparedStatements: cfg.Pool.MaxPreparedStatements},
 		TokenExpiryNotice: cfg.TokenExpiryNotice.D(), TokenExpiryGrace: cfg.TokenExpiryGrace.D(),
 		Observer: a.metrics, Logger: log,
 	})

@@ -90,9 +90,10 @@ type Config struct {
 	// LogFormat is json or text (LOG_FORMAT). Default json.
 	LogFormat string `json:"log_format" env:"LOG_FORMAT"`
 
-	OIDC  OIDC  `json:"oidc" envPrefix:"OIDC_"`
-	Vault Vault `json:"vault" envPrefix:"VAULT_"`
-	Pool  Pool  `json:"pool" envPrefix:"POOL_"`
+	OIDC    OIDC    `json:"oidc" envPrefix:"OIDC_"`
+	Vault   Vault   `json:"vault" envPrefix:"VAULT_"`
+	Pool    Pool    `json:"pool" envPrefix:"POOL_"`
+	Console Console `json:"console" envPrefix:"CONSOLE_"`
 
 	// Databases are read from the file only.
 	Databases []Database `json:"databases"`
@@ -179,7 +180,31 @@ type Pool struct {
 	// pinged before it is handed out (POOL_PING_AFTER_IDLE). Default 1s.
 	PingAfterIdle Duration `json:"ping_after_idle" env:"PING_AFTER_IDLE"`
 	PingTimeout   Duration `json:"ping_timeout" env:"PING_TIMEOUT"` // default 2s
+	// MaxPreparedStatements bounds the named statements pgwarden keeps
+	// prepared on each upstream session in transaction mode
+	// (POOL_MAX_PREPARED_STATEMENTS); the least recently used is closed
+	// beyond it. Default 200.
+	MaxPreparedStatements int `json:"max_prepared_statements" env:"MAX_PREPARED_STATEMENTS"`
 }
+
+// Console is the admin console: the virtual database "pgwarden".
+type Console struct {
+	// Groups whose members may open it (CONSOLE_GROUPS, comma separated).
+	// Empty: the console is closed to everyone.
+	Groups []string `json:"groups" env:"GROUPS" envSeparator:","`
+}
+
+// ConsoleDatabase is the admin console's virtual database name.
+const ConsoleDatabase = "pgwarden"
+
+// Pool modes: how long a client holds an upstream session.
+const (
+	// PoolSession: from its first message to disconnect.
+	PoolSession = "session"
+	// PoolTransaction: from the first message of a transaction to the
+	// ReadyForQuery that ends it.
+	PoolTransaction = "transaction"
+)
 
 // Database is one database clients may ask for.
 type Database struct {
@@ -192,6 +217,9 @@ type Database struct {
 	AllowInsecureUpstream bool `json:"allow_insecure_upstream"`
 	// Admin is how Vault connects to manage roles (vault-init only).
 	Admin Admin `json:"admin"`
+	// PoolMode is session (the default) or transaction; a level may
+	// override it.
+	PoolMode string `json:"pool_mode"`
 	// Levels, least privileged first: the first one granted is a user's default.
 	Levels []Level `json:"levels"`
 }
@@ -234,6 +262,8 @@ type Level struct {
 	// or "role" (one lease per Vault role, read, renewed and revoked by
 	// pgwarden's own Vault identity, vault.auth).
 	Scope string `json:"scope"`
+	// PoolMode overrides the database's pool_mode for this level.
+	PoolMode string `json:"pool_mode"`
 }
 
 // StaticRole is a database user Vault manages but does not create.
@@ -389,6 +419,7 @@ func (c *Config) checkCounts(errs *problems) {
 		{"max_subject_connections", &c.MaxSubjectConnections, 0},
 		{"pool.max_per_pool", &c.Pool.MaxPerPool, 50},
 		{"pool.max_total", &c.Pool.MaxTotal, 200},
+		{"pool.max_prepared_statements", &c.Pool.MaxPreparedStatements, 200},
 	} {
 		switch {
 		case *f.n < 0:
@@ -451,6 +482,16 @@ func (c *Config) checkDatabases(errs *problems) {
 		if len(d.Levels) == 0 {
 			errs.addf("databases[%d].levels is empty: database %q has no access levels", i, d.Name)
 		}
+		switch d.PoolMode {
+		case "":
+			d.PoolMode = PoolSession
+		case PoolSession, PoolTransaction:
+		default:
+			errs.addf("databases[%d].pool_mode %q is not session or transaction", i, d.PoolMode)
+		}
+		if d.Name == ConsoleDatabase {
+			errs.addf("databases[%d].name %q is the admin console's: rename the database", i, d.Name)
+		}
 		if d.Admin.PasswordEnv == "" {
 			d.Admin.PasswordEnv = "PGWARDEN_DB_ADMIN_PASSWORD"
 		}
@@ -508,6 +549,13 @@ func (c *Config) checkDatabases(errs *problems) {
 				}
 			default:
 				errs.addf("%s.scope %q is not identity or role", at, l.Scope)
+			}
+			switch l.PoolMode {
+			case "":
+				l.PoolMode = d.PoolMode
+			case PoolSession, PoolTransaction:
+			default:
+				errs.addf("%s.pool_mode %q is not session or transaction", at, l.PoolMode)
 			}
 			if st := l.Static; st != nil {
 				switch {

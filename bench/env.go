@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -46,6 +47,14 @@ type env struct {
 	bouncer     *testenv.PgBouncer // SCRAM
 	bouncerTrst *testenv.PgBouncer // auth_type=trust
 	work        string             // temp dir: pgbench logs, profiles
+
+	// Transaction pooling: a second pgwarden, its database "app" (and every
+	// level) in pool_mode transaction with pool.max_per_pool p.txnPool, and
+	// PgBouncer (SCRAM) in pool_mode transaction with default_pool_size
+	// p.txnPool. pool.max_per_pool is global, so the session-mode figures
+	// keep their own process and pool.
+	pgwTxn     *pgwardenProc
+	bouncerTxn *testenv.PgBouncer
 }
 
 func (e *env) direct() target {
@@ -67,6 +76,20 @@ func (e *env) pgwarden(tls bool) target {
 	t := target{name: "pgwarden", host: "127.0.0.1", port: e.pgw.port, user: "writer", pass: e.token, sslmode: "disable", pid: e.pgw.pid}
 	if tls {
 		t.name, t.sslmode = "pgwarden-tls", "require"
+	}
+	return t
+}
+
+func (e *env) pgbouncerTxn() target {
+	return target{name: "pgbouncer-txn", host: "127.0.0.1", port: strconv.Itoa(e.bouncerTxn.Port), user: benchUser, pass: benchPassword,
+		sslmode: "disable", pid: e.bouncerTxn.Pid}
+}
+
+// pgwardenTxn is the pgwarden whose database is in pool_mode transaction.
+func (e *env) pgwardenTxn(tls bool) target {
+	t := target{name: "pgwarden-txn", host: "127.0.0.1", port: e.pgwTxn.port, user: "writer", pass: e.token, sslmode: "disable", pid: e.pgwTxn.pid}
+	if tls {
+		t.name, t.sslmode = "pgwarden-txn-tls", "require"
 	}
 	return t
 }
@@ -116,8 +139,18 @@ func startEnv(ctx context.Context, p profile, bin string) (e *env, err error) {
 	cfg.Pool.MaxPerPool, cfg.Pool.MaxTotal = poolSize, poolSize
 	cfg.Pool.AcquireTimeout = config.Duration(2 * time.Second)
 	cfg.Pprof = true
-	e.pgw = &pgwardenProc{bin: bin, dir: e.work, vaultAddr: e.stack.Vault.Addr}
-	if err := e.pgw.start(ctx, e.stack); err != nil {
+	txnCfg, err := transactionMode(cfg, p.txnPool)
+	if err != nil {
+		return e, err
+	}
+	e.pgw = &pgwardenProc{name: "pgwarden", bin: bin, dir: e.work, vaultAddr: e.stack.Vault.Addr, cfg: cfg}
+	if err := e.pgw.start(ctx); err != nil {
+		return e, err
+	}
+	// The same Vault roles (the stack configured them): the second process
+	// logs in to Vault on its own and gets credentials of its own.
+	e.pgwTxn = &pgwardenProc{name: "pgwarden-txn", bin: bin, dir: e.work, vaultAddr: e.stack.Vault.Addr, cfg: txnCfg}
+	if err := e.pgwTxn.start(ctx); err != nil {
 		return e, err
 	}
 
@@ -127,11 +160,41 @@ func startEnv(ctx context.Context, p profile, bin string) (e *env, err error) {
 	if e.bouncer, err = testenv.StartPgBouncer(ctx, bopts); err != nil {
 		return e, err
 	}
+	topts := bopts
+	topts.PoolMode, topts.PoolSize, topts.MaxClientConn = "transaction", p.txnPool, maxClients(p)+100
+	if e.bouncerTxn, err = testenv.StartPgBouncer(ctx, topts); err != nil {
+		return e, err
+	}
 	bopts.AuthType, bopts.CertFile, bopts.KeyFile = "trust", "", ""
 	if e.bouncerTrst, err = testenv.StartPgBouncer(ctx, bopts); err != nil {
 		return e, err
 	}
 	return e, nil
+}
+
+// transactionMode copies cfg with every database and level in pool_mode
+// transaction and pool.max_per_pool pool. Levels carry the database's mode
+// once the configuration is loaded, so each is set too.
+func transactionMode(cfg *config.Config, pool int) (*config.Config, error) {
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		return nil, err
+	}
+	out := &config.Config{}
+	if err := json.Unmarshal(b, out); err != nil {
+		return nil, err
+	}
+	out.Listen, out.MetricsListen = "", ""
+	for i := range out.Databases {
+		d := &out.Databases[i]
+		d.PoolMode = config.PoolTransaction
+		for j := range d.Levels {
+			d.Levels[j].PoolMode = config.PoolTransaction
+		}
+	}
+	out.Pool.MaxPerPool = pool
+	out.Pool.MaxTotal = max(out.Pool.MaxTotal, pool)
+	return out, nil
 }
 
 func maxIdle(p profile) int {
@@ -142,11 +205,17 @@ func maxIdle(p profile) int {
 	return m
 }
 
+// maxClients is the most clients a proxy must hold at once: idle ones, or
+// the many clients of transaction mode.
+func maxClients(p profile) int { return max(maxIdle(p), p.many) }
+
 func (e *env) close() {
-	if e.pgw != nil {
-		e.pgw.stop()
+	for _, w := range []*pgwardenProc{e.pgw, e.pgwTxn} {
+		if w != nil {
+			w.stop()
+		}
 	}
-	for _, b := range []*testenv.PgBouncer{e.bouncer, e.bouncerTrst} {
+	for _, b := range []*testenv.PgBouncer{e.bouncer, e.bouncerTrst, e.bouncerTxn} {
 		if b != nil {
 			b.Close()
 		}
@@ -162,7 +231,9 @@ func (e *env) close() {
 // pgwardenProc is bin/pgwarden running as a process of its own (so its CPU
 // and memory can be read from /proc), restartable for cold starts.
 type pgwardenProc struct {
+	name                string // of its files in dir: <name>.json, <name>.log
 	bin, dir, vaultAddr string
+	cfg                 *config.Config // written at every start: a change takes effect on restart
 	port, metrics       string
 	extraEnv            []string // for experiments: GOMAXPROCS=…, GODEBUG=…
 
@@ -172,31 +243,34 @@ type pgwardenProc struct {
 
 func (w *pgwardenProc) pid() int { return w.cmd.Process.Pid }
 
-// start writes the stack's config with fixed ports (kept across restarts)
-// and starts pgwarden.
-func (w *pgwardenProc) start(ctx context.Context, st *testenv.Stack) error {
+// start writes its config with fixed ports (kept across restarts) and
+// starts pgwarden.
+func (w *pgwardenProc) start(ctx context.Context) error {
 	if w.port == "" {
 		addr, err := freeAddr()
 		if err != nil {
 			return err
 		}
-		st.Config.Listen = addr
 		_, w.port, _ = net.SplitHostPort(addr)
-		if st.Config.MetricsListen, err = freeAddr(); err != nil {
-			return err
-		}
-		w.metrics = st.Config.MetricsListen
-		st.Config.LogFormat = "json"
-		if err := st.WriteConfig(filepath.Join(w.dir, "pgwarden.json")); err != nil {
+		if w.metrics, err = freeAddr(); err != nil {
 			return err
 		}
 	}
-	logFile, err := os.OpenFile(filepath.Join(w.dir, "pgwarden.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	w.cfg.Listen, w.cfg.MetricsListen, w.cfg.LogFormat = "127.0.0.1:"+w.port, w.metrics, "json"
+	b, err := json.MarshalIndent(w.cfg, "", "  ")
+	if err != nil {
+		return err
+	}
+	cfgPath, logPath := filepath.Join(w.dir, w.name+".json"), filepath.Join(w.dir, w.name+".log")
+	if err := os.WriteFile(cfgPath, append(b, '\n'), 0o600); err != nil {
+		return err
+	}
+	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
 	}
 	defer logFile.Close()
-	w.cmd = exec.Command(w.bin, "serve", "-config", filepath.Join(w.dir, "pgwarden.json"), "-shutdown-grace", "2s")
+	w.cmd = exec.Command(w.bin, "serve", "-config", cfgPath, "-shutdown-grace", "2s")
 	w.cmd.Env = append(append(os.Environ(), "VAULT_ADDR="+w.vaultAddr), w.extraEnv...)
 	w.cmd.Stdout, w.cmd.Stderr = logFile, logFile
 	w.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
@@ -214,14 +288,14 @@ func (w *pgwardenProc) start(ctx context.Context, st *testenv.Stack) error {
 		select {
 		case err := <-w.exited:
 			w.exited <- err
-			b, _ := os.ReadFile(filepath.Join(w.dir, "pgwarden.log"))
-			return fmt.Errorf("pgwarden exited: %v\n%s", err, b)
+			b, _ := os.ReadFile(logPath)
+			return fmt.Errorf("%s exited: %v\n%s", w.name, err, b)
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	return errors.New("pgwarden did not start listening within 30s")
+	return fmt.Errorf("%s did not start listening within 30s", w.name)
 }
 
 // stop ends pgwarden (SIGTERM, then SIGKILL).
@@ -239,10 +313,11 @@ func (w *pgwardenProc) stop() {
 	w.cmd = nil
 }
 
-// restart gives a pgwarden with empty caches and pools.
-func (w *pgwardenProc) restart(ctx context.Context, st *testenv.Stack) error {
+// restart gives a pgwarden with empty caches and pools (and w.cfg as it is
+// now).
+func (w *pgwardenProc) restart(ctx context.Context) error {
 	w.stop()
-	return w.start(ctx, st)
+	return w.start(ctx)
 }
 
 func freeAddr() (string, error) {

@@ -6,15 +6,20 @@
 // PostgreSQL, a Vault dev server, the OIDC issuer — then the real
 // bin/pgwarden as a process of its own, and two of Debian's PgBouncer (SCRAM,
 // and trust for the connection-storm ceiling), pooling in session mode with
-// pgwarden's pool size. Every measurement runs its targets interleaved (A, B,
-// C, A, B, C…) so that drift hits them alike, and reports medians over the
-// profile's repetitions:
+// pgwarden's pool size; for transaction pooling, a second bin/pgwarden and a
+// third PgBouncer, both in transaction mode. Every measurement runs its
+// targets interleaved (A, B, C, A, B, C…) so that drift hits them alike, and
+// reports medians over the profile's repetitions:
 //
 //   - steady throughput: pgbench select-only (simple and prepared) and
 //     TPC-B-like, at several client counts: TPS, average and p99 latency,
 //     failed transactions, and the proxies' CPU per transaction;
 //   - connection storm: pgbench -C (a new connection per transaction);
 //   - cold path: connect to first row for an identity's first connection;
+//   - transaction pooling: select-only (simple, extended, prepared) against
+//     direct PostgreSQL, PgBouncer and a second pgwarden, both proxies in
+//     transaction mode over a pool of 4 servers; idle memory in
+//     transaction mode; 1,000 clients over a pool of 20;
 //   - memory: resident memory per idle authenticated client;
 //   - Go micro-benchmarks of the relay and the auth path;
 //   - a CPU profile of pgwarden under select-only load.
@@ -47,20 +52,34 @@ type profile struct {
 	scale      int
 	cpuProfile time.Duration // length of the pprof capture
 	micro      bool          // run the Go micro-benchmarks
+
+	// Transaction pooling: select-only (simple, extended, prepared) at
+	// txnClients against direct PostgreSQL, PgBouncer and pgwarden, both
+	// proxies in transaction mode over txnPool servers; then many clients
+	// over manyPool servers.
+	txnClients []int
+	txnPool    int
+	many       int
+	manyPool   int
 }
 
 var profiles = map[string]profile{
 	"quick": {name: "quick", reps: 1, duration: 5 * time.Second, clients: []int{1, 8, 32, 64},
 		scripts: allScripts, storm: 5 * time.Second, stormConns: 8, cold: 30, idle: []int{100, 1000},
-		scale: 10, cpuProfile: 5 * time.Second, micro: true},
+		scale: 10, cpuProfile: 5 * time.Second, micro: true,
+		txnClients: []int{8, 64}, txnPool: 4, many: 1000, manyPool: 20},
 	"full": {name: "full", reps: 3, duration: 10 * time.Second, clients: []int{1, 8, 32, 64},
 		scripts: allScripts, storm: 10 * time.Second, stormConns: 8, cold: 30, idle: []int{100, 1000, 10000},
-		scale: 10, cpuProfile: 10 * time.Second, micro: true},
+		scale: 10, cpuProfile: 10 * time.Second, micro: true,
+		txnClients: []int{8, 32, 64}, txnPool: 4, many: 1000, manyPool: 20},
 	// smoke checks that every part of the run works, in a minute; its
-	// figures mean nothing.
+	// figures mean nothing. Its transaction-mode runs have no more clients
+	// than servers, so they pass whether or not a client gives its server
+	// back between transactions.
 	"smoke": {name: "smoke", reps: 1, duration: time.Second, clients: []int{1, 8},
 		scripts: []script{selectSimple, tpcb}, storm: time.Second, stormConns: 2, cold: 3, idle: []int{20},
-		scale: 1, cpuProfile: time.Second},
+		scale: 1, cpuProfile: time.Second,
+		txnClients: []int{2}, txnPool: 4, many: 4, manyPool: 4},
 }
 
 func main() {
@@ -75,7 +94,7 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	defer stop()
-	if err := raiseFileLimit(maxIdle(p)); err != nil {
+	if err := raiseFileLimit(maxClients(p)); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -96,7 +115,7 @@ func run(ctx context.Context, p profile, bin, outDir string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	logf("starting PostgreSQL, Vault, the issuer, pgwarden and two PgBouncers (profile %s)…", p.name)
+	logf("starting PostgreSQL, Vault, the issuer, two pgwardens and three PgBouncers (profile %s)…", p.name)
 	env, err := startEnv(ctx, p, bin)
 	if err != nil {
 		return "", err
@@ -105,6 +124,9 @@ func run(ctx context.Context, p profile, bin, outDir string) (string, error) {
 	r := &report{profile: p, machine: describeMachine(env), started: start}
 
 	if err := r.steady(ctx, env); err != nil {
+		return "", err
+	}
+	if err := r.txnRun(ctx, env); err != nil {
 		return "", err
 	}
 	if err := r.stormRun(ctx, env); err != nil {
@@ -117,6 +139,9 @@ func run(ctx context.Context, p profile, bin, outDir string) (string, error) {
 		return "", err
 	}
 	if err := r.idleRun(ctx, env); err != nil {
+		return "", err
+	}
+	if err := r.manyRun(ctx, env); err != nil {
 		return "", err
 	}
 	if err := r.profileRun(ctx, env); err != nil {
@@ -133,7 +158,8 @@ func run(ctx context.Context, p profile, bin, outDir string) (string, error) {
 // that for itself but hands its children the original soft limit unless the
 // program sets it explicitly, and PgBouncer keeps what it is given: at
 // Debian's 1024 it would refuse idle clients past a thousand. idle clients
-// need a descriptor here and one in the proxy.
+// need a descriptor here and one in the proxy. So do the many clients of
+// transaction mode (in pgbench, a child, and in the proxy).
 func raiseFileLimit(idle int) error {
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {

@@ -22,9 +22,14 @@ type script struct {
 
 var (
 	selectSimple   = script{"select-only, simple", []string{"-S", "-M", "simple"}}
+	selectExtended = script{"select-only, extended", []string{"-S", "-M", "extended"}}
 	selectPrepared = script{"select-only, prepared", []string{"-S", "-M", "prepared"}}
 	tpcb           = script{"TPC-B-like, simple", []string{"-M", "simple"}}
 	allScripts     = []script{selectSimple, selectPrepared, tpcb}
+	// txnScripts are the transaction-pooling section's: the three query
+	// protocols of pgbench, the last one needing prepared statements to
+	// follow a client from server to server.
+	txnScripts = []script{selectSimple, selectExtended, selectPrepared}
 )
 
 // pgbenchResult is one pgbench run.
@@ -39,6 +44,12 @@ type pgbenchResult struct {
 	connAvg     float64 // ms, average connection time (with -C)
 	proxyRSSKiB int64
 	sampledTxns int
+	clientsSeen int // distinct clients in the transaction log: all that finished a transaction when every one is logged
+	// errors counts the errors pgbench printed in a run that finished: it
+	// reports a failed Prepare (-M prepared) and goes on with the statement
+	// another client's Parse left on the server, exiting 0.
+	errors     int
+	errorLines []string // the first few
 }
 
 var (
@@ -50,16 +61,26 @@ var (
 )
 
 // runPgbench runs pgbench against t with clients clients for d, plus extra
-// arguments (the script, -C), reading the proxy's CPU over the run.
+// arguments (the script, -C), reading the proxy's CPU over the run. It logs
+// one transaction in ten, for the p99 latency.
 func runPgbench(ctx context.Context, work string, t target, clients int, d time.Duration, extra ...string) (pgbenchResult, error) {
+	return runPgbenchSampled(ctx, work, t, clients, d, 0.1, extra...)
+}
+
+// runPgbenchSampled is runPgbench logging the fraction sampling of the
+// transactions (1: every one, so clientsSeen counts every client answered).
+func runPgbenchSampled(ctx context.Context, work string, t target, clients int, d time.Duration, sampling float64, extra ...string) (pgbenchResult, error) {
 	logDir, err := os.MkdirTemp(work, "pgbench-log-")
 	if err != nil {
 		return pgbenchResult{}, err
 	}
 	defer os.RemoveAll(logDir)
 	args := []string{"-n", "-c", strconv.Itoa(clients), "-j", strconv.Itoa(min(2, clients)), "-T", strconv.Itoa(int(d.Seconds())),
-		"-l", "--sampling-rate", "0.1", "--log-prefix", filepath.Join(logDir, "tx"),
-		"-h", t.host, "-p", t.port, "-U", t.user}
+		"-l", "--log-prefix", filepath.Join(logDir, "tx")}
+	if sampling < 1 {
+		args = append(args, "--sampling-rate", strconv.FormatFloat(sampling, 'f', -1, 64))
+	}
+	args = append(args, "-h", t.host, "-p", t.port, "-U", t.user)
 	args = append(append(args, extra...), "app")
 	cmd := exec.CommandContext(ctx, "pgbench", args...)
 	cmd.Env = append(os.Environ(), "PGSSLMODE="+t.sslmode, "PGPASSWORD="+t.pass, "PGAPPNAME=pgbench")
@@ -83,7 +104,7 @@ func runPgbench(ctx context.Context, work string, t target, clients int, d time.
 		res.proxyRSSKiB, _ = readRSS(t.pid())
 	}
 	if err != nil {
-		return res, fmt.Errorf("pgbench %s against %s: %w\n%s", strings.Join(extra, " "), t.name, err, out)
+		return res, fmt.Errorf("pgbench -c %d %s against %s: %w\n%s", clients, strings.Join(extra, " "), t.name, err, headLines(string(out), 30))
 	}
 	s := string(out)
 	res.tps = parseFloat(reTPS, s)
@@ -92,15 +113,23 @@ func runPgbench(ctx context.Context, work string, t target, clients int, d time.
 	res.latAvg = parseFloat(reLatAvg, s)
 	res.connAvg = parseFloat(reConnAvg, s)
 	if res.txns == 0 {
-		return res, fmt.Errorf("pgbench against %s processed no transaction:\n%s", t.name, out)
+		return res, fmt.Errorf("pgbench against %s processed no transaction:\n%s", t.name, headLines(s, 30))
+	}
+	for _, l := range strings.Split(s, "\n") {
+		if strings.HasPrefix(l, "pgbench: error:") {
+			res.errors++
+			if len(res.errorLines) < 5 {
+				res.errorLines = append(res.errorLines, l)
+			}
+		}
 	}
 	res.cpuPerTxn = used.total() / float64(res.txns)
 	res.cpuUser = used.user / float64(res.txns)
-	lats, err := readLatencies(logDir)
+	lats, seen, err := readLatencies(logDir)
 	if err != nil {
 		return res, err
 	}
-	res.sampledTxns = len(lats)
+	res.sampledTxns, res.clientsSeen = len(lats), seen
 	res.latP99 = percentile(lats, 0.99)
 	return res, nil
 }
@@ -115,17 +144,19 @@ func parseFloat(re *regexp.Regexp, s string) float64 {
 }
 
 // readLatencies reads pgbench's per-transaction logs (client, transaction,
-// latency in µs, …) and returns the latencies in ms.
-func readLatencies(dir string) ([]float64, error) {
+// latency in µs, …) and returns the latencies in ms and how many distinct
+// clients the logs name.
+func readLatencies(dir string) ([]float64, int, error) {
 	files, err := filepath.Glob(filepath.Join(dir, "tx*"))
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	var out []float64
+	clients := map[string]bool{}
 	for _, f := range files {
 		fh, err := os.Open(f)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		sc := bufio.NewScanner(fh)
 		for sc.Scan() {
@@ -135,11 +166,53 @@ func readLatencies(dir string) ([]float64, error) {
 			}
 			if us, err := strconv.ParseFloat(fields[2], 64); err == nil {
 				out = append(out, us/1000)
+				clients[fields[0]] = true
 			}
 		}
 		fh.Close()
 	}
-	return out, nil
+	return out, len(clients), nil
+}
+
+// headLines is the first n lines of s: a thousand clients refused say so a
+// thousand times.
+func headLines(s string, n int) string {
+	lines := strings.SplitAfter(s, "\n")
+	if len(lines) <= n {
+		return s
+	}
+	return strings.Join(lines[:n], "") + fmt.Sprintf("… (%d more lines)\n", len(lines)-n)
+}
+
+// failReason is the line of a failed run's output that says why, short
+// enough for a table cell.
+func failReason(err error) string {
+	lines := strings.Split(err.Error(), "\n")
+	reason := lines[0]
+	// The line that aborted a client, else the first error: pgbench goes on
+	// after some ("already exists" from a Prepare).
+	pick := func(match func(string) bool) bool {
+		for _, l := range lines[1:] {
+			if match(l) {
+				reason = strings.TrimSpace(l)
+				if _, after, ok := strings.Cut(reason, "ERROR:  "); ok {
+					reason = "ERROR: " + after
+				} else if _, after, ok := strings.Cut(reason, "FATAL:  "); ok {
+					reason = "FATAL: " + after
+				}
+				return true
+			}
+		}
+		return false
+	}
+	_ = pick(func(l string) bool { return strings.Contains(l, "aborted in command") }) ||
+		pick(func(l string) bool {
+			return strings.Contains(l, "ERROR:") || strings.Contains(l, "FATAL:") || strings.Contains(l, "error:")
+		})
+	if r := []rune(reason); len(r) > 140 {
+		reason = string(r[:140]) + "…"
+	}
+	return strings.ReplaceAll(reason, "|", "\\|")
 }
 
 // percentile is the q-th quantile of xs (nearest rank), 0 for none.

@@ -27,9 +27,13 @@ type report struct {
 	cold          map[string][]float64
 	vaultCalls    map[string]map[string]float64 // how → Vault operation → calls, for 1,000 connections of one identity
 	idle          []idleResult
+	txnTargets    []target // transaction pooling: direct, pgbouncer-txn, pgwarden-txn
+	txnRes        map[cellKey][]pgbenchResult
+	txnErr        map[cellKey][]string // why each failed run of a cell failed
+	many          []manyResult         // p.many clients over p.manyPool servers
 	profiles      []profileTop
 	micro         []string
-	failures      []string // pgbench runs that failed; their cells lack them
+	failures      []string // pgbench runs that failed (their cells lack them), or finished printing errors
 }
 
 // med returns the median of f over the repetitions of one cell.
@@ -128,6 +132,7 @@ func (r *report) checks() []check {
 			}
 		}
 	}
+	out = append(out, r.txnChecks()...)
 	if a := r.relayAllocs(); a >= 0 {
 		out = append(out, check{"the relay allocates nothing per message", fmt.Sprintf("%d allocs/op (BenchmarkCopyFrame, BenchmarkRelayOverSockets)", a), a == 0,
 			"see the allocation profile"})
@@ -153,8 +158,8 @@ func (r *report) write(dir string) (string, error) {
 		"Targets, interleaved in every round: **direct** PostgreSQL (SCRAM), **pgbouncer** (session pooling, SCRAM, pool %d), "+
 		"**pgwarden** from loopback without TLS and **pgwarden-tls** (`sslmode=require`), both session pooling with pool %d, "+
 		"a writer token, credentials from Vault. pgbench scale %d, `-j 2`, %s per run, %d repetition(s), medians shown. "+
-		"p99 latency from pgbench's transaction log sampled at 10%%. PgBouncer 1.18 has no prepared statements in transaction mode; "+
-		"every figure here is session mode.\n\n",
+		"p99 latency from pgbench's transaction log sampled at 10%%. "+
+		"Every figure is session mode but those of [Transaction pooling](#transaction-pooling) and the transaction-mode rows (`-txn`) of idle memory.\n\n",
 		m.cores, poolSize, poolSize, p.scale, p.duration, p.reps)
 
 	w("## Targets\n\n| target | measured | | why, when missed |\n| --- | --- | --- | --- |\n")
@@ -206,6 +211,11 @@ func (r *report) write(dir string) (string, error) {
 		w("| %d | %.1f (%.1f + %.1f) | %.1f | %.1f (%.1f + %.1f) | %s |\n", c, pw, pwu, pw-pwu, pt, pb, pbu, pb-pbu, ratio(pw, pb))
 	}
 
+	if len(p.txnClients) > 0 {
+		w("\n")
+		r.writeTxn(w)
+	}
+
 	w("\n## Connection storm\n\n`pgbench -C -S -c %d`: a new connection for every transaction. pgwarden's token and credential caches are warm (one token, as an application's pool would use).\n\n", p.stormConns)
 	w("| target | connections/s | ×PgBouncer (SCRAM) | ×PgBouncer (trust) | ×direct | average connection time | proxy CPU per connection |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
 	pbS, pbT, dRate := med(r.stormRes["pgbouncer"], tps), med(r.stormRes["pgbouncer-trust"], tps), med(r.stormRes["direct"], tps)
@@ -245,7 +255,9 @@ func (r *report) write(dir string) (string, error) {
 		}
 		w("| %d | %s | %d | %.1f KiB | %s |\n", ir.wanted, ir.target, ir.held, ir.perClient/1024, next)
 	}
-	w("\npgwarden pools per session today: every client holds an upstream session from login to disconnect, so it holds at most `pool.max_total` (%d here) clients; the next waits `pool.acquire_timeout` and is refused with 53300. PgBouncer gives a client a server only when it sends a query.\n", poolSize)
+	w("\npgwarden and pgwarden-tls pool per session: every client holds an upstream session from login to disconnect, so they hold at most `pool.max_total` (%d here) clients; the next waits `pool.acquire_timeout` and is refused with 53300. "+
+		"pgwarden-txn and pgwarden-txn-tls are the pgwarden in transaction mode (`pool.max_per_pool` %d): a client holds a server only during a transaction, so idle clients hold none. "+
+		"PgBouncer (session mode here) gives a client a server only when it sends a query.\n", poolSize, p.txnPool)
 
 	w("\n## Where pgwarden's CPU goes\n\n")
 	for _, pt := range r.profiles {
@@ -256,7 +268,7 @@ func (r *report) write(dir string) (string, error) {
 		w("## Go micro-benchmarks\n\n`go test -bench . -benchmem ./proxy ./authn`:\n\n```\n%s\n```\n", strings.Join(r.micro, "\n"))
 	}
 	if len(r.failures) > 0 {
-		w("\n## Runs that failed\n\nTheir cells are medians of the runs that did not fail (or empty).\n\n```\n%s\n```\n", strings.Join(r.failures, "\n"))
+		w("\n## Runs that failed\n\nRuns that failed, and runs that finished but printed errors. A failed run's cell is the median of the runs that did not fail (or empty).\n\n```\n%s\n```\n", strings.Join(r.failures, "\n"))
 	}
 	w("\nReproduce with `make bench` (quick) or `make bench BENCH=full`.\n")
 	path := filepath.Join(dir, name+".md")

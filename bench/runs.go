@@ -47,6 +47,7 @@ func (r *report) steady(ctx context.Context, e *env) error {
 						r.failedRun(err)
 						continue
 					}
+					r.noteErrors(t, c, s.args, res)
 					k := cellKey{s.name, c, t.name}
 					r.steadyRes[k] = append(r.steadyRes[k], res)
 					logf("[%d/%d] %s, %d clients, %s: %.0f tps, p99 %.2f ms", n, total, s.name, c, t.name, res.tps, res.latP99)
@@ -62,6 +63,17 @@ func (r *report) steady(ctx context.Context, e *env) error {
 func (r *report) failedRun(err error) {
 	logf("run failed (reported, going on): %v", err)
 	r.failures = append(r.failures, err.Error())
+}
+
+// noteErrors records, for the report, the errors pgbench printed in a run
+// that nonetheless finished.
+func (r *report) noteErrors(t target, clients int, args []string, res pgbenchResult) {
+	if res.errors == 0 {
+		return
+	}
+	logf("pgbench -c %d %s against %s finished with %d errors", clients, strings.Join(args, " "), t.name, res.errors)
+	r.failures = append(r.failures, fmt.Sprintf("pgbench -c %d %s against %s finished (exit status 0) but printed %d errors, the first:\n%s",
+		clients, strings.Join(args, " "), t.name, res.errors, strings.Join(res.errorLines, "\n")))
 }
 
 // stormRun opens a new connection per transaction (pgbench -C -S) against
@@ -118,7 +130,7 @@ func (r *report) coldRun(ctx context.Context, e *env) error {
 	p := r.profile
 	r.cold = map[string][]float64{}
 	for i := range p.cold {
-		if err := e.pgw.restart(ctx, e.stack); err != nil {
+		if err := e.pgw.restart(ctx); err != nil {
 			return err
 		}
 		t := e.pgwarden(false)
@@ -234,23 +246,32 @@ type idleResult struct {
 
 // idleRun opens many authenticated clients that then sit idle, and reads the
 // proxy's resident memory before and after. pgwarden is restarted before
-// each measurement so earlier runs' heap does not count.
+// each measurement so earlier runs' heap does not count. pgwarden-txn is the
+// pgwarden in transaction mode, where an idle client holds no server.
 func (r *report) idleRun(ctx context.Context, e *env) error {
 	for _, n := range r.profile.idle {
-		for _, name := range []string{"pgwarden", "pgwarden-tls", "pgbouncer"} {
+		for _, name := range []string{"pgwarden", "pgwarden-tls", "pgwarden-txn", "pgwarden-txn-tls", "pgbouncer"} {
 			var t target
 			switch name {
 			case "pgbouncer":
 				t = e.pgbouncer()
 			default:
-				if err := e.pgw.restart(ctx, e.stack); err != nil {
+				w, tls := e.pgw, strings.HasSuffix(name, "-tls")
+				t = e.pgwarden(tls)
+				if strings.HasPrefix(name, "pgwarden-txn") {
+					w, t = e.pgwTxn, e.pgwardenTxn(tls)
+				}
+				if err := w.restart(ctx); err != nil {
 					return err
 				}
-				t = e.pgwarden(name == "pgwarden-tls")
 				// One client first, so the credential and the first session
 				// (and the baseline heap) exist before the count starts.
 				if _, err := firstRow(ctx, t); err != nil {
-					return err
+					if ctx.Err() != nil {
+						return err
+					}
+					r.failedRun(fmt.Errorf("idle %s, %d clients: the first client: %w", name, n, err))
+					continue
 				}
 			}
 			res, err := holdIdle(ctx, t, n)

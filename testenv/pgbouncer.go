@@ -25,6 +25,11 @@ type PgBouncerOptions struct {
 	// AuthType is PgBouncer's auth_type for clients: "scram-sha-256" (the
 	// default) or "trust" (no client authentication at all).
 	AuthType string
+	// PoolMode is pool_mode: "session" (the default: a client holds a server
+	// from login to disconnect) or "transaction" (a server only for each
+	// transaction). PgBouncer before 1.21 has no prepared statements in
+	// transaction mode.
+	PoolMode string
 	// PoolSize is default_pool_size (and max_db_connections). Default 20.
 	PoolSize int
 	// MaxClientConn is max_client_conn. Default 1000.
@@ -33,7 +38,7 @@ type PgBouncerOptions struct {
 	CertFile, KeyFile string
 }
 
-// PgBouncer is Debian's pgbouncer in session mode on 127.0.0.1, for
+// PgBouncer is Debian's pgbouncer in session (or transaction) mode on 127.0.0.1, for
 // benchmarks. Like PostgreSQL it refuses to run as root, so as root it runs as
 // the postgres OS user. Close stops it and removes its directory.
 type PgBouncer struct {
@@ -69,6 +74,13 @@ func StartPgBouncer(ctx context.Context, opts PgBouncerOptions) (*PgBouncer, err
 	}
 	if opts.AuthType == "" {
 		opts.AuthType = "scram-sha-256"
+	}
+	switch opts.PoolMode {
+	case "":
+		opts.PoolMode = "session"
+	case "session", "transaction":
+	default:
+		return nil, fmt.Errorf("pgbouncer: pool mode %q is not session or transaction", opts.PoolMode)
 	}
 	if opts.PoolSize == 0 {
 		opts.PoolSize = 20
@@ -129,7 +141,7 @@ listen_port = %d
 unix_socket_dir =
 auth_type = %s
 auth_file = %s
-pool_mode = session
+pool_mode = %s
 default_pool_size = %d
 max_db_connections = %d
 max_client_conn = %d
@@ -139,7 +151,7 @@ pidfile =
 log_connections = 0
 log_disconnections = 0
 %s`, opts.Database, opts.PG.Host, opts.PG.Port, opts.Database, b.Port, opts.AuthType, filepath.Join(dir, "userlist.txt"),
-		opts.PoolSize, opts.PoolSize, opts.MaxClientConn, tls)
+		opts.PoolMode, opts.PoolSize, opts.PoolSize, opts.MaxClientConn, tls)
 	if err := writeOwned(ra, filepath.Join(dir, "userlist.txt"), auth.String()); err != nil {
 		return nil, err
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -868,4 +869,25 @@ func vaultFailure(op, role string, err error) error {
 	e := pgerror.New(pgerror.ConnectionFailure, "credential service (Vault) is unavailable")
 	e.Err = ve
 	return e
+}
+
+// Leases describes every lease not yet finished, for the admin console.
+func (b *Broker) Leases() []LeaseInfo {
+	b.mu.Lock()
+	creds := make([]*Credential, 0, len(b.live))
+	for c := range b.live {
+		creds = append(creds, c)
+	}
+	b.mu.Unlock()
+	out := make([]LeaseInfo, 0, len(creds))
+	for _, c := range creds {
+		out = append(out, c.info())
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Database != out[j].Database {
+			return out[i].Database < out[j].Database
+		}
+		return out[i].LeaseID < out[j].LeaseID
+	})
+	return out
 }

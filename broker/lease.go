@@ -266,3 +266,33 @@ func Fixed(username, password, leaseID string, retireAt, endAt time.Time) *Crede
 	return &Credential{Username: username, Password: password, LeaseID: leaseID,
 		lease: newLease(time.Now(), retireAt, endAt, time.Time{}, 0, nil)}
 }
+
+// LeaseInfo is a lease as the admin console shows it: who and what, never
+// the password.
+type LeaseInfo struct {
+	Database, VaultRole, Username, LeaseID, Scope, Subject string
+	// State is active, superseded, retired or ended.
+	State               string
+	ExpiresAt, RetireAt time.Time
+	// Holders counts the upstream sessions open under it.
+	Holders int
+	Static  bool
+}
+
+// info describes c.
+func (c *Credential) info() LeaseInfo {
+	l := c.lease
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	state := "active"
+	switch {
+	case l.endCtx.Err() != nil:
+		state = "ended"
+	case l.retireCtx.Err() != nil:
+		state = "retired"
+	case l.superseded:
+		state = "superseded"
+	}
+	return LeaseInfo{Database: c.key.database, VaultRole: c.VaultRole, Username: c.Username, LeaseID: c.LeaseID,
+		Scope: c.Scope, Subject: c.Subject, State: state, ExpiresAt: l.endAt, RetireAt: l.retireAt, Holders: l.holders, Static: c.Static}
+}

@@ -62,8 +62,9 @@
 // total_query_count, total_received, total_sent (bytes), total_xact_time,
 // total_query_time, total_wait_time (µs since start); avg_xact_count,
 // avg_query_count (per second), avg_recv, avg_sent (bytes per second),
-// avg_xact_time, avg_query_time, avg_wait_time (µs) over the last stats
-// period.
+// avg_xact_time, avg_query_time, avg_wait_time (µs), averaged since start.
+// pgwarden counts a session's queries and bytes when it ends, and the times
+// for clients in transaction mode, as each transaction ends.
 //
 // SHOW DATABASES — one row per database clients may ask for: name, host,
 // port, database (name upstream), pool_size, pool_mode, max_connections

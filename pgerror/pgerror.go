@@ -29,6 +29,9 @@ const (
 	InternalError          = "XX000" // internal_error
 	ConfigurationFileError = "F0000" // config_file_error
 	InvalidParameterValue  = "22023" // invalid_parameter_value
+	ProgramLimitExceeded   = "54000" // program_limit_exceeded
+	SyntaxError            = "42601" // syntax_error
+	ObjectInUse            = "55006" // object_in_use
 	CredentialLeaseEnded   = AdminShutdown
 )
 

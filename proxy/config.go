@@ -115,6 +115,8 @@ type Config struct {
 	TokenExpiryGrace time.Duration
 	// Pool limits and timers; see PoolConfig.
 	Pool PoolConfig
+	// Console opens the admin database "pgwarden"; see ConsoleConfig.
+	Console ConsoleConfig
 	// Observer receives metric events. Default: none.
 	Observer Observer
 	// Logger. Default slog.Default().
@@ -153,6 +155,9 @@ func (c *Config) checkAndSetDefaults() error {
 	}
 	if len(c.Routes) == 0 {
 		return errors.New("proxy: at least one route is required")
+	}
+	if _, ok := c.Routes[ConsoleDatabase]; ok {
+		return fmt.Errorf("proxy: database %q is the admin console's name", ConsoleDatabase)
 	}
 	if c.TrustedNetworks == nil {
 		c.TrustedNetworks = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}

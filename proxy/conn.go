@@ -11,6 +11,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -47,6 +48,16 @@ type clientConn struct {
 	// Set during the handshake, for the relay and the audit record.
 	database, level string
 	id              *authn.Identity
+	req             broker.Request // what the credential was read with
+	route           Route
+	mode            string // PoolSession or PoolTransaction
+
+	// For the console (read from other goroutines).
+	cid       uint64
+	info      atomic.Pointer[clientInfo] // set once authenticated
+	attached  atomic.Pointer[serverConn] // the server it holds, if any
+	waitSince atomic.Int64               // unix ns it started waiting for a server; 0 when not
+	lastReq   atomic.Int64               // unix ns it last took a server
 }
 
 // Buffer sizes. A connection that is still authenticating gets small buffers
@@ -60,7 +71,7 @@ const (
 
 func newClientConn(s *Server, nc net.Conn) *clientConn {
 	return &clientConn{
-		srv: s, raw: nc, nc: nc, start: s.cfg.Now(), remote: nc.RemoteAddr().String(),
+		srv: s, raw: nc, nc: nc, start: s.cfg.Now(), remote: nc.RemoteAddr().String(), cid: clientIDs.Add(1),
 		r: bufio.NewReaderSize(nc, handshakeBufSize), w: bufio.NewWriterSize(nc, handshakeBufSize),
 	}
 }
@@ -106,6 +117,16 @@ func (c *clientConn) serve() {
 		return
 	}
 	sm := msg.(*pgproto3.StartupMessage)
+	if sm.Parameters["database"] == ConsoleDatabase {
+		why, err := c.serveConsole(ctx, sm)
+		if err != nil {
+			c.refuse(err, authReason(err))
+			return
+		}
+		cfg.Logger.Info("console session", "subject", c.id.Subject, "remote", c.remote, "tls", c.tls,
+			"duration", cfg.Now().Sub(c.start).Round(time.Millisecond).String(), "end", why)
+		return
+	}
 	pid, target := c.srv.cancels.register()
 	defer c.srv.cancels.unregister(pid)
 
@@ -124,9 +145,34 @@ func (c *clientConn) serve() {
 	c.endHandshake()
 	cfg.Observer.AuthResult(c.dbLabel(), c.level, "ok")
 	_ = c.raw.SetDeadline(time.Time{})
-	c.growBuffers()
+	c.info.Store(&clientInfo{subject: c.id.Subject, database: c.database, level: c.level, mode: c.mode,
+		appName: sm.Parameters["application_name"], tls: c.tls})
+	stats := c.srv.statsFor(c.database)
 
+	if c.mode == PoolTransaction {
+		dbUser := up.cred.Username
+		res := c.runTxn(up, c.req, c.route, settings, target)
+		stats.queries.Add(res.statements)
+		stats.recv.Add(res.bytesIn)
+		stats.sent.Add(res.bytesOut)
+		cfg.Logger.Info("session",
+			"subject", c.id.Subject, "name", c.id.Name, "remote", c.remote, "tls", c.tls,
+			"database", c.database, "level", c.level, "pool_mode", c.mode, "db_user", dbUser,
+			"duration", cfg.Now().Sub(c.start).Round(time.Millisecond).String(),
+			"bytes_in", res.bytesIn, "bytes_out", res.bytesOut, "statements", res.statements, "end", res.why)
+		return
+	}
+	c.growBuffers()
+	c.lastReq.Store(time.Now().UnixNano())
+	c.attached.Store(up)
+	up.client.Store(c.cid)
 	res := c.relay(up)
+	up.client.Store(0)
+	c.attached.Store(nil)
+	stats.queries.Add(res.statements)
+	stats.xacts.Add(res.xacts)
+	stats.recv.Add(res.bytesIn)
+	stats.sent.Add(res.bytesOut)
 	c.dropBuffers() // the relay's goroutines have returned
 	target.set(nil) // waits for a cancel in flight to land first
 	if res.reusable {
@@ -182,7 +228,7 @@ var (
 // dbLabel is the database for metric labels: a configured name, or
 // "unknown" for anything a client made up, since labels must stay bounded.
 func (c *clientConn) dbLabel() string {
-	if _, ok := c.srv.cfg.Routes[c.database]; ok || c.database == "" {
+	if _, ok := c.srv.cfg.Routes[c.database]; ok || c.database == "" || c.database == ConsoleDatabase {
 		return c.database
 	}
 	return "unknown"
@@ -214,52 +260,66 @@ func (c *clientConn) refuse(err error, reason string) {
 	cfg.Logger.Log(context.Background(), level, "connection refused", attrs...)
 }
 
-// authenticate asks for the token, verifies it, decides the level, obtains
-// credentials and an upstream session. It returns the client's settings for
-// that session.
-func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessage) (*serverConn, [][2]string, error) {
+// identify checks the startup packet, asks for the token and verifies it:
+// what every login does, to a database or to the console.
+func (c *clientConn) identify(ctx context.Context, sm *pgproto3.StartupMessage) (token string, settings [][2]string, err error) {
 	cfg := &c.srv.cfg
 	params := sm.Parameters
 	user := params["user"]
 	if user == "" {
-		return nil, nil, pgerror.New(pgerror.InvalidAuthorization, "no PostgreSQL user name specified in startup packet").
+		return "", nil, pgerror.New(pgerror.InvalidAuthorization, "no PostgreSQL user name specified in startup packet").
 			WithHint("Set the user to an access level, such as reader.")
 	}
-	c.database = params["database"]
+	if c.database == "" {
+		c.database = params["database"]
+	}
 	if c.database == "" {
 		c.database = user
 	}
 	if r, ok := params["replication"]; ok && r != "false" && r != "0" && r != "off" && r != "no" {
-		return nil, nil, pgerror.New(pgerror.FeatureNotSupported, "replication connections are not supported by pgwarden")
+		return "", nil, pgerror.New(pgerror.FeatureNotSupported, "replication connections are not supported by pgwarden")
 	}
-	settings, err := startupSettings(params)
+	settings, err = startupSettings(params)
 	if err != nil {
-		return nil, nil, err
+		return "", nil, err
 	}
 	if err := c.negotiateProtocol(sm); err != nil {
-		return nil, nil, err
+		return "", nil, err
 	}
 	if !c.tls && !cfg.AllowCleartextUntrusted && !cfg.trusted(c.raw.RemoteAddr()) {
-		return nil, nil, pgerror.Newf(pgerror.InvalidAuthorization,
+		return "", nil, pgerror.Newf(pgerror.InvalidAuthorization,
 			"pgwarden requires an encrypted connection from %s", hostOf(c.remote)).
 			WithHint("Connect with sslmode=require (or verify-full); your token is not sent over an unencrypted connection from an untrusted network.")
 	}
-	token, err := c.readPassword(cfg.MaxTokenBytes)
+	token, err = c.readPassword(cfg.MaxTokenBytes)
 	if err != nil {
-		return nil, nil, err
+		return "", nil, err
 	}
 	id, err := cfg.Verifier.Verify(ctx, token)
 	if err != nil {
-		return nil, nil, err
+		return "", nil, err
 	}
 	c.id = id
 	if !id.Expiry.IsZero() && !cfg.Now().Before(id.Expiry) {
 		// Inside the verifier's leeway for clock skew, but the session
 		// would end before its first query, and its credential with it.
-		return nil, nil, &pgerror.Error{Code: pgerror.InvalidPassword, Message: "token rejected: it has expired",
+		return "", nil, &pgerror.Error{Code: pgerror.InvalidPassword, Message: "token rejected: it has expired",
 			Hint: "Send a current token from the configured identity provider as the password.",
 			Err:  &authn.TokenError{Reason: authn.ReasonExpired, Err: errors.New("past exp, inside the clock-skew leeway")}}
 	}
+	return token, settings, nil
+}
+
+// authenticate asks for the token, verifies it, decides the level, obtains
+// credentials and an upstream session. It returns the client's settings for
+// that session.
+func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessage) (*serverConn, [][2]string, error) {
+	cfg := &c.srv.cfg
+	token, settings, err := c.identify(ctx, sm)
+	if err != nil {
+		return nil, nil, err
+	}
+	id, user := c.id, sm.Parameters["user"]
 	level, err := cfg.Authorizer.Decide(id, c.database, user)
 	if err != nil {
 		return nil, nil, err
@@ -280,13 +340,17 @@ func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessa
 	}
 	req := broker.Request{Token: token, TokenExpiry: id.Expiry, Subject: id.Subject, Database: c.database,
 		VaultRole: role, Scope: route.Scopes[level], Static: route.Static[level]}
+	c.req, c.route, c.mode = req, route, route.Modes[level]
+	if c.mode == "" {
+		c.mode = PoolSession
+	}
 	up, err := c.upstream(ctx, req, level, route)
 	if err != nil {
 		c.srv.releaseSubject(id.Subject)
 		return nil, nil, err
 	}
 	c.holdsSubject = true // serve releases it when the session ends
-	return up, settings, nil
+	return up, append(settings, identitySettings(id, level)...), nil
 }
 
 // upstream gets a credential and lends a session of (database, level) under

@@ -79,6 +79,21 @@
 // be gone (a lease revoked behind pgwarden's back): the ping of a session
 // idle longer than PingAfterIdle asks whether its role still exists.
 //
-// Pooling is per session for now: a client holds its upstream session from
-// greeting to Terminate.
+// Pool modes. In session mode (relay.go) a client holds the upstream session
+// it logged in with until it leaves. In transaction mode (txn.go) it holds a
+// session only from the first message of a transaction to the
+// ReadyForQuery that ends it: the login's session goes back to the pool
+// after the greeting, and each transaction attaches one, with the client's
+// settings and identity applied where the server's differ; named prepared
+// statements are carried across (prepared.go), and SQL that would change
+// session state marks its server for a reset (sqlscan.go). In both modes
+// pgwarden sets the client's identity (pgwarden.subject, .groups, .issuer,
+// .level) on the server for row-level security, and refuses SQL that would
+// forge it (identity.go).
+//
+// The admin console (admin.go) is the virtual database "pgwarden": a login
+// like any other, then a check that the token's groups include a console
+// group, then package console answers the commands over admin, the
+// read-only views (and the few actions: PAUSE, RESUME, KILL, RELOAD) this
+// package exposes.
 package proxy

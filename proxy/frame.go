@@ -40,9 +40,20 @@ type frameCopier struct {
 	remaining int // body bytes not yet copied
 	size      int // the whole message, header included
 
+	// skip, set at a boundary, drops the next message instead of copying
+	// it (a reply to a message pgwarden sent of its own); it clears when
+	// that message ends.
+	skip bool
+
 	// writeErr is the error writing to dst, once there is one: the stream
 	// is broken for good.
 	writeErr error
+}
+
+// body starts copying the remaining n body bytes of a message whose header
+// (and first body bytes) the caller has already dealt with.
+func (f *frameCopier) body(typ byte, n int) {
+	f.inMsg, f.typ, f.remaining, f.size, f.firstSet = true, typ, n, n, true
 }
 
 // next copies the rest of the current message, or the whole next one, to dst
@@ -59,9 +70,11 @@ func (f *frameCopier) next() (typ, first byte, size int, err error) {
 			return hdr[0], 0, 0, fmt.Errorf("%w: %d for message type %q", errFraming, n+4, hdr[0])
 		}
 		f.inMsg, f.typ, f.remaining, f.size, f.firstSet, f.first = true, hdr[0], n, n+headerLen, false, 0
-		if _, err := f.dst.Write(hdr); err != nil {
-			f.writeErr = err
-			return f.typ, 0, 0, err
+		if !f.skip {
+			if _, err := f.dst.Write(hdr); err != nil {
+				f.writeErr = err
+				return f.typ, 0, 0, err
+			}
 		}
 		_, _ = f.src.Discard(headerLen)
 	}
@@ -78,14 +91,16 @@ func (f *frameCopier) next() (typ, first byte, size int, err error) {
 		if !f.firstSet {
 			f.first, f.firstSet = body[0], true
 		}
-		if _, err := f.dst.Write(body); err != nil {
-			f.writeErr = err
-			return f.typ, 0, 0, err
+		if !f.skip {
+			if _, err := f.dst.Write(body); err != nil {
+				f.writeErr = err
+				return f.typ, 0, 0, err
+			}
 		}
 		_, _ = f.src.Discard(chunk)
 		f.remaining -= chunk
 	}
-	f.inMsg = false
+	f.inMsg, f.skip = false, false
 	return f.typ, f.first, f.size, nil
 }
 

@@ -58,7 +58,7 @@ func needStack(t *testing.T) *testenv.Stack {
 		stack, stackErr = testenv.StartStack(ctx, testenv.StackOptions{
 			UnixSocketDir: socketDir,
 			Logger:        newJSONLogger(logs),
-			ExtraLevels:   []config.Level{briefLevel(), roleLevel("crowd"), roleLevel("team"), soloLevel()},
+			ExtraLevels:   []config.Level{briefLevel(), roleLevel("crowd"), roleLevel("team"), soloLevel(), txnLevel()},
 			// Only 127.0.0.1 is trusted, so a client from 127.0.0.2 counts as remote.
 			TrustedNetworks: []string{"127.0.0.1/32"},
 		})
@@ -89,6 +89,13 @@ func roleLevel(name string) config.Level {
 func soloLevel() config.Level {
 	l := testenv.ReadLevel("solo", time.Hour, "analyst")
 	l.RevocationStatements = []string{`DROP ROLE IF EXISTS "{{name}}";`}
+	return l
+}
+
+// txnLevel is a role-scoped reader level in transaction mode.
+func txnLevel() config.Level {
+	l := roleLevel("txn")
+	l.PoolMode = config.PoolTransaction
 	return l
 }
 

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -44,10 +46,24 @@ type poolSet struct {
 	// guarded by mu, dropped when a dynamic user's credential is finished.
 	baselines map[string]baseline
 
+	// limits are cfg.Pool, replaced whole by RELOAD.
+	limits atomic.Pointer[PoolConfig]
+	// servers are every connection open or being checked, for SHOW
+	// SERVERS; guarded by mu.
+	servers map[*serverConn]struct{}
+	// paused databases: no server is lent for them until RESUME; a client
+	// that needs one waits (up to AcquireTimeout). resumed is closed (and
+	// replaced) by RESUME; guarded by mu.
+	paused  map[string]bool
+	resumed chan struct{}
+
 	stop      chan struct{}
 	reaperWG  sync.WaitGroup
 	closeOnce sync.Once
 }
+
+// lim is the pool limits in force.
+func (ps *poolSet) lim() *PoolConfig { return ps.limits.Load() }
 
 type poolKey struct{ database, level string }
 
@@ -62,14 +78,25 @@ type pool struct {
 	key  poolKey
 	tmpl *pgconn.Config
 	// All guarded by poolSet.mu.
-	open   int           // connections open or being opened: idle + active
-	active int           // lent to a client, being opened or being checked
-	idle   []*serverConn // least recently used first
+	open    int           // connections open or being opened: idle + active
+	active  int           // lent to a client, being opened or being checked
+	idle    []*serverConn // least recently used first
+	waiters []*waiter     // clients waiting for a connection, first come first
+}
+
+// waiter is a client waiting in acquire. A connection checked in under its
+// credential is handed to it directly (already counted active), so a busy
+// pool serves its queue in order without waking everyone.
+type waiter struct {
+	cred *broker.Credential
+	ch   chan *serverConn // buffered: the hand-off never blocks
 }
 
 func newPoolSet(cfg *Config) (*poolSet, error) {
 	ps := &poolSet{cfg: cfg, pools: map[poolKey]*pool{}, changed: make(chan struct{}), stop: make(chan struct{}),
-		baselines: map[string]baseline{}}
+		baselines: map[string]baseline{}, servers: map[*serverConn]struct{}{}, paused: map[string]bool{}, resumed: make(chan struct{})}
+	limits := cfg.Pool
+	ps.limits.Store(&limits)
 	// Parse every upstream now, so a bad connection string fails at start.
 	for db, r := range cfg.Routes {
 		if _, err := ParseUpstream(r.Upstream, r.Policy); err != nil {
@@ -121,11 +148,35 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 		return nil, err
 	}
 	var wait context.Context
+	var w *waiter // in p's queue while set
+	defer func() {
+		if w != nil {
+			if sc := ps.leaveQueue(p, w); sc != nil {
+				ps.checkin(sc, false) // handed over after this acquire returned otherwise
+			}
+		}
+	}()
 	for {
 		ps.mu.Lock()
 		if ps.closed {
 			ps.mu.Unlock()
 			return nil, errShuttingDown
+		}
+		if ps.paused[database] {
+			resumed := ps.resumed
+			ps.mu.Unlock()
+			if wait == nil {
+				var cancel context.CancelFunc
+				wait, cancel = context.WithTimeout(ctx, ps.lim().AcquireTimeout)
+				defer cancel()
+			}
+			select {
+			case <-resumed:
+				continue
+			case <-wait.Done():
+				return nil, pgerror.Newf(pgerror.TooManyConnections, "database %q is paused", database).
+					WithHint(fmt.Sprintf("Waited %v; an operator paused it (PAUSE in the pgwarden console). Try again later.", ps.lim().AcquireTimeout))
+			}
 		}
 		if i := lastIdleUnder(p.idle, cred); i >= 0 {
 			sc := p.idle[i]
@@ -147,7 +198,7 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 			return sc, nil
 		}
 		var victim *serverConn
-		if p.open >= ps.cfg.Pool.MaxPerPool && len(p.idle) > 0 {
+		if p.open >= ps.lim().MaxPerPool && len(p.idle) > 0 {
 			// Full of idle sessions under other credentials: the longest
 			// idle makes room.
 			victim = p.idle[0]
@@ -156,11 +207,11 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 			p.open--
 			ps.total--
 		}
-		if p.open < ps.cfg.Pool.MaxPerPool {
-			if victim == nil && ps.total >= ps.cfg.Pool.MaxTotal {
+		if p.open < ps.lim().MaxPerPool {
+			if victim == nil && ps.total >= ps.lim().MaxTotal {
 				victim = ps.evictLocked()
 			}
-			if ps.total < ps.cfg.Pool.MaxTotal {
+			if ps.total < ps.lim().MaxTotal {
 				p.open++
 				p.active++
 				ps.total++
@@ -183,24 +234,131 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 				return sc, nil
 			}
 		}
+		if w == nil {
+			w = &waiter{cred: cred, ch: make(chan *serverConn, 1)}
+			p.waiters = append(p.waiters, w)
+		}
 		ch := ps.changed
 		ps.mu.Unlock()
 		if wait == nil {
 			var cancel context.CancelFunc
-			wait, cancel = context.WithTimeout(ctx, ps.cfg.Pool.AcquireTimeout)
+			wait, cancel = context.WithTimeout(ctx, ps.lim().AcquireTimeout)
 			defer cancel()
 		}
 		select {
+		case sc := <-w.ch:
+			return sc, nil
 		case <-ch:
 		case <-wait.Done():
+			if sc := ps.leaveQueue(p, w); sc != nil {
+				return sc, nil // handed over as the wait ended
+			}
+			w = nil
 			if ctx.Err() != nil {
 				return nil, pgerror.Wrap(ctx.Err(), pgerror.ConnectionFailure, "timed out waiting for an upstream connection")
 			}
 			return nil, pgerror.Newf(pgerror.TooManyConnections,
 				"too many upstream connections for database %q at level %q", p.key.database, p.key.level).
-				WithHint(fmt.Sprintf("Waited %v for a free connection; try again, or raise the pool limits.", ps.cfg.Pool.AcquireTimeout))
+				WithHint(fmt.Sprintf("Waited %v for a free connection; try again, or raise the pool limits.", ps.lim().AcquireTimeout))
 		}
 	}
+}
+
+// leaveQueue takes w out of p's queue and returns a connection handed to it
+// meanwhile, if any.
+func (ps *poolSet) leaveQueue(p *pool, w *waiter) *serverConn {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	if i := slices.Index(p.waiters, w); i >= 0 {
+		p.waiters = slices.Delete(p.waiters, i, i+1)
+	}
+	select {
+	case sc := <-w.ch:
+		return sc
+	default:
+		return nil
+	}
+}
+
+// handOffLocked gives sc (lent, counted active) to the first client waiting
+// for a connection under its credential, and reports whether there was one.
+func (ps *poolSet) handOffLocked(sc *serverConn) bool {
+	p := sc.pool
+	for i, w := range p.waiters {
+		if w.cred == sc.cred {
+			p.waiters = slices.Delete(p.waiters, i, i+1)
+			sc.lastUsed = ps.cfg.Now()
+			w.ch <- sc
+			return true
+		}
+	}
+	return false
+}
+
+// forget takes a closed connection out of the registry.
+func (ps *poolSet) forget(sc *serverConn) {
+	ps.mu.Lock()
+	delete(ps.servers, sc)
+	ps.mu.Unlock()
+}
+
+// SetPoolConfig replaces the pool limits (RELOAD). Connections already open
+// beyond a lowered limit close as they are released or idle out.
+func (s *Server) SetPoolConfig(pc PoolConfig) error {
+	c := Config{Verifier: s.cfg.Verifier, Authorizer: s.cfg.Authorizer, Credentials: s.cfg.Credentials, Routes: s.cfg.Routes, Pool: pc}
+	if err := c.checkAndSetDefaults(); err != nil {
+		return err
+	}
+	s.pools.limits.Store(&c.Pool)
+	s.pools.mu.Lock()
+	s.pools.changedLocked()
+	s.pools.mu.Unlock()
+	return nil
+}
+
+// pause stops lending servers for database ("" for every one) and waits
+// until none of its servers is lent, or ctx ends.
+func (ps *poolSet) pause(ctx context.Context, database string) error {
+	ps.mu.Lock()
+	for db := range ps.cfg.Routes {
+		if database == "" || db == database {
+			ps.paused[db] = true
+		}
+	}
+	ps.mu.Unlock()
+	for {
+		ps.mu.Lock()
+		busy := 0
+		for k, p := range ps.pools {
+			if database == "" || k.database == database {
+				busy += p.active
+			}
+		}
+		ch := ps.changed
+		ps.mu.Unlock()
+		if busy == 0 {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return pgerror.Newf(pgerror.ObjectInUse, "%d upstream connections are still in use; the pause stays in effect", busy).
+				WithHint("Wait for their transactions or sessions to end, KILL their clients, or RESUME.")
+		}
+	}
+}
+
+// resume lends servers for database ("" for every one) again.
+func (ps *poolSet) resume(database string) {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	for db := range ps.paused {
+		if database == "" || db == database {
+			delete(ps.paused, db)
+		}
+	}
+	close(ps.resumed)
+	ps.resumed = make(chan struct{})
 }
 
 // lastIdleUnder is the index of the most recently used idle connection
@@ -243,10 +401,10 @@ func (ps *poolSet) check(ctx context.Context, sc *serverConn) error {
 	if sc.cred.Stale() {
 		return errors.New("credential retired or superseded")
 	}
-	if now.Sub(sc.lastUsed) < ps.cfg.Pool.PingAfterIdle {
+	if now.Sub(sc.lastUsed) < ps.lim().PingAfterIdle {
 		return sc.alive(ctx, false)
 	}
-	ctx, cancel := context.WithTimeout(ctx, ps.cfg.Pool.PingTimeout)
+	ctx, cancel := context.WithTimeout(ctx, ps.lim().PingTimeout)
 	defer cancel()
 	return sc.alive(ctx, true)
 }
@@ -289,10 +447,11 @@ func (ps *poolSet) takeIdleLocked(p *pool, drop func(*serverConn) bool) []*serve
 // replaced by a clean session (see rolesettings.go).
 func (ps *poolSet) open(ctx context.Context, p *pool, cred *broker.Credential) (*serverConn, error) {
 	for attempt := 0; ; attempt++ {
-		sc, err := dialServer(ctx, p.tmpl, cred, ps.cfg.Pool.DialTimeout, ps.cfg.WriteTimeout)
+		sc, err := dialServer(ctx, p.tmpl, cred, ps.lim().DialTimeout, ps.cfg.WriteTimeout)
 		if err != nil {
 			return nil, err
 		}
+		sc.maxStmts = ps.lim().MaxPreparedStatements
 		got, err := sc.readRoleSettings(ctx)
 		if err != nil {
 			sc.close()
@@ -309,6 +468,10 @@ func (ps *poolSet) open(ctx context.Context, p *pool, cred *broker.Credential) (
 		ps.mu.Unlock()
 		if sameRoleSettings(got, want) {
 			sc.pool = p
+			ps.mu.Lock()
+			ps.servers[sc] = struct{}{}
+			ps.mu.Unlock()
+			sc.onClose = ps.forget
 			return sc, nil
 		}
 		changed, err := sc.restoreRoleSettings(ctx, got, want)
@@ -326,23 +489,39 @@ func (ps *poolSet) open(ctx context.Context, p *pool, cred *broker.Credential) (
 	}
 }
 
-// release resets sc and makes it idle, or closes it when it cannot be reused:
-// reset failed, its credential retires, or the set is closed.
-func (ps *poolSet) release(sc *serverConn) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	err := sc.reset(ctx)
-	cancel()
+// release resets sc (DISCARD ALL) and checks it in: the end of a session
+// in session mode.
+func (ps *poolSet) release(sc *serverConn) { ps.checkin(sc, true) }
+
+// checkin takes back a lent connection: handed to the first client waiting
+// under its credential, or made idle; closed instead when it cannot be
+// reused (reset failed, its credential retires, or the set is closed). With
+// reset it is returned to its startup state first; without (transaction
+// mode) it keeps its prepared statements, and the next client's settings
+// are applied over its own when it attaches.
+func (ps *poolSet) checkin(sc *serverConn, reset bool) {
+	var err error
+	if reset {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err = sc.reset(ctx)
+		cancel()
+	}
 	now := ps.cfg.Now()
 	ps.mu.Lock()
 	p := sc.pool
-	p.active--
 	if err == nil && !ps.closed && !sc.cred.Stale() {
+		if ps.handOffLocked(sc) {
+			ps.mu.Unlock()
+			return
+		}
+		p.active--
 		sc.lastUsed = now
 		p.idle = append(p.idle, sc)
 		ps.changedLocked()
 		ps.mu.Unlock()
 		return
 	}
+	p.active--
 	p.open--
 	ps.total--
 	ps.changedLocked()
@@ -381,7 +560,7 @@ func (ps *poolSet) reap() {
 		ps.mu.Lock()
 		for _, p := range ps.pools {
 			dead = append(dead, ps.takeIdleLocked(p, func(c *serverConn) bool {
-				return c.cred.Stale() || now.Sub(c.lastUsed) >= ps.cfg.Pool.IdleTimeout
+				return c.cred.Stale() || now.Sub(c.lastUsed) >= ps.lim().IdleTimeout
 			})...)
 		}
 		for user, bl := range ps.baselines {

@@ -1,8 +1,10 @@
 package proxy
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"sync/atomic"
 	"time"
@@ -21,7 +23,7 @@ type relayResult struct {
 	reusable          bool // the upstream is idle and clean: it may go back to the pool
 	why               string
 	bytesIn, bytesOut int64
-	statements        int64
+	statements, xacts int64
 }
 
 // relayState is what the two directions and the session's timers share.
@@ -38,6 +40,7 @@ type relayState struct {
 	tokenExpired atomic.Bool
 	noticeDue    atomic.Bool // the client is owed a NOTICE that its token expires soon
 	statements   atomic.Int64
+	xacts        atomic.Int64 // ReadyForQuery 'I': transactions ended
 	bytesIn      atomic.Int64
 	bytesOut     atomic.Int64
 }
@@ -141,7 +144,7 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 	res := relayResult{}
 	select {
 	case e := <-fromClient:
-		if !e.upstreamFailed {
+		if !e.upstreamFailed && e.notify == nil {
 			c.kill() // the client is done: nothing may block writing to it
 		}
 		st.stopping.Store(true)
@@ -150,7 +153,10 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 		_ = up.conn.SetReadDeadline(time.Time{})
 		res.why = e.why
 		res.reusable = e.clean && s.clean && !s.upstreamFailed && st.idle() && !st.retiring.Load() && !st.cut.Load()
-		if e.upstreamFailed && s.boundary && !s.lastError {
+		switch {
+		case e.notify != nil && s.boundary:
+			c.sendFinal(e.notify)
+		case e.upstreamFailed && s.boundary && !s.lastError:
 			c.sendFinal(errUpstreamLost)
 		}
 	case s := <-fromServer:
@@ -162,7 +168,7 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 		<-fromClient
 		res.why = s.why
 	}
-	res.bytesIn, res.bytesOut, res.statements = st.bytesIn.Load(), st.bytesOut.Load(), st.statements.Load()
+	res.bytesIn, res.bytesOut, res.statements, res.xacts = st.bytesIn.Load(), st.bytesOut.Load(), st.statements.Load(), st.xacts.Load()
 	return res
 }
 
@@ -193,6 +199,12 @@ func (c *clientConn) clientToServer(up *serverConn, st *relayState) end {
 			}
 			if hdr[0] == 'X' {
 				return end{why: "client terminated", clean: true}
+			}
+			if hdr[0] == 'Q' || hdr[0] == 'P' {
+				if e, stop := c.screenToServer(up, st); stop {
+					return e
+				}
+				continue
 			}
 		}
 		typ, _, n, err := fc.next()
@@ -229,6 +241,58 @@ func (c *clientConn) clientToServer(up *serverConn, st *relayState) end {
 	}
 }
 
+// screenToServer forwards a whole Query or Parse after screenSQL: SQL that
+// forges an identity setting goes as its refusal. It reports stop with the
+// end when the session cannot go on.
+func (c *clientConn) screenToServer(up *serverConn, st *relayState) (end, bool) {
+	hdr, err := c.r.Peek(headerLen)
+	if err != nil {
+		return end{why: "client disconnected mid-message"}, true
+	}
+	size := int(binary.BigEndian.Uint32(hdr[1:])) + 1
+	if size < headerLen {
+		return end{why: "client protocol violation"}, true
+	}
+	var msg []byte
+	if size <= c.r.Size() {
+		if msg, err = c.r.Peek(size); err != nil {
+			return end{why: "client disconnected mid-message"}, true
+		}
+		defer c.r.Discard(size)
+	} else {
+		if size > maxRewrite {
+			return end{why: "client query over pgwarden's size limit", notify: errQueryTooLarge}, true
+		}
+		msg = make([]byte, size)
+		if _, err := io.ReadFull(c.r, msg); err != nil {
+			return end{why: "client disconnected mid-message"}, true
+		}
+	}
+	out, _, _, err := screenSQL(msg, false)
+	if err != nil {
+		return end{why: "client protocol violation"}, true
+	}
+	if out == nil {
+		out = msg
+	}
+	st.bytesIn.Add(int64(size))
+	if msg[0] == 'Q' {
+		st.syncsSent.Add(1)
+		st.statements.Add(1)
+	} else {
+		st.unsynced.Store(true)
+	}
+	if _, err := up.w.Write(out); err != nil {
+		return upstreamWriteFailed(err), true
+	}
+	if c.r.Buffered() == size || (size > c.r.Size() && c.r.Buffered() == 0) {
+		if err := up.w.Flush(); err != nil {
+			return upstreamWriteFailed(err), true
+		}
+	}
+	return end{}, false
+}
+
 func upstreamWriteFailed(err error) end {
 	if isTimeout(err) {
 		return end{why: "upstream took no bytes within the write timeout", upstreamFailed: true}
@@ -246,6 +310,13 @@ func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
 		return e
 	}
 	for {
+		if fc.atBoundary() {
+			// Errors here come again from next, which handles them.
+			if done, err := refusedParse(up.r, c.w); err == nil && done {
+				lastError = true
+				continue
+			}
+		}
 		typ, status, n, err := fc.next()
 		if err != nil {
 			if fc.writeErr != nil {
@@ -283,6 +354,9 @@ func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
 		if typ == 'Z' {
 			st.txStatus.Store(uint32(status))
 			st.readyRecv.Add(1)
+			if status == 'I' {
+				st.xacts.Add(1)
+			}
 		}
 		if up.r.Buffered() == 0 {
 			if err := c.w.Flush(); err != nil {

@@ -21,6 +21,11 @@ type Server struct {
 	cfg     Config
 	pools   *poolSet
 	cancels *cancelMap
+	stmts   *stmtRegistry       // named statements of clients in transaction mode
+	stats   map[string]*dbStats // per configured database; the map is not changed after NewServer
+	started time.Time
+	// consoleGroups may open the console; RELOAD replaces them.
+	consoleGroups atomic.Pointer[[]string]
 
 	inShutdown atomic.Bool
 	handshakes atomic.Int64 // connections between accept and AuthenticationOk (or their end)
@@ -37,8 +42,12 @@ func NewServer(cfg Config) (*Server, error) {
 	if err := cfg.checkAndSetDefaults(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, cancels: newCancelMap(), listeners: map[net.Listener]struct{}{}, conns: map[*clientConn]struct{}{},
+	s := &Server{cfg: cfg, cancels: newCancelMap(), stmts: newStmtRegistry(), stats: map[string]*dbStats{}, started: time.Now(), listeners: map[net.Listener]struct{}{}, conns: map[*clientConn]struct{}{},
 		subjects: map[string]int{}}
+	for db := range cfg.Routes {
+		s.stats[db] = &dbStats{}
+	}
+	s.SetConsoleGroups(cfg.Console.Groups)
 	pools, err := newPoolSet(&s.cfg)
 	if err != nil {
 		return nil, err

@@ -47,6 +47,11 @@ func startupSettings(params map[string]string) ([][2]string, error) {
 		}
 		out = append(out, [2]string{strings.ReplaceAll(name, "-", "_"), value})
 	}
+	for _, kv := range out {
+		if hasIdentityPrefix([]byte(kv[0])) {
+			return nil, errForged
+		}
+	}
 	// A stable order makes the settings query deterministic (and testable).
 	sort.SliceStable(out, func(i, j int) bool { return out[i][0] < out[j][0] })
 	return out, nil

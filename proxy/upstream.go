@@ -43,7 +43,22 @@ type serverConn struct {
 	created  time.Time
 	lastUsed time.Time // guarded by poolSet.mu while idle
 	buf      []byte    // scratch for handshake-phase messages
+
+	// Transaction mode: what pgwarden set on the session (lower-cased
+	// setting names), the identity it carries (identityKey), and the
+	// statements prepared on it. DISCARD ALL (reset) clears them.
+	applied   map[string]string
+	identity  string
+	stmtCache *stmtCache
+	maxStmts  int
+
+	id      uint64            // for the console
+	client  atomic.Uint64     // id of the client it is lent to, 0 when none
+	onClose func(*serverConn) // the pool's, when registered
 }
+
+// serverIDs numbers server connections for the console.
+var serverIDs atomic.Uint64
 
 // serverBufSize is the size of each upstream session's read and write
 // buffers. Messages larger than a buffer are streamed through it.
@@ -100,7 +115,7 @@ func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credentia
 	return &serverConn{
 		conn: hj.Conn, r: bufio.NewReaderSize(hj.Conn, serverBufSize), w: bufio.NewWriterSize(dw, serverBufSize), dw: dw,
 		pid: hj.PID, secret: hj.SecretKey, cancel: cancelAddrOf(hj), params: params, cred: cred,
-		created: now, lastUsed: now,
+		created: now, lastUsed: now, id: serverIDs.Add(1),
 	}, nil
 }
 
@@ -313,6 +328,10 @@ func (sc *serverConn) reset(ctx context.Context) error {
 	if st != 'I' {
 		return fmt.Errorf("session not idle after DISCARD ALL (status %q)", st)
 	}
+	sc.applied, sc.identity = nil, ""
+	if sc.stmtCache != nil {
+		sc.stmtCache.clear()
+	}
 	return nil
 }
 
@@ -368,6 +387,9 @@ func (sc *serverConn) close() {
 	}
 	_ = sc.conn.Close()
 	sc.cred.Release()
+	if sc.onClose != nil {
+		sc.onClose(sc)
+	}
 }
 
 // errUnexpectedData is an idle upstream session that has something to say:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what pgwarden's tests, dev stack and benchmarks need and the
 # machine lacks: Debian's PostgreSQL server (initdb, postgres), its client
-# (psql, pgbench) and PgBouncer (benchmarks only). As root it installs them
-# with apt-get; otherwise it says what to install.
+# (psql, pgbench), PgBouncer (benchmarks only) and the PostgreSQL JDBC
+# driver (pgjdbc, for the driver tests; Java itself when missing). As root it
+# installs them with apt-get; otherwise it says what to install.
 set -euo pipefail
 
 have_server() {
@@ -15,6 +16,8 @@ need=()
 have_server || need+=(postgresql)
 command -v psql >/dev/null 2>&1 && command -v pgbench >/dev/null 2>&1 || need+=(postgresql-client)
 have_pgbouncer || need+=(pgbouncer)
+[ -f /usr/share/java/postgresql.jar ] || need+=(libpostgresql-jdbc-java)
+command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -176,6 +176,8 @@ func StartStack(ctx context.Context, opts StackOptions) (s *Stack, err error) {
 			},
 			Levels: append(Levels(), opts.ExtraLevels...),
 		}},
+		// The dev issuer's dba group opens the admin console.
+		Console: config.Console{Groups: []string{"dba"}},
 	}
 	if opts.Configure != nil {
 		opts.Configure(s.Config)
@@ -204,6 +206,9 @@ func StartStack(ctx context.Context, opts StackOptions) (s *Stack, err error) {
 	if s.App, err = app.New(ctx, s.Config, log); err != nil {
 		return s, err
 	}
+	s.App.SetReloader(func() (*config.Config, error) {
+		return config.Load(filepath.Join(s.dir, "pgwarden.json"), map[string]string{})
+	})
 	if err = s.App.Start(); err != nil {
 		s.App = nil
 		return s, err

@@ -99,7 +99,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 	switch cmd {
 	case "serve":
-		err = serve(ctx, cfg, log, *shutdownGrace)
+		err = serve(ctx, cfg, log, *shutdownGrace, func() (*config.Config, error) { return config.Load(*path, environ()) })
 	case "vault-init":
 		err = vaultInit(ctx, cfg, vi, stdout)
 	case "check":
@@ -115,11 +115,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func serve(ctx context.Context, cfg *config.Config, log *slog.Logger, grace time.Duration) error {
+func serve(ctx context.Context, cfg *config.Config, log *slog.Logger, grace time.Duration, reload func() (*config.Config, error)) error {
 	a, err := app.New(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
+	a.SetReloader(reload)
 	if err := a.Start(); err != nil {
 		return err
 	}

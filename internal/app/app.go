@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	vault "github.com/hashicorp/vault/api"
@@ -39,6 +40,11 @@ type App struct {
 	vault    *vault.Client
 	broker   *broker.Broker
 	self     *broker.Self // nil without vault.auth
+
+	// reloader reads the configuration again for RELOAD; cfgNow is the
+	// configuration in force (RELOAD replaces its pool and console parts).
+	reloader atomic.Pointer[func() (*config.Config, error)]
+	cfgNow   atomic.Pointer[config.Config]
 
 	listeners []net.Listener
 	httpSrv   *http.Server
@@ -87,6 +93,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 		return nil, err
 	}
 	a := &App{cfg: cfg, log: log, serveErr: make(chan error, 4)}
+	a.cfgNow.Store(cfg)
 	v, err := authn.New(ctx, VerifierConfig(cfg))
 	if err != nil {
 		return nil, err
@@ -162,10 +169,8 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 		TrustedNetworks: cfg.TrustedPrefixes(), AllowCleartextUntrusted: cfg.AllowCleartextUntrusted,
 		AuthTimeout: cfg.AuthTimeout.D(), WriteTimeout: cfg.WriteTimeout.D(),
 		MaxHandshakes: cfg.MaxHandshakes, MaxSubjectConnections: cfg.MaxSubjectConnections,
-		Pool: proxy.PoolConfig{MaxPerPool: cfg.Pool.MaxPerPool, MaxTotal: cfg.Pool.MaxTotal,
-			AcquireTimeout: cfg.Pool.AcquireTimeout.D(), IdleTimeout: cfg.Pool.IdleTimeout.D(),
-			DialTimeout: cfg.Pool.DialTimeout.D(), PingAfterIdle: cfg.Pool.PingAfterIdle.D(), PingTimeout: cfg.Pool.PingTimeout.D(),
-			MaxPreparedStatements: cfg.Pool.MaxPreparedStatements},
+		Pool:              poolConfig(cfg),
+		Console:           proxy.ConsoleConfig{Groups: cfg.Console.Groups, Settings: a.settings, Reload: a.reload},
 		TokenExpiryNotice: cfg.TokenExpiryNotice.D(), TokenExpiryGrace: cfg.TokenExpiryGrace.D(),
 		Observer: a.metrics, Logger: log,
 	})

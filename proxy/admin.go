@@ -1,0 +1,444 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net"
+	"slices"
+	"sort"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pgwarden/pgwarden/authn"
+	"github.com/pgwarden/pgwarden/broker"
+	"github.com/pgwarden/pgwarden/console"
+	"github.com/pgwarden/pgwarden/pgerror"
+)
+
+// ConsoleDatabase is the admin console's virtual database.
+const ConsoleDatabase = "pgwarden"
+
+// ConsoleConfig opens the admin console.
+type ConsoleConfig struct {
+	// Groups whose members may open it. Empty: nobody may.
+	Groups []string
+	// Settings lists the configuration for SHOW CONFIG, secrets redacted.
+	Settings func() []console.Setting
+	// Reload re-reads the configuration and applies what can change
+	// without a restart (RELOAD).
+	Reload func(ctx context.Context) error
+}
+
+// clientInfo is what the console shows of a client, set once it has
+// authenticated.
+type clientInfo struct {
+	subject, database, level, mode, appName string
+	tls                                     bool
+}
+
+// dbStats are one database's counters since start, for SHOW STATS.
+type dbStats struct {
+	xacts, queries, recv, sent    atomic.Int64
+	xactTime, queryTime, waitTime atomic.Int64 // nanoseconds
+	maxWait                       atomic.Int64
+	_                             [0]func() // not comparable
+}
+
+// clientIDs numbers client connections for the console and KILL.
+var clientIDs atomic.Uint64
+
+// statsFor is the counters of database, or nil for one not configured.
+func (s *Server) statsFor(database string) *dbStats { return s.stats[database] }
+
+// pauseWait bounds how long PAUSE waits for lent servers to come back.
+const pauseWait = 30 * time.Second
+
+// admin is the console's view of the server.
+type admin struct{ s *Server }
+
+var _ console.Backend = admin{}
+
+func (a admin) clients() []*clientConn {
+	a.s.mu.Lock()
+	defer a.s.mu.Unlock()
+	out := make([]*clientConn, 0, len(a.s.conns))
+	for c := range a.s.conns {
+		if c.info.Load() != nil {
+			out = append(out, c)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].cid < out[j].cid })
+	return out
+}
+
+func hostPort(addr net.Addr) (string, int) {
+	switch a := addr.(type) {
+	case *net.TCPAddr:
+		return a.IP.String(), a.Port
+	case *net.UnixAddr:
+		return "unix", 0
+	}
+	return "", 0
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+func (a admin) Clients() []console.Client {
+	var out []console.Client
+	now := time.Now()
+	for _, c := range a.clients() {
+		in := c.info.Load()
+		row := console.Client{ID: c.cid, User: in.level, Database: in.database, State: "idle",
+			ConnectTime: c.start, Subject: in.subject, TLS: yesNo(in.tls), ApplicationName: in.appName}
+		row.Addr, row.Port = hostPort(c.raw.RemoteAddr())
+		row.LocalAddr, row.LocalPort = hostPort(c.raw.LocalAddr())
+		if t := c.lastReq.Load(); t != 0 {
+			row.RequestTime = time.Unix(0, t)
+		} else {
+			row.RequestTime = c.start
+		}
+		if w := c.waitSince.Load(); w != 0 {
+			row.State, row.Wait = "waiting", now.Sub(time.Unix(0, w))
+		}
+		if sc := c.attached.Load(); sc != nil {
+			row.State, row.Link, row.BackendPID = "active", sc.id, sc.pid
+		}
+		if in.database == ConsoleDatabase {
+			row.State = "active"
+		}
+		out = append(out, row)
+	}
+	return out
+}
+
+func (a admin) Servers() []console.Server {
+	ps := a.s.pools
+	ps.mu.Lock()
+	idle := map[*serverConn]bool{}
+	for _, p := range ps.pools {
+		for _, sc := range p.idle {
+			idle[sc] = true
+		}
+	}
+	all := make([]*serverConn, 0, len(ps.servers))
+	for sc := range ps.servers {
+		all = append(all, sc)
+	}
+	ps.mu.Unlock()
+	sort.Slice(all, func(i, j int) bool { return all[i].id < all[j].id })
+	out := make([]console.Server, 0, len(all))
+	for _, sc := range all {
+		row := console.Server{ID: sc.id, User: sc.pool.key.level, Database: sc.pool.key.database, State: "active",
+			ConnectTime: sc.created, RequestTime: sc.created, CloseNeeded: sc.cred.Stale(), Link: sc.client.Load(),
+			RemotePID: sc.pid, TLS: yesNo(sc.cancel.tls != nil), ApplicationName: sc.params["application_name"],
+			DBUser: sc.cred.Username, Lease: truncateLease(sc.cred.LeaseID)}
+		if idle[sc] {
+			row.State, row.ApplicationName = "idle", ""
+		}
+		row.Addr, row.Port = hostPort(sc.conn.RemoteAddr())
+		row.LocalAddr, row.LocalPort = hostPort(sc.conn.LocalAddr())
+		out = append(out, row)
+	}
+	return out
+}
+
+// truncateLease shows a lease id's path and the start of its id: enough to
+// find it in Vault's audit log, not to act on it by copy and paste.
+func truncateLease(id string) string {
+	i := strings.LastIndexByte(id, '/')
+	if i < 0 || len(id)-i-1 <= 8 {
+		return id
+	}
+	return id[:i+9] + "…"
+}
+
+func (a admin) Pools() []console.Pool {
+	type key struct{ db, level string }
+	clients := map[key]*console.Pool{}
+	var order []key
+	get := func(k key) *console.Pool {
+		if p := clients[k]; p != nil {
+			return p
+		}
+		p := &console.Pool{Database: k.db, User: k.level, PoolMode: a.s.modeOf(k.db, k.level)}
+		clients[k] = p
+		order = append(order, k)
+		return p
+	}
+	now := time.Now()
+	for _, c := range a.clients() {
+		in := c.info.Load()
+		if in.database == ConsoleDatabase {
+			continue
+		}
+		p := get(key{in.database, in.level})
+		if w := c.waitSince.Load(); w != 0 {
+			p.ClWaiting++
+			p.MaxWait = max(p.MaxWait, now.Sub(time.Unix(0, w)))
+		} else {
+			p.ClActive++
+		}
+	}
+	ps := a.s.pools
+	ps.mu.Lock()
+	for k, p := range ps.pools {
+		row := get(key{k.database, k.level})
+		row.SvIdle += len(p.idle)
+		row.SvActive += p.active
+		if len(p.idle) > 0 {
+			row.DBUser = p.idle[len(p.idle)-1].cred.Username
+		}
+	}
+	ps.mu.Unlock()
+	sort.Slice(order, func(i, j int) bool {
+		if order[i].db != order[j].db {
+			return order[i].db < order[j].db
+		}
+		return order[i].level < order[j].level
+	})
+	out := make([]console.Pool, 0, len(order))
+	for _, k := range order {
+		out = append(out, *clients[k])
+	}
+	return out
+}
+
+// modeOf is a level's pool mode.
+func (s *Server) modeOf(database, level string) string {
+	if m := s.cfg.Routes[database].Modes[level]; m != "" {
+		return m
+	}
+	return PoolSession
+}
+
+func (a admin) Stats() []console.Stat {
+	up := time.Since(a.s.started).Seconds()
+	if up < 1 {
+		up = 1
+	}
+	var out []console.Stat
+	for _, db := range a.s.databases() {
+		st := a.s.stats[db]
+		x, q := st.xacts.Load(), st.queries.Load()
+		row := console.Stat{Database: db, TotalXactCount: x, TotalQueryCount: q, TotalReceived: st.recv.Load(),
+			TotalSent: st.sent.Load(), TotalXactTime: time.Duration(st.xactTime.Load()),
+			TotalQueryTime: time.Duration(st.queryTime.Load()), TotalWaitTime: time.Duration(st.waitTime.Load()),
+			AvgXactCount: int64(float64(x) / up), AvgQueryCount: int64(float64(q) / up),
+			AvgRecv: int64(float64(st.recv.Load()) / up), AvgSent: int64(float64(st.sent.Load()) / up)}
+		if x > 0 {
+			row.AvgXactTime = row.TotalXactTime / time.Duration(x)
+			row.AvgWaitTime = row.TotalWaitTime / time.Duration(x)
+		}
+		if q > 0 {
+			row.AvgQueryTime = row.TotalQueryTime / time.Duration(q)
+		}
+		out = append(out, row)
+	}
+	return out
+}
+
+// databases are the configured database names, sorted.
+func (s *Server) databases() []string {
+	out := make([]string, 0, len(s.cfg.Routes))
+	for db := range s.cfg.Routes {
+		out = append(out, db)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func (a admin) Databases() []console.Database {
+	ps := a.s.pools
+	lim := ps.lim()
+	var out []console.Database
+	for _, db := range a.s.databases() {
+		r := a.s.cfg.Routes[db]
+		row := console.Database{Name: db, PoolSize: lim.MaxPerPool, MaxConnections: lim.MaxTotal}
+		if tmpl, err := ParseUpstream(r.Upstream, r.Policy); err == nil {
+			row.Host, row.Port, row.DBName = tmpl.Host, int(tmpl.Port), tmpl.Database
+		}
+		modes := map[string]bool{}
+		for level := range r.VaultRoles {
+			row.Levels = append(row.Levels, level)
+			modes[a.s.modeOf(db, level)] = true
+		}
+		sort.Strings(row.Levels)
+		row.PoolMode = "mixed"
+		if len(modes) == 1 {
+			for m := range modes {
+				row.PoolMode = m
+			}
+		}
+		ps.mu.Lock()
+		for k, p := range ps.pools {
+			if k.database == db {
+				row.CurrentConnections += p.open
+			}
+		}
+		row.Paused = ps.paused[db]
+		ps.mu.Unlock()
+		out = append(out, row)
+	}
+	return out
+}
+
+func (a admin) Config() []console.Setting {
+	if f := a.s.cfg.Console.Settings; f != nil {
+		return f()
+	}
+	return nil
+}
+
+// leaseLister is what a CredentialSource offers for SHOW LEASES.
+type leaseLister interface{ Leases() []broker.LeaseInfo }
+
+func (a admin) Leases() []console.Lease {
+	ll, ok := a.s.cfg.Credentials.(leaseLister)
+	if !ok {
+		return nil
+	}
+	var out []console.Lease
+	for _, l := range ll.Leases() {
+		level := ""
+		for lv, role := range a.s.cfg.Routes[l.Database].VaultRoles {
+			if role == l.VaultRole {
+				level = lv
+			}
+		}
+		row := console.Lease{Database: l.Database, Level: level, DBUser: l.Username, LeaseID: truncateLease(l.LeaseID),
+			Scope: l.Scope, State: l.State, Sessions: l.Holders, Subject: l.Subject}
+		if !l.Static {
+			row.Expires, row.RetireAt = l.ExpiresAt, l.RetireAt
+		}
+		out = append(out, row)
+	}
+	return out
+}
+
+func (a admin) Reload(ctx context.Context) error {
+	if f := a.s.cfg.Console.Reload; f != nil {
+		return f(ctx)
+	}
+	return pgerror.New(pgerror.FeatureNotSupported, "RELOAD is not available: pgwarden was started without a configuration to re-read")
+}
+
+func (a admin) Pause(ctx context.Context, database string) error {
+	if err := a.knownDatabase(database); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, pauseWait)
+	defer cancel()
+	return a.s.pools.pause(ctx, database)
+}
+
+func (a admin) Resume(database string) error {
+	if err := a.knownDatabase(database); err != nil {
+		return err
+	}
+	a.s.pools.resume(database)
+	return nil
+}
+
+func (a admin) knownDatabase(database string) error {
+	if _, ok := a.s.cfg.Routes[database]; database != "" && !ok {
+		return pgerror.Newf(pgerror.InvalidCatalogName, "no database %q", pgerror.Clip(database))
+	}
+	return nil
+}
+
+func (a admin) Kill(id uint64) (bool, error) {
+	for _, c := range a.clients() {
+		if c.cid == id {
+			c.kill()
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+func (a admin) KillSubject(subject string) (int, error) {
+	n := 0
+	for _, c := range a.clients() {
+		if in := c.info.Load(); in.subject == subject && in.database != ConsoleDatabase {
+			c.kill()
+			n++
+		}
+	}
+	return n, nil
+}
+
+// errNoConsole and errNotAdmin refuse the console.
+var (
+	errNoConsole = pgerror.New(pgerror.InsufficientPrivilege, "the pgwarden admin console is not enabled").
+			WithHint("Its operator opens it to members of the groups in console.groups.")
+	errNotAdmin = pgerror.New(pgerror.InsufficientPrivilege, "your token grants no access to the pgwarden admin console").
+			WithHint("The console is open to members of the groups its operator configured (console.groups).")
+)
+
+// isAdmin reports whether id belongs to a console group.
+func (s *Server) isAdmin(id *authn.Identity) bool {
+	groups := *s.consoleGroups.Load()
+	for _, g := range id.Groups {
+		if slices.Contains(groups, g) {
+			return true
+		}
+	}
+	return false
+}
+
+// SetConsoleGroups replaces the groups that may open the console (RELOAD).
+func (s *Server) SetConsoleGroups(groups []string) {
+	g := slices.Clone(groups)
+	s.consoleGroups.Store(&g)
+}
+
+// serveConsole runs an admin session: the token checked as for any
+// database, then membership of a console group, then console.Serve.
+func (c *clientConn) serveConsole(ctx context.Context, sm *pgproto3.StartupMessage) (string, error) {
+	cfg := &c.srv.cfg
+	c.database, c.level = ConsoleDatabase, "admin"
+	if _, _, err := c.identify(ctx, sm); err != nil {
+		return "", err
+	}
+	if len(*c.srv.consoleGroups.Load()) == 0 {
+		return "", errNoConsole
+	}
+	if !c.srv.isAdmin(c.id) {
+		return "", errNotAdmin
+	}
+	buf, _ := (&pgproto3.AuthenticationOk{}).Encode(nil)
+	for _, kv := range [][2]string{{"server_version", "15.0 (pgwarden console)"}, {"server_encoding", "UTF8"},
+		{"client_encoding", "UTF8"}, {"DateStyle", "ISO, MDY"}, {"integer_datetimes", "on"},
+		{"standard_conforming_strings", "on"}, {"TimeZone", "UTC"}} {
+		buf, _ = (&pgproto3.ParameterStatus{Name: kv[0], Value: kv[1]}).Encode(buf)
+	}
+	buf, _ = (&pgproto3.BackendKeyData{ProcessID: 0, SecretKey: make([]byte, 4)}).Encode(buf)
+	buf, _ = (&pgproto3.ReadyForQuery{TxStatus: 'I'}).Encode(buf)
+	if _, err := c.w.Write(buf); err != nil {
+		return "", err
+	}
+	if err := c.w.Flush(); err != nil {
+		return "", err
+	}
+	c.endHandshake()
+	cfg.Observer.AuthResult(ConsoleDatabase, "admin", "ok")
+	_ = c.raw.SetDeadline(time.Time{})
+	c.info.Store(&clientInfo{subject: c.id.Subject, database: ConsoleDatabase, level: "admin", mode: PoolSession,
+		appName: sm.Parameters["application_name"], tls: c.tls})
+	err := console.Serve(context.Background(), c.r, newDeadlineWriter(c.nc, cfg.WriteTimeout), admin{c.srv}, c.id.Subject, cfg.Logger)
+	switch {
+	case err == nil:
+		return "client terminated", nil
+	case errors.Is(err, net.ErrClosed):
+		return "killed", nil
+	}
+	return "client disconnected", nil
+}

@@ -1,0 +1,1253 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pgwarden/pgwarden/broker"
+	"github.com/pgwarden/pgwarden/pgerror"
+)
+
+// Transaction mode.
+//
+// A client in transaction mode holds a server only from the first message of
+// a transaction to the ReadyForQuery 'I' that ends it, with nothing left to
+// answer. Two goroutines share it while it is attached:
+//
+//   - the client's own goroutine (run) reads its messages, attaches a server
+//     when one arrives and none is held, and writes them upstream —
+//     rewritten where prepared statements, refused SQL or the identity
+//     settings need it;
+//   - a server goroutine per attachment (serverSide) copies replies to the
+//     client, drops those to messages pgwarden sent of its own, and detaches
+//     at the ReadyForQuery that leaves nothing outstanding: it gives the
+//     server back to the pool and exits.
+//
+// What both look at — the attached server, the counts of sync points sent
+// and ReadyForQuery received, the reply queues, the client's statement
+// names — is guarded by txnSession.mu. A message is counted before it is
+// written, under the same lock the server goroutine takes to decide a
+// detach, so a server is never given back with a request of this client's
+// in flight.
+//
+// Ownership: the server goroutine owns the attached server — it checks it
+// in, resets it first when the client changed its session state, or
+// discards it when the client left mid-transaction or it failed. The cancel
+// target points at the server only while attached, and is cleared before
+// the server goes back, so a late cancel never reaches another client's
+// query. Idle clients hold no server, no large buffer and no goroutine but
+// their own, blocked reading a 512-byte buffer; a large one is borrowed only
+// while a message bigger than that is copied.
+type txnSession struct {
+	c      *clientConn
+	stats  *dbStats
+	req    broker.Request
+	route  Route
+	target *cancelTarget
+
+	small *bufio.Reader // the client's reader between messages
+	big   *bufio.Reader // borrowed while a large message is copied, until drained
+
+	// The client goroutine's own.
+	cred     *broker.Credential
+	offEnd   func() bool       // stops following cred's end
+	settings map[string]string // run-time settings: startup ones, then reported changes
+	idKey    string
+	idSets   [][2]string
+	srvDone  chan struct{} // closed when the last server goroutine has exited
+	scratch  []byte
+
+	// wmu is held by the client goroutine while it writes a message
+	// upstream; the server goroutine takes it after deciding to detach.
+	wmu sync.Mutex
+
+	mu sync.Mutex
+	// Guarded by mu.
+	sc         *serverConn // attached server, or nil
+	syncsSent  int64       // Query, Sync and FunctionCall sent: each earns one ReadyForQuery
+	readyRecv  int64
+	unsynced   bool // extended-protocol messages sent since the last Sync
+	txStatus   byte
+	errEpoch   int64 // the sync epoch of the last ErrorResponse to extended messages, or -1
+	parseQ     []pendingReply
+	closeQ     []pendingReply
+	srvDirty   bool                  // the attached server's session state changed: reset before reuse
+	stmts      map[string]*stmtEntry // the client's named statements
+	stopping   bool                  // the client side ended
+	attachedAt time.Time
+	busyFrom   time.Time // since when a reply has been outstanding
+
+	cut          atomic.Bool // the lease ended, or the token's grace: end now
+	tokenExpired atomic.Bool
+	noticeDue    atomic.Bool
+	failure      atomic.Pointer[error] // why the client side failed, for the server goroutine to tell the client
+
+	statements, bytesIn, bytesOut, xacts atomic.Int64
+	why                                  atomic.Pointer[string]
+}
+
+// pendingReply is a Parse or Close sent upstream, waiting for its reply.
+type pendingReply struct {
+	epoch int64 // syncsSent when it was sent
+	skip  bool  // the reply is to pgwarden's own message: not forwarded
+	entry *stmtEntry
+	// client: the client's name for the statement a Parse prepares (the
+	// client's own Parse); dirty: dropping the message unsettles the
+	// server's statements (a Close pgwarden sent).
+	client string
+	dirty  bool
+}
+
+// runTxn runs a client in transaction mode after its greeting; up is the
+// server its login used, which goes back to the pool first.
+func (c *clientConn) runTxn(up *serverConn, req broker.Request, route Route, settings [][2]string, target *cancelTarget) relayResult {
+	t := &txnSession{c: c, stats: c.srv.statsFor(c.database), req: req, route: route, target: target, small: c.r, cred: up.cred,
+		settings: map[string]string{}, stmts: map[string]*stmtEntry{}, errEpoch: -1, txStatus: 'I'}
+	for _, kv := range settings {
+		if !hasIdentityPrefix([]byte(kv[0])) {
+			t.settings[strings.ToLower(kv[0])] = kv[1]
+		}
+	}
+	t.idSets = identitySettings(c.id, c.level)
+	t.idKey = identityKey(c.id, c.level)
+	// The login's server has the client's settings (applySettings) and
+	// identity already.
+	up.noteApplied(t.settings, t.idKey)
+	target.set(nil)
+	c.srv.pools.checkin(up, false)
+
+	c.dw = newDeadlineWriter(c.nc, c.srv.cfg.WriteTimeout)
+	c.w.Reset(c.dw)
+
+	t.followCred()
+	defer func() { t.offEnd() }()
+	// The token bounds the session: a NOTICE a while before it expires, the
+	// end at the first moment after it with no server held, a cut when the
+	// grace for an open transaction is over.
+	cfg := &c.srv.cfg
+	if exp := c.id.Expiry; !exp.IsZero() {
+		now := cfg.Now()
+		poke := func() { _ = c.nc.SetReadDeadline(time.Now()) }
+		notice := time.AfterFunc(exp.Add(-cfg.TokenExpiryNotice).Sub(now), func() { t.noticeDue.Store(true); poke() })
+		defer notice.Stop()
+		expired := time.AfterFunc(exp.Sub(now), func() { t.tokenExpired.Store(true); poke() })
+		defer expired.Stop()
+		grace := time.AfterFunc(exp.Add(cfg.TokenExpiryGrace).Sub(now), func() { t.tokenExpired.Store(true); t.cutNow() })
+		defer grace.Stop()
+	}
+
+	why := t.run()
+	t.end()
+	t.mu.Lock()
+	for name, e := range t.stmts {
+		c.srv.stmts.release(e)
+		delete(t.stmts, name)
+	}
+	t.mu.Unlock()
+	if t.big != nil {
+		t.dropBig()
+	}
+	if w := t.why.Load(); w != nil {
+		why = *w
+	}
+	return relayResult{why: why, bytesIn: t.bytesIn.Load(), bytesOut: t.bytesOut.Load(), statements: t.statements.Load()}
+}
+
+// followCred arranges for the session to be cut when its credential's lease
+// ends while a server is attached (detached, the next attach takes a fresh
+// credential anyway).
+func (t *txnSession) followCred() {
+	if t.offEnd != nil {
+		t.offEnd()
+	}
+	t.offEnd = t.cred.OnEnd(t.cutNow)
+}
+
+// cutNow ends an attached server's work now: the server goroutine stops at
+// the next message boundary with no query in flight, and a backstop closes
+// both sockets after cutGrace.
+func (t *txnSession) cutNow() {
+	t.mu.Lock()
+	sc := t.sc
+	t.mu.Unlock()
+	if sc == nil {
+		_ = t.c.nc.SetReadDeadline(time.Now()) // the client goroutine looks at the flags
+		return
+	}
+	t.cut.Store(true)
+	_ = sc.conn.SetReadDeadline(time.Now())
+	time.AfterFunc(cutGrace, func() {
+		t.mu.Lock()
+		same := t.sc == sc
+		t.mu.Unlock()
+		if same {
+			t.c.kill()
+			sc.close()
+		}
+	})
+}
+
+// in is the reader the client's bytes come through now.
+func (t *txnSession) in() *bufio.Reader {
+	if t.big != nil {
+		return t.big
+	}
+	return t.small
+}
+
+// need returns a reader that can hold size bytes at once (up to the large
+// buffer's size), borrowing the large buffer when the small one cannot.
+func (t *txnSession) need(size int) *bufio.Reader {
+	if t.big == nil && size > t.small.Size() {
+		t.big = relayReaders.Get().(*bufio.Reader)
+		t.big.Reset(t.small) // reads through what small holds, then the socket
+	}
+	return t.in()
+}
+
+// settle gives the large buffer back once it holds nothing.
+func (t *txnSession) settle() {
+	if t.big != nil && t.big.Buffered() == 0 {
+		t.dropBig()
+	}
+}
+
+func (t *txnSession) dropBig() {
+	t.big.Reset(nil)
+	relayReaders.Put(t.big)
+	t.big = nil
+}
+
+// run reads the client's messages until it leaves, and returns why.
+func (t *txnSession) run() string {
+	for {
+		t.settle()
+		r := t.in()
+		hdr, err := r.Peek(headerLen)
+		if err != nil {
+			if isTimeout(err) {
+				if why, done := t.poked(); done {
+					return why
+				}
+				continue
+			}
+			if len(hdr) == 0 && r.Buffered() == 0 {
+				return "client disconnected"
+			}
+			return "client disconnected mid-message"
+		}
+		typ := hdr[0]
+		n := int(binary.BigEndian.Uint32(hdr[1:])) - 4
+		if n < 0 {
+			return "client protocol violation"
+		}
+		if typ == 'X' {
+			return "client terminated"
+		}
+		sc, err := t.count(typ)
+		if err != nil {
+			t.refuse(err)
+			return reasonOf(err)
+		}
+		if sc == nil {
+			// A copy message outside COPY: PostgreSQL ignores it too.
+			if err := t.copyRaw(typ, n, true); err != nil {
+				return "client disconnected mid-message"
+			}
+			continue
+		}
+		t.bytesIn.Add(int64(n + headerLen))
+		// The server goroutine may decide to detach as soon as the last
+		// bytes are out and answered; it waits for wmu before it gives the
+		// server back, so this goroutine is out of sc's writer by then.
+		t.wmu.Lock()
+		err = t.forward(typ, n)
+		if err == nil && t.in().Buffered() == 0 {
+			err = sc.w.Flush()
+		}
+		t.wmu.Unlock()
+		if err != nil {
+			return t.forwardFailed(err)
+		}
+	}
+}
+
+// reasonOf is the audit's end reason for a refusal at attach.
+func reasonOf(err error) string {
+	switch {
+	case errors.Is(err, errTokenExpired):
+		return "token expired"
+	case pgerror.Code(err) == pgerror.TooManyConnections:
+		return "no upstream connection in time"
+	}
+	return "could not attach an upstream connection"
+}
+
+// forwardFailed ends the session after a message could not be forwarded:
+// the client vanished mid-message (nothing to tell it), sent something
+// malformed, or the write upstream failed. The server goroutine tells the
+// client, at a message boundary of its stream.
+func (t *txnSession) forwardFailed(err error) string {
+	var fe *frameErr
+	if errors.As(err, &fe) {
+		return "client disconnected mid-message"
+	}
+	notify, why := error(errUpstreamLost), "upstream write failed"
+	var pe *pgerror.Error
+	if errors.Is(err, errFraming) {
+		notify, why = errMalformed, "client protocol violation"
+	} else if errors.As(err, &pe) {
+		notify, why = pe, "client protocol violation"
+	}
+	t.failure.Store(&notify)
+	if sc := t.upstream(); sc != nil {
+		_ = sc.conn.SetReadDeadline(time.Now())
+	}
+	return why
+}
+
+// frameErr marks a read from the client failing (the client is gone), as
+// against a write upstream.
+type frameErr struct {
+	client bool
+	err    error
+}
+
+func (e *frameErr) Error() string { return e.err.Error() }
+func (e *frameErr) Unwrap() error { return e.err }
+
+// upstream is the attached server; only the client goroutine, between
+// count and the end of the message, may rely on it staying attached.
+func (t *txnSession) upstream() *serverConn {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.sc
+}
+
+// poked handles a read deadline set by a timer: a NOTICE due, the token
+// expired, the lease cut. It returns done when the session must end.
+func (t *txnSession) poked() (string, bool) {
+	_ = t.c.nc.SetReadDeadline(time.Time{})
+	if t.upstream() != nil {
+		return "", false // the server goroutine pokes again when it detaches
+	}
+	if t.tokenExpired.Load() {
+		t.refuse(errTokenExpired)
+		return "token expired", true
+	}
+	if t.noticeDue.CompareAndSwap(true, false) {
+		t.c.tokenNotice()
+		if err := t.c.w.Flush(); err != nil {
+			return "client write failed", true
+		}
+	}
+	return "", false
+}
+
+// refuse sends the client a FATAL; only while no server goroutine runs.
+func (t *txnSession) refuse(err error) {
+	t.c.sendFinal(err)
+}
+
+// count attaches a server when none is held and counts typ before it is
+// written, and returns the server. It returns nil for a copy message with
+// no COPY under way (dropped, as PostgreSQL would ignore it).
+func (t *txnSession) count(typ byte) (*serverConn, error) {
+	copyMsg := typ == 'd' || typ == 'c' || typ == 'f'
+	t.mu.Lock()
+	if copyMsg && (t.sc == nil || t.syncsSent == t.readyRecv && !t.unsynced) {
+		t.mu.Unlock()
+		return nil, nil
+	}
+	if t.sc == nil {
+		t.mu.Unlock()
+		if err := t.attach(); err != nil {
+			return nil, err
+		}
+		t.mu.Lock()
+	}
+	if (typ == 'Q' || typ == 'F' || typ == 'S') && t.syncsSent == t.readyRecv {
+		t.busyFrom = time.Now() // for SHOW STATS' query time
+	}
+	switch typ {
+	case 'Q':
+		t.syncsSent++
+		t.statements.Add(1)
+	case 'F':
+		t.syncsSent++
+	case 'S':
+		t.syncsSent++
+		t.unsynced = false
+	case 'E':
+		t.statements.Add(1)
+		t.unsynced = true
+	case 'P', 'B', 'D', 'C', 'H':
+		t.unsynced = true
+	}
+	sc := t.sc
+	t.mu.Unlock()
+	return sc, nil
+}
+
+// attach takes a server for the client's next transaction: under a fresh
+// credential if its own retired, with the client's settings and identity
+// applied, and starts the server goroutine.
+func (t *txnSession) attach() error {
+	if t.srvDone != nil {
+		<-t.srvDone // the last server is back in the pool
+		t.srvDone = nil
+	}
+	if t.tokenExpired.Load() {
+		return errTokenExpired
+	}
+	if t.noticeDue.CompareAndSwap(true, false) {
+		t.c.tokenNotice()
+		if err := t.c.w.Flush(); err != nil {
+			return err
+		}
+	}
+	c := t.c
+	ps := c.srv.pools
+	ctx := context.Background()
+	var sc *serverConn
+	for attempt := 0; ; attempt++ {
+		if t.cred.Stale() {
+			vctx, cancel := context.WithTimeout(ctx, c.srv.cfg.AuthTimeout)
+			cred, err := c.srv.cfg.Credentials.Credential(vctx, t.req)
+			cancel()
+			if err != nil {
+				return err
+			}
+			t.cred = cred
+			t.followCred()
+		}
+		t.cred.Hold()
+		waitFrom := time.Now()
+		c.waitSince.Store(waitFrom.UnixNano())
+		s, err := ps.acquire(ctx, c.database, c.level, t.route, t.cred)
+		c.waitSince.Store(0)
+		t.stats.waitTime.Add(int64(time.Since(waitFrom)))
+		t.cred.Release()
+		if err != nil {
+			return err
+		}
+		if s.cred.Stale() && attempt == 0 {
+			ps.discard(s)
+			continue
+		}
+		sc = s
+		break
+	}
+	if err := t.setup(ctx, sc); err != nil {
+		ps.discard(sc)
+		return upstreamFailure(err)
+	}
+	t.mu.Lock()
+	t.sc = sc
+	t.syncsSent, t.readyRecv, t.unsynced, t.txStatus, t.errEpoch = 0, 0, false, 'I', -1
+	t.parseQ, t.closeQ = t.parseQ[:0], t.closeQ[:0]
+	t.srvDirty, t.attachedAt = false, time.Now()
+	t.mu.Unlock()
+	t.target.set(sc)
+	sc.client.Store(c.cid)
+	c.attached.Store(sc)
+	c.lastReq.Store(t.attachedAt.UnixNano())
+	done := make(chan struct{})
+	t.srvDone = done
+	go t.serverSide(sc, done)
+	return nil
+}
+
+// setup applies the client's settings and identity where the server's
+// differ, in one round trip, before the client's first message.
+func (t *txnSession) setup(ctx context.Context, sc *serverConn) error {
+	var b strings.Builder
+	var sets [][2]string
+	for k, v := range t.settings {
+		if cur, ok := sc.applied[k]; ok && cur == v {
+			continue
+		}
+		if _, ok := sc.applied[k]; !ok && paramValue(sc.params, k) == v {
+			continue
+		}
+		sets = append(sets, [2]string{k, v})
+	}
+	var resets []string
+	for k := range sc.applied {
+		if _, ok := t.settings[k]; !ok {
+			resets = append(resets, k)
+		}
+	}
+	if sc.identity != t.idKey {
+		sets = append(sets, t.idSets...)
+	}
+	if len(sets) == 0 && len(resets) == 0 {
+		return nil
+	}
+	sort.Slice(sets, func(i, j int) bool { return sets[i][0] < sets[j][0] })
+	sort.Strings(resets)
+	writeSetConfig(&b, sets)
+	for _, k := range resets {
+		b.WriteString("; RESET ")
+		b.WriteString(quoteSettingName(k))
+	}
+	ctx, cancel := context.WithTimeout(ctx, t.c.srv.pools.lim().PingTimeout+t.c.srv.cfg.WriteTimeout)
+	defer cancel()
+	st, err := sc.simpleQuery(ctx, b.String(), nil)
+	if err == nil && st != 'I' {
+		err = fmt.Errorf("session not idle after applying settings (status %q)", st)
+	}
+	if err != nil {
+		return err
+	}
+	sc.noteApplied(t.settings, t.idKey)
+	return nil
+}
+
+// paramValue is the server's reported value of a setting, whatever the case
+// of its name.
+func paramValue(params map[string]string, lower string) string {
+	if v, ok := params[lower]; ok {
+		return v
+	}
+	for k, v := range params {
+		if strings.EqualFold(k, lower) {
+			return v
+		}
+	}
+	return "\x00unknown"
+}
+
+// writeSetConfig writes one SELECT of set_config calls, names and values as
+// literals, so no client input is parsed as SQL.
+func writeSetConfig(b *strings.Builder, sets [][2]string) {
+	if len(sets) == 0 {
+		b.WriteString("SELECT")
+		return
+	}
+	for i, kv := range sets {
+		if i == 0 {
+			b.WriteString("SELECT ")
+		} else {
+			b.WriteString(", ")
+		}
+		b.WriteString("pg_catalog.set_config(")
+		b.WriteString(quoteLiteral(kv[0]))
+		b.WriteString(", ")
+		b.WriteString(quoteLiteral(kv[1]))
+		b.WriteString(", false)")
+	}
+}
+
+// forward writes one client message upstream, rewritten where needed.
+func (t *txnSession) forward(typ byte, n int) error {
+	switch typ {
+	case 'Q':
+		return t.query(n)
+	case 'P':
+		return t.parse(n)
+	case 'B':
+		return t.bind(n)
+	case 'D', 'C':
+		return t.describeOrClose(typ, n)
+	}
+	return t.copyRaw(typ, n, false)
+}
+
+// copyRaw copies (or, with drop, skips) one message as it is.
+func (t *txnSession) copyRaw(typ byte, n int, drop bool) error {
+	r := t.need(min(n+headerLen, clientBufSize))
+	var dst *bufio.Writer
+	if sc := t.upstream(); sc != nil {
+		dst = sc.w
+	}
+	fc := frameCopier{src: r, dst: dst, skip: drop || dst == nil}
+	for {
+		_, _, _, err := fc.next()
+		if err == nil {
+			return nil
+		}
+		if fc.writeErr != nil {
+			return fc.writeErr
+		}
+		if isTimeout(err) {
+			_ = t.c.nc.SetReadDeadline(time.Time{}) // a poke: carry on, in the middle of the message
+			continue
+		}
+		if errors.Is(err, errFraming) {
+			return err
+		}
+		return &frameErr{client: true, err: err}
+	}
+}
+
+// maxRewrite bounds a Query or Parse that pgwarden reads whole to look at
+// its SQL (PostgreSQL's own limit is 1 GB); a larger one ends the session
+// with errQueryTooLarge.
+const maxRewrite = 256 << 20
+
+var errQueryTooLarge = pgerror.Newf(pgerror.ProgramLimitExceeded, "query text over pgwarden's limit of %d MiB", maxRewrite>>20).
+	WithHint("Send large data as parameters (extended protocol) or with COPY.")
+
+// whole returns the client's next message, header included: aliasing the
+// reader's buffer (call done to consume it) or, when larger than the
+// buffer, read into memory of its own.
+func (t *txnSession) whole(n int) (msg []byte, done func(), err error) {
+	size := n + headerLen
+	if size <= clientBufSize {
+		r := t.need(size)
+		for {
+			msg, err = r.Peek(size)
+			if err == nil {
+				return msg, func() { _, _ = r.Discard(size) }, nil
+			}
+			if !isTimeout(err) {
+				return nil, nil, &frameErr{client: true, err: err}
+			}
+			_ = t.c.nc.SetReadDeadline(time.Time{})
+		}
+	}
+	if size > maxRewrite {
+		return nil, nil, errQueryTooLarge
+	}
+	msg = make([]byte, size)
+	r := t.need(clientBufSize)
+	for got := 0; got < size; {
+		m, err := r.Read(msg[got:])
+		got += m
+		if err != nil {
+			if isTimeout(err) {
+				_ = t.c.nc.SetReadDeadline(time.Time{})
+				continue
+			}
+			return nil, nil, &frameErr{client: true, err: err}
+		}
+	}
+	return msg, func() {}, nil
+}
+
+// writeUp writes pgwarden's bytes upstream.
+func (t *txnSession) writeUp(b []byte) error {
+	_, err := t.upstream().w.Write(b)
+	return err
+}
+
+// query forwards a simple Query, after looking at its SQL.
+func (t *txnSession) query(n int) error {
+	msg, done, err := t.whole(n)
+	if err != nil {
+		return err
+	}
+	defer done()
+	refused, flags, dealloc, err := screenSQL(msg, true)
+	if err != nil {
+		return err
+	}
+	if refused != nil {
+		return t.writeUp(refused)
+	}
+	t.mu.Lock()
+	sc := t.sc
+	if flags&sqlDiscardAll != 0 {
+		t.dropStmtsLocked()
+		sc.stmts().clear()
+		sc.applied, sc.identity = nil, "" // DISCARD ALL resets settings too
+	}
+	if flags&sqlDeallocate != 0 {
+		if e := t.stmts[dealloc]; e != nil && dealloc != "" {
+			delete(t.stmts, dealloc)
+			t.c.srv.stmts.release(e)
+			sc.stmts().clear()
+			t.mu.Unlock()
+			// The server knows the statement by another name: drop them
+			// all there (they are re-prepared as needed).
+			return t.writeUp(t.queryMsg("DEALLOCATE ALL"))
+		}
+		if dealloc == "" {
+			t.dropStmtsLocked()
+			sc.stmts().clear()
+		}
+	}
+	if flags&sqlSession != 0 {
+		t.srvDirty = true
+	}
+	t.mu.Unlock()
+	return t.writeUp(msg)
+}
+
+// dropStmtsLocked forgets every statement name of the client.
+func (t *txnSession) dropStmtsLocked() {
+	for name, e := range t.stmts {
+		t.c.srv.stmts.release(e)
+		delete(t.stmts, name)
+	}
+}
+
+// queryMsg encodes a Query into the scratch buffer.
+func (t *txnSession) queryMsg(sql string) []byte {
+	t.scratch, _ = (&pgproto3.Query{String: sql}).Encode(t.scratch[:0])
+	return t.scratch
+}
+
+// cstring splits a NUL-terminated string off b.
+func cstring(b []byte) (s, rest []byte, ok bool) {
+	i := bytes.IndexByte(b, 0)
+	if i < 0 {
+		return nil, nil, false
+	}
+	return b[:i], b[i+1:], true
+}
+
+var errMalformed = pgerror.New(pgerror.ProtocolViolation, "malformed message from the client")
+
+// parse forwards a Parse: a named statement under its server-side name.
+func (t *txnSession) parse(n int) error {
+	msg, done, err := t.whole(n)
+	if err != nil {
+		return err
+	}
+	defer done()
+	refused, flags, _, err := screenSQL(msg, true)
+	if err != nil {
+		return err
+	}
+	if refused != nil {
+		// The statement is made of the refusal: it raises the error when
+		// executed, with the parameter types the client declared.
+		msg = refused
+	}
+	name, key, ok := cstring(msg[headerLen:])
+	if !ok {
+		return errMalformed
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if flags&sqlSession != 0 {
+		t.srvDirty = true
+	}
+	epoch := t.syncsSent
+	if len(name) == 0 {
+		t.pushLocked(&t.parseQ, pendingReply{epoch: epoch})
+		return t.writeUpLocked(msg)
+	}
+	e := t.c.srv.stmts.acquire(key)
+	if old := t.stmts[string(name)]; old != nil {
+		t.c.srv.stmts.release(old)
+	}
+	t.stmts[string(name)] = e
+	cache := t.sc.stmts()
+	out := t.scratch[:0]
+	if cache.has(e) {
+		// Prepared there already: close it first, so the client gets
+		// PostgreSQL's own answer to its Parse.
+		out = appendClose(out, 'S', e.name)
+		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch, skip: true, dirty: true})
+	} else if ev := cache.add(e); ev != nil {
+		out = appendClose(out, 'S', ev.name)
+		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch, skip: true, dirty: true})
+	}
+	out = append(out, e.parse...)
+	t.scratch = out
+	t.pushLocked(&t.parseQ, pendingReply{epoch: epoch, entry: e, client: string(name)})
+	return t.writeUpLocked(out)
+}
+
+// writeUpLocked writes to the attached server under mu (its buffer takes
+// the bytes; a flush happens outside).
+func (t *txnSession) writeUpLocked(b []byte) error {
+	_, err := t.sc.w.Write(b)
+	return err
+}
+
+// pushLocked queues a reply expected, unless the server skips the message
+// (an ErrorResponse came in its epoch): then it is dropped at once.
+func (t *txnSession) pushLocked(q *[]pendingReply, p pendingReply) {
+	if p.epoch == t.errEpoch {
+		t.droppedLocked(p)
+		return
+	}
+	*q = append(*q, p)
+}
+
+// droppedLocked undoes what a message the server will never answer meant to
+// do.
+func (t *txnSession) droppedLocked(p pendingReply) {
+	if p.entry != nil {
+		t.sc.stmts().remove(p.entry)
+		if p.client != "" && t.stmts[p.client] == p.entry {
+			delete(t.stmts, p.client)
+			t.c.srv.stmts.release(p.entry)
+		}
+	}
+	if p.dirty {
+		t.srvDirty = true
+	}
+}
+
+// ensureLocked puts a Parse for e in front of the next message when the
+// server lacks it, its reply not forwarded.
+func (t *txnSession) ensureLocked(out []byte, e *stmtEntry) []byte {
+	cache := t.sc.stmts()
+	if cache.has(e) {
+		return out
+	}
+	epoch := t.syncsSent
+	if ev := cache.add(e); ev != nil {
+		out = appendClose(out, 'S', ev.name)
+		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch, skip: true, dirty: true})
+	}
+	out = append(out, e.parse...)
+	t.pushLocked(&t.parseQ, pendingReply{epoch: epoch, skip: true, entry: e})
+	return out
+}
+
+// bind forwards a Bind, naming the statement as the server knows it. The
+// parameters are streamed, whatever their size.
+func (t *txnSession) bind(n int) error {
+	r := t.need(min(n+headerLen, clientBufSize))
+	var head []byte
+	for {
+		var err error
+		head, err = r.Peek(min(n+headerLen, r.Size()))
+		if err == nil {
+			break
+		}
+		if !isTimeout(err) {
+			return &frameErr{client: true, err: err}
+		}
+		_ = t.c.nc.SetReadDeadline(time.Time{})
+	}
+	portal, rest, ok := cstring(head[headerLen:])
+	stmt, _, ok2 := cstring(rest)
+	if !ok || !ok2 {
+		if n+headerLen > r.Size() {
+			return pgerror.New(pgerror.ProgramLimitExceeded, "Bind with names longer than pgwarden reads")
+		}
+		return errMalformed
+	}
+	if len(stmt) == 0 {
+		return t.copyRaw('B', n, false)
+	}
+	t.mu.Lock()
+	e := t.stmts[string(stmt)]
+	if e == nil {
+		t.mu.Unlock()
+		return t.copyRaw('B', n, false) // PostgreSQL answers "does not exist"
+	}
+	out := t.ensureLocked(t.scratch[:0], e)
+	prefix := len(portal) + 1 + len(stmt) + 1
+	restLen := n - prefix
+	out = append(out, 'B', 0, 0, 0, 0)
+	binary.BigEndian.PutUint32(out[len(out)-4:], uint32(4+len(portal)+1+len(e.name)+1+restLen))
+	out = append(out, portal...)
+	out = append(out, 0)
+	out = append(out, e.name...)
+	out = append(out, 0)
+	t.scratch = out
+	err := t.writeUpLocked(out)
+	t.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	_, _ = r.Discard(headerLen + prefix)
+	fc := frameCopier{src: r, dst: t.upstream().w}
+	fc.body('B', restLen)
+	for fc.inMsg {
+		if _, _, _, err := fc.next(); err != nil {
+			if fc.writeErr != nil {
+				return fc.writeErr
+			}
+			if isTimeout(err) {
+				_ = t.c.nc.SetReadDeadline(time.Time{})
+				continue
+			}
+			return &frameErr{client: true, err: err}
+		}
+	}
+	return nil
+}
+
+// describeOrClose forwards a Describe or Close: of a named statement, under
+// its server-side name (Describe), or not at all (Close: the server keeps
+// it for others; a Close of a name that never exists goes instead, so the
+// client still gets PostgreSQL's CloseComplete in order).
+func (t *txnSession) describeOrClose(typ byte, n int) error {
+	msg, done, err := t.whole(n)
+	if err != nil {
+		return err
+	}
+	defer done()
+	body := msg[headerLen:]
+	if len(body) < 2 {
+		return errMalformed
+	}
+	name, _, ok := cstring(body[1:])
+	if !ok {
+		return errMalformed
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	epoch := t.syncsSent
+	if body[0] != 'S' || len(name) == 0 {
+		if typ == 'C' {
+			t.pushLocked(&t.closeQ, pendingReply{epoch: epoch})
+		}
+		return t.writeUpLocked(msg)
+	}
+	e := t.stmts[string(name)]
+	if typ == 'C' {
+		if e != nil {
+			delete(t.stmts, string(name))
+			t.c.srv.stmts.release(e)
+		}
+		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch})
+		t.scratch = appendClose(t.scratch[:0], 'S', "pgwarden_closed")
+		return t.writeUpLocked(t.scratch)
+	}
+	if e == nil {
+		return t.writeUpLocked(msg) // PostgreSQL answers "does not exist"
+	}
+	out := t.ensureLocked(t.scratch[:0], e)
+	out = append(out, 'D', 0, 0, 0, 0, 'S')
+	binary.BigEndian.PutUint32(out[len(out)-5:], uint32(4+1+len(e.name)+1))
+	out = append(out, e.name...)
+	out = append(out, 0)
+	t.scratch = out
+	return t.writeUpLocked(out)
+}
+
+// appendClose appends a Close of (kind, name).
+func appendClose(b []byte, kind byte, name string) []byte {
+	b = append(b, 'C', 0, 0, 0, 0, kind)
+	binary.BigEndian.PutUint32(b[len(b)-5:], uint32(4+1+len(name)+1))
+	b = append(b, name...)
+	return append(b, 0)
+}
+
+// end stops the client side: an attached server's goroutine is stopped, and
+// the server discarded (the client left inside a transaction, or with
+// replies outstanding). It waits for the server goroutine.
+func (t *txnSession) end() {
+	t.mu.Lock()
+	t.stopping = true
+	sc := t.sc
+	t.mu.Unlock()
+	if sc != nil {
+		_ = sc.conn.SetReadDeadline(time.Now())
+	}
+	if t.srvDone != nil {
+		<-t.srvDone
+		t.srvDone = nil
+	}
+}
+
+// serverSide runs one attachment's server goroutine; see txnSession.
+func (t *txnSession) serverSide(sc *serverConn, done chan struct{}) {
+	defer close(done)
+	w := relayWriters.Get().(*bufio.Writer)
+	w.Reset(t.c.dw)
+	defer func() {
+		w.Reset(nil)
+		relayWriters.Put(w)
+	}()
+	e := t.serverLoop(sc, w)
+	ps := t.c.srv.pools
+	t.c.attached.Store(nil)
+	sc.client.Store(0)
+	if e.detached {
+		t.wmu.Lock() // the client goroutine is out of sc's writer
+		t.wmu.Unlock()
+		t.stats.xacts.Add(1)
+		t.stats.xactTime.Add(int64(time.Since(t.attachedAt)))
+		t.target.set(nil) // waits for a cancel in flight to land first
+		if e.dirty {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			err := sc.reset(ctx)
+			cancel()
+			if err != nil {
+				ps.discard(sc)
+				return
+			}
+		}
+		ps.checkin(sc, false)
+		if t.tokenExpired.Load() || t.noticeDue.Load() {
+			_ = t.c.nc.SetReadDeadline(time.Now()) // the client goroutine acts on it
+		}
+		return
+	}
+	// The session ends.
+	t.mu.Lock()
+	t.sc = nil
+	t.mu.Unlock()
+	t.target.set(nil)
+	if e.why != "" {
+		t.why.Store(&e.why)
+	}
+	if e.notify != nil && e.boundary {
+		w.Flush()
+		t.c.dw.setLimit(time.Now().Add(finalWriteTimeout))
+		_ = sendFatal(w, e.notify)
+	}
+	ps.discard(sc)
+	if !e.clientStopped {
+		t.c.kill()
+	}
+}
+
+// srvEnd is how an attachment ended.
+type srvEnd struct {
+	detached      bool // the server is idle and clean: back to the pool
+	dirty         bool // ... after a reset
+	clientStopped bool // the client side ended first
+	why           string
+	notify        error // a FATAL for the client
+	boundary      bool  // the client's stream is between messages
+}
+
+// serverLoop copies the attached server's replies to w until a detach point
+// or the end.
+func (t *txnSession) serverLoop(sc *serverConn, w *bufio.Writer) srvEnd {
+	fc := frameCopier{src: sc.r, dst: w}
+	lastError := false
+	for {
+		if fc.atBoundary() {
+			skip, replaced, err := t.inspect(sc, w)
+			if err != nil {
+				if e, done := t.serverReadFailed(sc, &fc, err, lastError); done {
+					return e
+				}
+				continue
+			}
+			if replaced {
+				lastError = true
+				continue
+			}
+			fc.skip = skip
+		}
+		skipping := fc.skip
+		typ, status, n, err := fc.next()
+		if err != nil {
+			if fc.writeErr != nil {
+				return srvEnd{why: "client write failed", boundary: false}
+			}
+			if e, done := t.serverReadFailed(sc, &fc, err, lastError); done {
+				return e
+			}
+			continue
+		}
+		if !skipping {
+			t.bytesOut.Add(int64(n))
+			lastError = typ == 'E'
+		}
+		if typ == 'Z' {
+			t.mu.Lock()
+			t.readyRecv++
+			t.txStatus = status
+			if t.readyRecv == t.syncsSent {
+				t.stats.queryTime.Add(int64(time.Since(t.busyFrom)))
+			}
+			if status == 'I' {
+				t.xacts.Add(1)
+			}
+			t.mu.Unlock()
+		}
+		if sc.r.Buffered() == 0 {
+			if err := w.Flush(); err != nil {
+				return srvEnd{why: "client write failed"}
+			}
+			t.mu.Lock()
+			if !t.stopping && !t.cut.Load() && t.syncsSent == t.readyRecv && !t.unsynced && t.txStatus == 'I' {
+				t.sc = nil
+				dirty := t.srvDirty
+				t.mu.Unlock()
+				return srvEnd{detached: true, dirty: dirty}
+			}
+			t.mu.Unlock()
+		}
+	}
+}
+
+// inspect looks at the next server message before it is copied: replies to
+// pgwarden's own messages are skipped, an ErrorResponse drops what the
+// server will now skip, ParameterStatus is recorded.
+func (t *txnSession) inspect(sc *serverConn, w *bufio.Writer) (skip, done bool, err error) {
+	hdr, err := sc.r.Peek(headerLen)
+	if err != nil {
+		return false, false, err
+	}
+	typ := hdr[0]
+	switch typ {
+	case '1', '3':
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		q := &t.parseQ
+		if typ == '3' {
+			q = &t.closeQ
+		}
+		if len(*q) == 0 {
+			return false, false, nil
+		}
+		p := (*q)[0]
+		*q = (*q)[1:]
+		return p.skip, false, nil
+	case 'E', 'S':
+		if typ == 'E' {
+			if done, err := refusedParse(sc.r, w); err != nil || done {
+				if done {
+					t.errorReply(sc, nil)
+				}
+				return false, true, err
+			}
+		}
+		n := int(binary.BigEndian.Uint32(hdr[1:])) - 4
+		if n < 0 || n+headerLen > sc.r.Size() {
+			return false, false, nil // framing is the copier's to refuse; a huge message is not inspected
+		}
+		msg, err := sc.r.Peek(n + headerLen)
+		if err != nil {
+			return false, false, err
+		}
+		if typ == 'S' {
+			t.noteParam(sc, msg[headerLen:])
+			return false, false, nil
+		}
+		t.errorReply(sc, msg[headerLen:])
+	}
+	return false, false, nil
+}
+
+// errorReply handles an ErrorResponse: the server skips everything up to
+// the next Sync, so what was queued in this epoch gets no reply.
+func (t *txnSession) errorReply(sc *serverConn, body []byte) {
+	code := errorCode(body)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if code == "26000" || code == "0A000" {
+		// A statement pgwarden thought prepared is not, or its plan is
+		// stale after DDL: start that server's statements afresh.
+		t.srvDirty = true
+	}
+	epoch := t.readyRecv
+	t.errEpoch = epoch
+	for _, q := range []*[]pendingReply{&t.parseQ, &t.closeQ} {
+		keep := (*q)[:0]
+		for _, p := range *q {
+			if p.epoch <= epoch {
+				t.droppedLocked(p)
+			} else {
+				keep = append(keep, p)
+			}
+		}
+		*q = keep
+	}
+}
+
+// errorCode is the SQLSTATE field of an ErrorResponse body.
+func errorCode(body []byte) string {
+	for len(body) > 1 {
+		f := body[0]
+		v, rest, ok := cstring(body[1:])
+		if !ok {
+			return ""
+		}
+		if f == 'C' {
+			return string(v)
+		}
+		body = rest
+	}
+	return ""
+}
+
+// noteParam records a ParameterStatus: the server has that value now, and
+// a setting the client changed (SET application_name…) follows it to the
+// next server.
+func (t *txnSession) noteParam(sc *serverConn, body []byte) {
+	name, rest, ok := cstring(body)
+	if !ok {
+		return
+	}
+	value, _, ok := cstring(rest)
+	if !ok {
+		return
+	}
+	sc.params[string(name)] = string(value)
+	lower := strings.ToLower(string(name))
+	switch lower {
+	case "application_name", "client_encoding", "datestyle", "intervalstyle", "timezone":
+		if t.settings[lower] != string(value) {
+			t.settings[lower] = string(value)
+		}
+		if sc.applied == nil {
+			sc.applied = map[string]string{}
+		}
+		sc.applied[lower] = string(value)
+	}
+}
+
+// serverReadFailed handles a failed read from the attached server: a
+// deadline (the client side stopped, the lease or token grace cut the
+// session) or the server gone. It returns done when the loop must end.
+func (t *txnSession) serverReadFailed(sc *serverConn, fc *frameCopier, err error, lastError bool) (srvEnd, bool) {
+	if isTimeout(err) {
+		_ = sc.conn.SetReadDeadline(time.Time{})
+		t.mu.Lock()
+		stopping, inFlight := t.stopping, t.syncsSent > t.readyRecv
+		t.mu.Unlock()
+		switch {
+		case t.failure.Load() != nil:
+			return srvEnd{notify: *t.failure.Load(), boundary: fc.atBoundary()}, true
+		case stopping:
+			return srvEnd{clientStopped: true}, true
+		case t.cut.Load() && !inFlight && fc.atBoundary():
+			if t.tokenExpired.Load() {
+				return srvEnd{why: "token expired", notify: errTokenExpiredCut, boundary: true}, true
+			}
+			return srvEnd{why: "credential lease ended", notify: errLeaseEnded, boundary: true}, true
+		}
+		return srvEnd{}, false // resume, in the middle of a message if need be
+	}
+	t.mu.Lock()
+	stopping := t.stopping
+	t.mu.Unlock()
+	if stopping {
+		return srvEnd{clientStopped: true}, true
+	}
+	e := srvEnd{why: "upstream closed", boundary: fc.atBoundary()}
+	if errors.Is(err, errFraming) {
+		e.why = "upstream protocol violation"
+	}
+	if !lastError {
+		e.notify = errUpstreamLost
+	}
+	return e, true
+}
+
+// noteApplied records that sc carries settings and the identity idKey.
+func (sc *serverConn) noteApplied(settings map[string]string, idKey string) {
+	if sc.applied == nil {
+		sc.applied = make(map[string]string, len(settings))
+	}
+	for k, v := range settings {
+		sc.applied[k] = v
+	}
+	sc.identity = idKey
+}
+
+// stmts is the server's cache of prepared statements, made on first use.
+func (sc *serverConn) stmts() *stmtCache {
+	if sc.stmtCache == nil {
+		sc.stmtCache = newStmtCache(sc.maxStmts)
+	}
+	return sc.stmtCache
+}

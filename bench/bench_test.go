@@ -28,7 +28,7 @@ func TestSmokeProfileWritesTheWholeReport(t *testing.T) {
 	out := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	path, err := run(ctx, profiles["smoke"], bin, out)
+	path, err := run(ctx, profiles["smoke"], bin, out, nil)
 	testenv.Check(t, err)
 	b, err := os.ReadFile(path)
 	if err != nil {

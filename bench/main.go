@@ -34,6 +34,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -86,6 +87,7 @@ func main() {
 	prof := flag.String("profile", "quick", "quick (under 10 minutes), full (3 repetitions, 10,000 idle clients) or smoke")
 	out := flag.String("out", "bench/results", "where the report and chart go")
 	bin := flag.String("pgwarden", "bin/pgwarden", "the pgwarden binary")
+	only := flag.String("only", "", "run only these sections (comma separated: steady, txn, storm, vault, cold, idle, many, profile, micro) and write no report: for a quick loop while optimising")
 	flag.Parse()
 	p, ok := profiles[*prof]
 	if !ok {
@@ -98,7 +100,14 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
-	path, err := run(ctx, p, *bin, *out)
+	var sections map[string]bool
+	if *only != "" {
+		sections = map[string]bool{}
+		for _, s := range strings.Split(*only, ",") {
+			sections[strings.TrimSpace(s)] = true
+		}
+	}
+	path, err := run(ctx, p, *bin, *out, sections)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -106,7 +115,7 @@ func main() {
 	fmt.Println("bench: report written to", path)
 }
 
-func run(ctx context.Context, p profile, bin, outDir string) (string, error) {
+func run(ctx context.Context, p profile, bin, outDir string, only map[string]bool) (string, error) {
 	start := time.Now()
 	if err := os.MkdirAll(outDir, 0o755); err != nil {
 		return "", err
@@ -116,39 +125,35 @@ func run(ctx context.Context, p profile, bin, outDir string) (string, error) {
 		return "", err
 	}
 	logf("starting PostgreSQL, Vault, the issuer, two pgwardens and three PgBouncers (profile %s)…", p.name)
-	env, err := startEnv(ctx, p, bin)
+	en, err := startEnv(ctx, p, bin)
 	if err != nil {
 		return "", err
 	}
-	defer env.close()
-	r := &report{profile: p, machine: describeMachine(env), started: start}
+	defer en.close()
+	r := &report{profile: p, machine: describeMachine(en), started: start}
 
-	if err := r.steady(ctx, env); err != nil {
-		return "", err
+	for _, sec := range []struct {
+		name string
+		run  func(context.Context, *env) error
+	}{
+		{"steady", r.steady}, {"txn", r.txnRun}, {"storm", r.stormRun}, {"vault", r.vaultRun}, {"cold", r.coldRun},
+		{"idle", r.idleRun}, {"many", r.manyRun}, {"profile", r.profileRun},
+	} {
+		if only != nil && !only[sec.name] {
+			continue
+		}
+		if err := sec.run(ctx, en); err != nil {
+			return "", err
+		}
 	}
-	if err := r.txnRun(ctx, env); err != nil {
-		return "", err
+	if p.micro && (only == nil || only["micro"]) {
+		r.microRun(ctx, en.root)
 	}
-	if err := r.stormRun(ctx, env); err != nil {
-		return "", err
-	}
-	if err := r.vaultRun(ctx, env); err != nil {
-		return "", err
-	}
-	if err := r.coldRun(ctx, env); err != nil {
-		return "", err
-	}
-	if err := r.idleRun(ctx, env); err != nil {
-		return "", err
-	}
-	if err := r.manyRun(ctx, env); err != nil {
-		return "", err
-	}
-	if err := r.profileRun(ctx, env); err != nil {
-		return "", err
-	}
-	if p.micro {
-		r.microRun(ctx, env.root)
+	if only != nil {
+		for _, pt := range r.profiles {
+			logf("%s, %d clients:\n%s", pt.target, pt.clients, pt.top)
+		}
+		return "(no report: -only)", nil
 	}
 	r.elapsed = time.Since(start)
 	return r.write(outDir)

@@ -261,7 +261,7 @@ func (r *report) write(dir string) (string, error) {
 
 	w("\n## Where pgwarden's CPU goes\n\n")
 	for _, pt := range r.profiles {
-		w("`go tool pprof -top` of pgwarden's CPU during `pgbench -S -M simple -c %d`:\n\n```\n%s\n```\n\n", pt.clients, pt.top)
+		w("`go tool pprof -top` of %s's CPU during `pgbench -S -M simple -c %d`:\n\n```\n%s\n```\n\n", pt.target, pt.clients, pt.top)
 		w("What it allocated in %d s of the same run (`-sample_index=alloc_space`, the difference of two heap profiles):\n\n```\n%s\n```\n\n", pt.seconds, pt.allocs)
 	}
 	if len(r.micro) > 0 {

@@ -382,39 +382,52 @@ func (r *report) profileRun(ctx context.Context, e *env) error {
 		clients = clients[:1]
 	}
 	for _, c := range clients {
-		secs := int(p.cpuProfile.Seconds())
-		done := make(chan error, 1)
-		go func() {
-			_, err := runPgbench(ctx, e.work, e.pgwarden(false), c, 2*p.cpuProfile+3*time.Second, "-S", "-M", "simple")
-			done <- err
-		}()
-		time.Sleep(time.Second)
-		base := fmt.Sprintf("http://%s/debug/pprof/", e.pgw.metrics)
-		cpu := filepath.Join(e.work, fmt.Sprintf("cpu-%d.pprof", c))
-		a0, a1 := filepath.Join(e.work, fmt.Sprintf("allocs0-%d.pprof", c)), filepath.Join(e.work, fmt.Sprintf("allocs1-%d.pprof", c))
-		if err := fetch(ctx, base+fmt.Sprintf("profile?seconds=%d", secs), cpu); err != nil {
+		if err := r.profileOne(ctx, e.pgwarden(false), e.pgw, c); err != nil {
 			return err
 		}
-		if err := fetch(ctx, base+"allocs", a0); err != nil {
-			return err
-		}
-		time.Sleep(p.cpuProfile)
-		if err := fetch(ctx, base+"allocs", a1); err != nil {
-			return err
-		}
-		if err := <-done; err != nil {
-			return err
-		}
-		top, err := pprofTop(ctx, e.pgw.bin, "-top", "-nodecount=25", cpu)
-		if err != nil {
-			return err
-		}
-		allocs, err := pprofTop(ctx, e.pgw.bin, "-sample_index=alloc_space", "-top", "-nodecount=15", "-diff_base="+a0, a1)
-		if err != nil {
-			return err
-		}
-		r.profiles = append(r.profiles, profileTop{clients: c, top: top, allocs: allocs, seconds: secs})
 	}
+	// Transaction mode, many clients over few servers.
+	c := p.txnClients[len(p.txnClients)-1]
+	return r.profileOne(ctx, e.pgwardenTxn(false), e.pgwTxn, c)
+}
+
+// profileOne captures pgwarden's CPU and allocation profiles under
+// pgbench -S -M simple -c c against t.
+func (r *report) profileOne(ctx context.Context, t target, w *pgwardenProc, c int) error {
+	p := r.profile
+	secs := int(p.cpuProfile.Seconds())
+	done := make(chan error, 1)
+	go func() {
+		_, err := runPgbench(ctx, w.dir, t, c, 2*p.cpuProfile+3*time.Second, "-S", "-M", "simple")
+		done <- err
+	}()
+	time.Sleep(time.Second)
+	base := fmt.Sprintf("http://%s/debug/pprof/", w.metrics)
+	cpu := filepath.Join(w.dir, fmt.Sprintf("cpu-%s-%d.pprof", t.name, c))
+	a0, a1 := filepath.Join(w.dir, fmt.Sprintf("allocs0-%s-%d.pprof", t.name, c)), filepath.Join(w.dir, fmt.Sprintf("allocs1-%s-%d.pprof", t.name, c))
+	if err := fetch(ctx, base+fmt.Sprintf("profile?seconds=%d", secs), cpu); err != nil {
+		return err
+	}
+	if err := fetch(ctx, base+"allocs", a0); err != nil {
+		return err
+	}
+	time.Sleep(p.cpuProfile)
+	if err := fetch(ctx, base+"allocs", a1); err != nil {
+		return err
+	}
+	if err := <-done; err != nil {
+		return err
+	}
+	top, err := pprofTop(ctx, w.bin, "-top", "-nodecount=25", cpu)
+	if err != nil {
+		return err
+	}
+	allocs, err := pprofTop(ctx, w.bin, "-sample_index=alloc_space", "-top", "-nodecount=15", "-diff_base="+a0, a1)
+	if err != nil {
+		return err
+	}
+	logf("profile of %s at %d clients: %s", t.name, c, cpu)
+	r.profiles = append(r.profiles, profileTop{target: t.name, clients: c, top: top, allocs: allocs, seconds: secs})
 	return nil
 }
 
@@ -429,6 +442,7 @@ func pprofTop(ctx context.Context, bin string, args ...string) (string, error) {
 }
 
 type profileTop struct {
+	target      string
 	clients     int
 	top, allocs string
 	seconds     int // length of the allocation window

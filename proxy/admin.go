@@ -138,7 +138,7 @@ func (a admin) Servers() []console.Server {
 	for _, sc := range all {
 		row := console.Server{ID: sc.id, User: sc.pool.key.level, Database: sc.pool.key.database, State: "active",
 			ConnectTime: sc.created, RequestTime: sc.created, CloseNeeded: sc.cred.Stale(), Link: sc.client.Load(),
-			RemotePID: sc.pid, TLS: yesNo(sc.cancel.tls != nil), ApplicationName: sc.params["application_name"],
+			RemotePID: sc.pid, TLS: yesNo(sc.cancel.tls != nil), ApplicationName: derefString(sc.appName.Load()),
 			DBUser: sc.cred.Username, Lease: truncateLease(sc.cred.LeaseID)}
 		if idle[sc] {
 			row.State, row.ApplicationName = "idle", ""
@@ -148,6 +148,13 @@ func (a admin) Servers() []console.Server {
 		out = append(out, row)
 	}
 	return out
+}
+
+func derefString(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
 }
 
 // truncateLease shows a lease id's path and the start of its id: enough to
@@ -364,15 +371,48 @@ func (a admin) Kill(id uint64) (bool, error) {
 	return false, nil
 }
 
+// KillSubject ends every session of subject, the console's included, and
+// refuses the tokens those sessions used (any of that subject's tokens that
+// expire no later) until they expire: the person's identity provider decides
+// whether they get another.
 func (a admin) KillSubject(subject string) (int, error) {
 	n := 0
+	var until time.Time
 	for _, c := range a.clients() {
-		if in := c.info.Load(); in.subject == subject && in.database != ConsoleDatabase {
+		if in := c.info.Load(); in.subject == subject {
+			if exp := c.id.Expiry; exp.After(until) {
+				until = exp
+			}
 			c.kill()
 			n++
 		}
 	}
+	if !until.IsZero() {
+		a.s.mu.Lock()
+		a.s.denied[subject] = until
+		a.s.mu.Unlock()
+	}
 	return n, nil
+}
+
+// errKilled refuses the tokens of a subject whose sessions an operator
+// ended.
+var errKilled = pgerror.New(pgerror.InvalidAuthorization, "an operator ended this identity's sessions; the token you used then is no longer accepted").
+	WithHint("Sign in again to your identity provider for a new token, if it still gives you one.")
+
+// deniedToken reports whether id's token is one KILL SUBJECT refused.
+func (s *Server) deniedToken(id *authn.Identity) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	until, ok := s.denied[id.Subject]
+	if !ok {
+		return false
+	}
+	if s.cfg.Now().After(until) {
+		delete(s.denied, id.Subject)
+		return false
+	}
+	return !id.Expiry.After(until)
 }
 
 // errNoConsole and errNotAdmin refuse the console.
@@ -433,12 +473,20 @@ func (c *clientConn) serveConsole(ctx context.Context, sm *pgproto3.StartupMessa
 	_ = c.raw.SetDeadline(time.Time{})
 	c.info.Store(&clientInfo{subject: c.id.Subject, database: ConsoleDatabase, level: "admin", mode: PoolSession,
 		appName: sm.Parameters["application_name"], tls: c.tls})
-	err := console.Serve(context.Background(), c.r, newDeadlineWriter(c.nc, cfg.WriteTimeout), admin{c.srv}, c.id.Subject, cfg.Logger)
+	// The session ends when the admin's token does.
+	ctx, cancel := context.WithCancel(context.Background())
+	if !c.id.Expiry.IsZero() {
+		ctx, cancel = context.WithDeadline(context.Background(), c.id.Expiry)
+	}
+	defer cancel()
+	err := console.Serve(ctx, c.r, newDeadlineWriter(c.nc, cfg.WriteTimeout), admin{c.srv}, c.id.Subject, cfg.Logger)
 	switch {
 	case err == nil:
 		return "client terminated", nil
 	case errors.Is(err, net.ErrClosed):
 		return "killed", nil
+	case errors.Is(err, context.DeadlineExceeded):
+		return "token expired", nil
 	}
 	return "client disconnected", nil
 }

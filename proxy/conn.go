@@ -300,6 +300,9 @@ func (c *clientConn) identify(ctx context.Context, sm *pgproto3.StartupMessage) 
 		return "", nil, err
 	}
 	c.id = id
+	if c.srv.deniedToken(id) {
+		return "", nil, errKilled
+	}
 	if !id.Expiry.IsZero() && !cfg.Now().Before(id.Expiry) {
 		// Inside the verifier's leeway for clock skew, but the session
 		// would end before its first query, and its credential with it.

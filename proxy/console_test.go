@@ -109,6 +109,27 @@ func TestConsoleShowsPoolsClientsServersStatsDatabasesConfigLeases(t *testing.T)
 	}
 }
 
+// TestConsoleShowServersUnderTraffic: SHOW SERVERS while transaction-mode
+// clients change what their servers report (run with -race).
+func TestConsoleShowServersUnderTraffic(t *testing.T) {
+	needStack(t)
+	admin := token(t, "root", "dba")
+	x := connect(t, "txn", token(t, "pat", "analyst"))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range 200 {
+			if _, err := x.Exec(context.Background(), "SET application_name = 'app-"+strings.Repeat("x", i%7)+"'"); err != nil {
+				return
+			}
+		}
+	}()
+	for range 5 {
+		mustConsole(t, admin, "SHOW SERVERS", "type|user|database")
+	}
+	<-done
+}
+
 func TestConsoleRefusesNonAdmins(t *testing.T) {
 	needStack(t)
 	out, err := psqlConsole(t, token(t, "eve", "analyst", "engineer"), "SHOW POOLS")
@@ -159,7 +180,15 @@ func TestConsoleKillSubjectEndsOnlyThatPerson(t *testing.T) {
 		queryString(t, o, "select 1::text")
 		theirs = append(theirs, o)
 	}
+	malloryToken := token(t, "mallory", "analyst")
+	m2 := connect(t, "reader", malloryToken)
+	queryString(t, m2, "select 1::text")
+	mine = append(mine, m2)
 	mustConsole(t, admin, "KILL SUBJECT 'mallory'", "KILL")
+	if c, err := pgx.Connect(ctx, stack.ConnString("reader", malloryToken)); err == nil {
+		c.Close(ctx)
+		t.Fatal("a token of a killed subject logged in again")
+	}
 	for _, m := range mine {
 		var s string
 		if err := m.QueryRow(ctx, "select 'still here'").Scan(&s); err == nil {

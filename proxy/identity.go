@@ -39,6 +39,14 @@ func identitySettings(id *authn.Identity, level string) [][2]string {
 	}
 }
 
+// identityQuery is a Query setting the client's identity settings.
+func (c *clientConn) identityQuery() []byte {
+	var b strings.Builder
+	writeSetConfig(&b, identitySettings(c.id, c.level))
+	q, _ := (&pgproto3.Query{String: b.String()}).Encode(nil)
+	return q
+}
+
 // identityKey identifies identitySettings' values, to tell whether a server
 // has them already.
 func identityKey(id *authn.Identity, level string) string {
@@ -69,8 +77,9 @@ func textArray(ss []string) string {
 
 // errForged refuses SQL that sets one of pgwarden's identity settings.
 var errForged = pgerror.New(pgerror.InsufficientPrivilege,
-	"pgwarden.* settings are set by pgwarden from your token and cannot be changed").
-	WithHint("Read them with current_setting('pgwarden.subject'); reconnect with another token to act as someone else.")
+	"pgwarden refused this statement: pgwarden.* settings are set from your token, and this statement could change them").
+	WithHint("Read them with current_setting('pgwarden.subject'). pgwarden refuses SET/RESET of pgwarden.*, set_config naming its setting other than by a plain string literal, " +
+		"UPDATE pg_settings, standard_conforming_strings = off and DO blocks that run dynamic SQL.")
 
 // errListen refuses LISTEN in transaction mode.
 var errListen = pgerror.New(pgerror.FeatureNotSupported,
@@ -131,6 +140,15 @@ func screenSQL(msg []byte, listen bool) (replacement []byte, flags sqlFlags, dea
 	return replacement, flags, dealloc, nil
 }
 
+// setConfigOID is pg_catalog.set_config's OID, fixed in PostgreSQL's
+// catalog: a FunctionCall of it could set any setting.
+const setConfigOID = 2078
+
+// forgedCall reports whether msg, a whole FunctionCall, calls set_config.
+func forgedCall(msg []byte) bool {
+	return len(msg) >= headerLen+4 && binary.BigEndian.Uint32(msg[headerLen:]) == setConfigOID
+}
+
 // refusalMarkers are the SQL a refused Parse is replaced with; PostgreSQL's
 // answer is `syntax error at or near "<marker>"`.
 var refusalMarkers = map[*pgerror.Error]string{errForged: "pgwarden_refused_identity", errListen: "pgwarden_refused_listen"}
@@ -156,7 +174,8 @@ func refusedParse(r *bufio.Reader, w *bufio.Writer) (bool, error) {
 		return false, nil
 	}
 	for refusal, marker := range refusalMarkers {
-		if er.Message == `syntax error at or near "`+marker+`"` {
+		// The message is in the server's lc_messages; the marker is not.
+		if er.Position == 1 && strings.Contains(er.Message, marker) {
 			out, _ := errorResponse("ERROR", refusal).Encode(nil)
 			if _, err := w.Write(out); err != nil {
 				return false, err

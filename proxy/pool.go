@@ -284,6 +284,9 @@ func (ps *poolSet) leaveQueue(p *pool, w *waiter) *serverConn {
 // for a connection under its credential, and reports whether there was one.
 func (ps *poolSet) handOffLocked(sc *serverConn) bool {
 	p := sc.pool
+	if ps.paused[p.key.database] {
+		return false // PAUSE: it waits idle; the waiters wait for RESUME
+	}
 	for i, w := range p.waiters {
 		if w.cred == sc.cred {
 			p.waiters = slices.Delete(p.waiters, i, i+1)

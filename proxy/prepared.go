@@ -40,10 +40,12 @@ import (
 // stmtEntry is one distinct statement: what PostgreSQL parses, and the Parse
 // message that prepares it under its server-side name.
 type stmtEntry struct {
-	id    uint64
-	name  string // pgwarden_<id>
-	parse []byte // a whole Parse message for name
-	refs  int    // client mappings; guarded by stmtRegistry.mu
+	id      uint64
+	name    string   // pgwarden_<id>
+	parse   []byte   // a whole Parse message for name
+	flags   sqlFlags // what its SQL does (scanSQL): a Bind of one that changes session state marks its server
+	refs    int      // client mappings; guarded by stmtRegistry.mu
+	private bool     // not in byKey: one client's second name for a statement in use
 }
 
 // stmtRegistry gives each distinct statement its entry, shared by clients.
@@ -61,22 +63,36 @@ func newStmtRegistry() *stmtRegistry { return &stmtRegistry{byKey: map[string]*s
 // acquire returns the entry for a Parse body's key (query and parameter
 // types, the body after the statement name) with one more reference. The
 // key is copied: body aliases a reader's buffer.
-func (r *stmtRegistry) acquire(key []byte) *stmtEntry {
+func (r *stmtRegistry) acquire(key []byte, flags sqlFlags) *stmtEntry {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if e := r.byKey[string(key)]; e != nil {
 		e.refs++
 		return e
 	}
+	e := r.newLocked(key, flags)
+	r.byKey[string(key)] = e
+	return e
+}
+
+// private returns a new entry for key that no other Parse will share.
+func (r *stmtRegistry) private(key []byte, flags sqlFlags) *stmtEntry {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.newLocked(key, flags)
+	e.private = true
+	return e
+}
+
+func (r *stmtRegistry) newLocked(key []byte, flags sqlFlags) *stmtEntry {
 	r.nextID++
-	e := &stmtEntry{id: r.nextID, name: "pgwarden_" + strconv.FormatUint(r.nextID, 10), refs: 1}
+	e := &stmtEntry{id: r.nextID, name: "pgwarden_" + strconv.FormatUint(r.nextID, 10), refs: 1, flags: flags}
 	e.parse = make([]byte, 0, headerLen+len(e.name)+1+len(key))
 	e.parse = append(e.parse, 'P', 0, 0, 0, 0)
 	e.parse = append(e.parse, e.name...)
 	e.parse = append(e.parse, 0)
 	e.parse = append(e.parse, key...)
 	binary.BigEndian.PutUint32(e.parse[1:], uint32(len(e.parse)-1))
-	r.byKey[string(key)] = e
 	return e
 }
 
@@ -84,7 +100,7 @@ func (r *stmtRegistry) acquire(key []byte) *stmtEntry {
 func (r *stmtRegistry) release(e *stmtEntry) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if e.refs--; e.refs <= 0 {
+	if e.refs--; e.refs <= 0 && !e.private {
 		key := e.parse[headerLen+len(e.name)+1:]
 		if r.byKey[string(key)] == e {
 			delete(r.byKey, string(key))
@@ -121,15 +137,21 @@ func (c *stmtCache) has(e *stmtEntry) bool {
 }
 
 // add records e as prepared and returns the entry that must be closed to
-// make room, if any.
-func (c *stmtCache) add(e *stmtEntry) (evict *stmtEntry) {
+// make room, if any: the least recently used that inUse does not claim (a
+// portal may still use those; when all are, the cache grows past max for
+// now).
+func (c *stmtCache) add(e *stmtEntry, inUse func(*stmtEntry) bool) (evict *stmtEntry) {
 	if _, ok := c.byID[e.id]; ok {
 		return nil
 	}
 	if c.lru.Len() >= c.max {
-		old := c.lru.Back()
-		evict = c.lru.Remove(old).(*stmtEntry)
-		delete(c.byID, evict.id)
+		for el := c.lru.Back(); el != nil; el = el.Prev() {
+			if old := el.Value.(*stmtEntry); !inUse(old) {
+				evict = c.lru.Remove(el).(*stmtEntry)
+				delete(c.byID, evict.id)
+				break
+			}
+		}
 	}
 	c.byID[e.id] = c.lru.PushFront(e)
 	return evict

@@ -39,10 +39,15 @@ type relayState struct {
 	// tokenExpired: retiring or cut because the client's token expired.
 	tokenExpired atomic.Bool
 	noticeDue    atomic.Bool // the client is owed a NOTICE that its token expires soon
-	statements   atomic.Int64
-	xacts        atomic.Int64 // ReadyForQuery 'I': transactions ended
-	bytesIn      atomic.Int64
-	bytesOut     atomic.Int64
+	// After the client's RESET ALL or DISCARD ALL, pgwarden sets the
+	// identity again before the client's next message (reapply); the
+	// replies to that query, the swallow-th sync point, are not forwarded.
+	reapply    bool // the client-to-server goroutine's own
+	swallow    atomic.Int64
+	statements atomic.Int64
+	xacts      atomic.Int64 // ReadyForQuery 'I': transactions ended
+	bytesIn    atomic.Int64
+	bytesOut   atomic.Int64
 }
 
 // idle reports whether the upstream has answered everything and sits outside
@@ -197,7 +202,19 @@ func (c *clientConn) clientToServer(up *serverConn, st *relayState) end {
 			if err != nil {
 				return end{why: "client disconnected", clean: c.r.Buffered() == 0 && len(hdr) == 0}
 			}
+			if st.reapply && hdr[0] != 'X' {
+				st.reapply = false
+				if _, err := up.w.Write(c.identityQuery()); err != nil {
+					return upstreamWriteFailed(err)
+				}
+				st.swallow.Store(st.syncsSent.Add(1))
+			}
 			if hdr[0] == 'X' {
+				// What came before it (a COMMIT, say) goes out first:
+				// PostgreSQL runs it before it sees the connection close.
+				if err := up.w.Flush(); err != nil {
+					return upstreamWriteFailed(err)
+				}
 				return end{why: "client terminated", clean: true}
 			}
 			if hdr[0] == 'Q' || hdr[0] == 'P' {
@@ -205,6 +222,11 @@ func (c *clientConn) clientToServer(up *serverConn, st *relayState) end {
 					return e
 				}
 				continue
+			}
+			if hdr[0] == 'F' {
+				if call, err := c.r.Peek(headerLen + 4); err == nil && forgedCall(call) {
+					return end{why: "client called set_config by FunctionCall", notify: errForged}
+				}
 			}
 		}
 		typ, _, n, err := fc.next()
@@ -268,9 +290,12 @@ func (c *clientConn) screenToServer(up *serverConn, st *relayState) (end, bool) 
 			return end{why: "client disconnected mid-message"}, true
 		}
 	}
-	out, _, _, err := screenSQL(msg, false)
+	out, flags, _, err := screenSQL(msg, false)
 	if err != nil {
 		return end{why: "client protocol violation"}, true
+	}
+	if msg[0] == 'Q' && flags&sqlResetAll != 0 {
+		st.reapply = true
 	}
 	if out == nil {
 		out = msg
@@ -310,10 +335,18 @@ func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
 		return e
 	}
 	for {
-		if fc.atBoundary() {
+		if fc.atBoundary() && st.swallow.Load() == st.readyRecv.Load()+1 {
+			fc.skip = true // a reply to pgwarden's own identity query
+		}
+		if fc.atBoundary() && !fc.skip {
 			// Errors here come again from next, which handles them.
 			if done, err := refusedParse(up.r, c.w); err == nil && done {
 				lastError = true
+				if up.r.Buffered() == 0 {
+					if err := c.w.Flush(); err != nil {
+						return stop(end{why: "client write failed"})
+					}
+				}
 				continue
 			}
 		}

@@ -34,6 +34,7 @@ type Server struct {
 	conns      map[*clientConn]struct{}  // guarded by mu
 	connsDone  chan struct{}             // closed when conns empties during shutdown; guarded by mu
 	subjects   map[string]int            // guarded by mu; sessions per token subject, entries > 0 only
+	denied     map[string]time.Time      // guarded by mu; subjects KILL SUBJECT ended: their tokens expiring no later are refused
 }
 
 // NewServer returns a Server; it starts the pool's background reaper, which
@@ -43,7 +44,7 @@ func NewServer(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, cancels: newCancelMap(), stmts: newStmtRegistry(), stats: map[string]*dbStats{}, started: time.Now(), listeners: map[net.Listener]struct{}{}, conns: map[*clientConn]struct{}{},
-		subjects: map[string]int{}}
+		subjects: map[string]int{}, denied: map[string]time.Time{}}
 	for db := range cfg.Routes {
 		s.stats[db] = &dbStats{}
 	}

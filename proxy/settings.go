@@ -51,6 +51,9 @@ func startupSettings(params map[string]string) ([][2]string, error) {
 		if hasIdentityPrefix([]byte(kv[0])) {
 			return nil, errForged
 		}
+		if strings.EqualFold(kv[0], "standard_conforming_strings") && !strings.EqualFold(kv[1], "on") && !strings.EqualFold(kv[1], "true") {
+			return nil, errForged
+		}
 	}
 	// A stable order makes the settings query deterministic (and testable).
 	sort.SliceStable(out, func(i, j int) bool { return out[i][0] < out[j][0] })

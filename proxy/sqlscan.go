@@ -28,6 +28,9 @@ const (
 	sqlDiscardAll
 	// sqlDeallocate is DEALLOCATE (a statement, or ALL).
 	sqlDeallocate
+	// sqlResetAll is RESET ALL or DISCARD ALL: the identity settings go
+	// too, and pgwarden sets them again.
+	sqlResetAll
 	// sqlTracked is a SET of a parameter PostgreSQL reports back
 	// (application_name, TimeZone…), which pgwarden follows per client.
 	sqlTracked
@@ -57,6 +60,7 @@ func scanSQL(sql []byte) (flags sqlFlags, deallocate string) {
 }
 
 type sqlScanner struct {
+	dynamic       bool   // a body (DO, function) runs dynamic SQL (EXECUTE)
 	rest          []byte // what is left to scan
 	flags         sqlFlags
 	stmts         int
@@ -66,8 +70,9 @@ type sqlScanner struct {
 
 // token kinds
 const (
-	tokWord = iota + 1
-	tokString
+	tokWord    = iota + 1
+	tokString  // a plain literal: '…' or $tag$…$tag$
+	tokEString // an escape string literal, E'…', whose escapes are not undone
 	tokQuotedIdent
 	tokPunct
 )
@@ -106,14 +111,16 @@ func asciiEqualFold(b []byte, lower string) bool {
 func (s *sqlScanner) run(depth int) {
 	var buf [6]sqlToken // a statement's leading tokens
 	stmt := buf[:0]
-	var prev, prev2 sqlToken
+	var prev sqlToken
+	var first sqlToken // the statement's first token
+	setConfig := 0     // where a set_config call's arguments are: 1 name seen, 2 "(" seen, 3 a plain literal seen
 	endStmt := func() {
 		if len(stmt) > 0 {
 			s.stmts++
 			s.classify(stmt)
 		}
 		stmt = buf[:0]
-		prev, prev2 = sqlToken{}, sqlToken{}
+		prev, first, setConfig = sqlToken{}, sqlToken{}, 0
 	}
 	for {
 		tok, body, ok := s.next()
@@ -124,23 +131,65 @@ func (s *sqlScanner) run(depth int) {
 			inner := sqlScanner{rest: body}
 			inner.run(depth + 1)
 			s.flags |= inner.flags &^ (sqlDiscardAll | sqlDeallocate | sqlTracked)
+			if first.is("do") && inner.dynamic {
+				// A DO block running dynamic SQL could set pgwarden.*
+				// under a name it builds at run time.
+				s.flags |= sqlForge
+			}
+			s.dynamic = s.dynamic || inner.dynamic
 		}
 		if tok.punct(';') {
 			endStmt()
 			continue
 		}
+		if len(stmt) == 0 {
+			first = tok
+		}
 		if len(stmt) < cap(stmt) {
 			stmt = append(stmt, tok)
 		}
+		// set_config must name its setting with a plain literal, and not
+		// one of pgwarden's: a parameter, an expression, an escape string
+		// or named arguments could name anything.
+		switch setConfig {
+		case 1:
+			setConfig = 0
+			if tok.punct('(') {
+				setConfig = 2
+			}
+		case 2:
+			setConfig = 0
+			if tok.kind != tokString || hasIdentityPrefix(tok.text) || asciiEqualFold(tok.text, "standard_conforming_strings") {
+				s.flags |= sqlForge
+			} else {
+				setConfig = 3
+			}
+		case 3:
+			setConfig = 0
+			if !tok.punct(',') {
+				s.flags |= sqlForge // 'pgwar' || 'den.subject'
+			}
+		}
 		switch {
-		case tok.punct('(') && prev.kind == tokWord && isSessionFunc(prev.text):
-			s.flags |= sqlSession // a function whose effect outlives the transaction
-		case tok.kind == tokString && prev.punct('(') && prev2.is("set_config") && hasIdentityPrefix(tok.text):
-			s.flags |= sqlForge // set_config('pgwarden.…', …)
+		case tok.is("set_config") || (tok.kind == tokQuotedIdent && string(tok.text) == "set_config"):
+			setConfig = 1
+		case tok.is("execute") && depth > 0:
+			s.dynamic = true
+		case tok.is("temp") || tok.is("temporary") || tok.is("pg_temp"):
+			s.flags |= sqlSession // a temporary object outlives the transaction
+		case tok.is("hold") && prev.is("with") && first.is("declare"):
+			s.flags |= sqlSession // a WITH HOLD cursor
+		case tok.is("pg_settings") && first.is("update"):
+			s.flags |= sqlForge // UPDATE pg_settings sets any setting
 		case (prev.is("set") || prev.is("reset") || prev.is("local") || prev.is("session")) && s.identityName(tok):
 			s.flags |= sqlForge // SET [LOCAL|SESSION] pgwarden.…, RESET, ALTER … SET
+		case (prev.is("set") || prev.is("reset") || prev.is("local") || prev.is("session")) && tok.is("u"):
+			s.flags |= sqlForge // SET U&"…": a name spelled with escapes
 		}
-		prev2, prev = prev, tok
+		if tok.punct('(') && prev.kind == tokWord && isSessionFunc(prev.text) {
+			s.flags |= sqlSession // a function whose effect outlives the transaction
+		}
+		prev = tok
 	}
 	endStmt()
 }
@@ -165,8 +214,9 @@ func (s *sqlScanner) identityName(tok sqlToken) bool {
 		if !asciiEqualFold(tok.text, "pgwarden") {
 			return false
 		}
-		rest := bytes.TrimLeft(s.rest, " \t\r\n")
-		return len(rest) > 0 && rest[0] == '.'
+		look := *s // the next token, comments skipped
+		next, _, ok := look.next()
+		return ok && next.punct('.')
 	}
 	return false
 }
@@ -205,6 +255,14 @@ func (s *sqlScanner) classify(t []sqlToken) {
 			}
 			w = 2
 		}
+		if at(w).is("standard_conforming_strings") {
+			v := at(w + 2)
+			if !(v.is("on") || v.is("true") || v.is("default") || v.kind == tokString && (asciiEqualFold(v.text, "on") || asciiEqualFold(v.text, "true"))) {
+				// Backslashes in plain literals would start escaping: SQL
+				// pgwarden reads one way, PostgreSQL another.
+				s.flags |= sqlForge
+			}
+		}
 		if tracked(at(w)) || (at(w).is("time") && at(w+1).is("zone")) {
 			s.flags |= sqlTracked
 			return
@@ -212,6 +270,9 @@ func (s *sqlScanner) classify(t []sqlToken) {
 		s.flags |= sqlSession
 	case first.is("reset"), first.is("load"), first.is("do"), first.is("unlisten"):
 		s.flags |= sqlSession
+		if first.is("reset") && at(1).is("all") {
+			s.flags |= sqlResetAll
+		}
 	case first.is("listen"):
 		s.flags |= sqlSession | sqlListen
 	case first.is("prepare"):
@@ -230,7 +291,7 @@ func (s *sqlScanner) classify(t []sqlToken) {
 	case first.is("discard"):
 		s.flags |= sqlSession
 		if at(1).is("all") {
-			s.flags |= sqlDiscardAll
+			s.flags |= sqlDiscardAll | sqlResetAll
 		}
 	case first.is("declare"):
 		for i := 1; i+1 < len(t); i++ {
@@ -272,7 +333,11 @@ func (s *sqlScanner) next() (tok sqlToken, body []byte, ok bool) {
 			}
 			lit, rest := quoted(b, '\'', escapes)
 			s.rest = rest
-			return sqlToken{kind: tokString, text: lit}, nil, true
+			kind := tokString
+			if escapes {
+				kind = tokEString
+			}
+			return sqlToken{kind: kind, text: lit}, nil, true
 		case c == '"':
 			lit, rest := quoted(b, '"', false)
 			s.rest = rest

@@ -7,12 +7,14 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgwarden/pgwarden/broker"
@@ -74,21 +76,31 @@ type txnSession struct {
 
 	mu sync.Mutex
 	// Guarded by mu.
-	sc         *serverConn // attached server, or nil
-	syncsSent  int64       // Query, Sync and FunctionCall sent: each earns one ReadyForQuery
-	readyRecv  int64
-	unsynced   bool // extended-protocol messages sent since the last Sync
-	txStatus   byte
-	errEpoch   int64 // the sync epoch of the last ErrorResponse to extended messages, or -1
-	parseQ     []pendingReply
-	closeQ     []pendingReply
-	srvDirty   bool                  // the attached server's session state changed: reset before reuse
-	stmts      map[string]*stmtEntry // the client's named statements
-	stopping   bool                  // the client side ended
-	attachedAt time.Time
-	busyFrom   time.Time // since when a reply has been outstanding
+	sc        *serverConn // attached server, or nil
+	syncsSent int64       // Query, Sync and FunctionCall sent: each earns one ReadyForQuery
+	readyRecv int64
+	unsynced  bool // extended-protocol messages sent since the last Sync
+	txStatus  byte
+	errEpoch  int64 // the sync epoch of the last ErrorResponse to extended messages, or -1
+	parseQ    []pendingReply
+	closeQ    []pendingReply
+	srvDirty  bool     // the attached server's session state changed: reset before reuse
+	bound     []uint64 // statements bound in this attachment
+	syncKinds []byte   // Q, S or F of each sync point not yet answered, oldest first
+	copyIn    bool     // COPY FROM STDIN under way
+	copyEnded bool     // the client's last Query/Execute/CopyDone/CopyFail was a CopyDone or CopyFail
+	// The client's unnamed statement: its last unnamed Parse, its scan,
+	// and whether the attached server has it.
+	unnamed      []byte
+	unnamedFlags sqlFlags
+	unnamedHere  bool
+	stmts        map[string]*stmtEntry // the client's named statements
+	stopping     bool                  // the client side ended
+	attachedAt   time.Time
+	busyFrom     time.Time // since when a reply has been outstanding
 
-	cut          atomic.Bool // the lease ended, or the token's grace: end now
+	swallowAt    atomic.Int64 // the sync point whose replies answer pgwarden's identity query: not forwarded
+	cut          atomic.Bool  // the lease ended, or the token's grace: end now
 	tokenExpired atomic.Bool
 	noticeDue    atomic.Bool
 	failure      atomic.Pointer[error] // why the client side failed, for the server goroutine to tell the client
@@ -107,6 +119,7 @@ type pendingReply struct {
 	// server's statements (a Close pgwarden sent).
 	client string
 	dirty  bool
+	pair   *reparse
 }
 
 // runTxn runs a client in transaction mode after its greeting; up is the
@@ -180,13 +193,17 @@ func (t *txnSession) followCred() {
 func (t *txnSession) cutNow() {
 	t.mu.Lock()
 	sc := t.sc
+	if sc != nil {
+		// Under mu: a server that detached meanwhile is not cut, and the
+		// flag never outlives the attachment it was meant for.
+		t.cut.Store(true)
+		_ = sc.conn.SetReadDeadline(time.Now())
+	}
 	t.mu.Unlock()
 	if sc == nil {
 		_ = t.c.nc.SetReadDeadline(time.Now()) // the client goroutine looks at the flags
 		return
 	}
-	t.cut.Store(true)
-	_ = sc.conn.SetReadDeadline(time.Now())
 	time.AfterFunc(cutGrace, func() {
 		t.mu.Lock()
 		same := t.sc == sc
@@ -253,7 +270,40 @@ func (t *txnSession) run() string {
 			return "client protocol violation"
 		}
 		if typ == 'X' {
+			// What came before it (a COMMIT, say) goes out first:
+			// PostgreSQL runs it before it sees the connection close.
+			t.wmu.Lock()
+			if sc := t.upstream(); sc != nil {
+				_ = sc.w.Flush()
+			}
+			t.wmu.Unlock()
 			return "client terminated"
+		}
+		if !frontendMessage(typ) {
+			if t.upstream() != nil {
+				return t.forwardFailed(errUnexpectedMessage)
+			}
+			t.refuse(errUnexpectedMessage)
+			return "client protocol violation"
+		}
+		// A message that fits the large buffer arrives whole before a
+		// server is taken for it: a client that trickles a message holds
+		// no server meanwhile.
+		if size := n + headerLen; size <= clientBufSize {
+			msg, err := t.peekWhole(size)
+			if err != nil {
+				if why, done := t.readFailed(err); done {
+					return why
+				}
+				continue
+			}
+			if typ == 'F' && forgedCall(msg) {
+				if t.upstream() != nil {
+					return t.forwardFailed(errForged)
+				}
+				t.refuse(errForged)
+				return "client protocol violation"
+			}
 		}
 		sc, err := t.count(typ)
 		if err != nil {
@@ -273,14 +323,56 @@ func (t *txnSession) run() string {
 		// server back, so this goroutine is out of sc's writer by then.
 		t.wmu.Lock()
 		err = t.forward(typ, n)
-		if err == nil && t.in().Buffered() == 0 {
+		if err == nil && t.in().Buffered() == 0 && t.upstream() == sc {
 			err = sc.w.Flush()
 		}
 		t.wmu.Unlock()
+		if cap(t.scratch) > 64<<10 {
+			t.scratch = nil // a large Parse or Bind is not kept for the session's life
+		}
 		if err != nil {
 			return t.forwardFailed(err)
 		}
 	}
+}
+
+// frontendMessage reports whether typ is a message a client may send after
+// its startup. Anything else would make PostgreSQL end the session — with
+// the server perhaps handed to another client by then — so pgwarden ends
+// the client's instead.
+func frontendMessage(typ byte) bool {
+	switch typ {
+	case 'Q', 'P', 'B', 'D', 'E', 'C', 'H', 'S', 'F', 'd', 'c', 'f':
+		return true
+	}
+	return false
+}
+
+var errUnexpectedMessage = pgerror.New(pgerror.ProtocolViolation, "unexpected message type from the client")
+
+// peekWhole waits until size bytes of the client's stream are buffered,
+// riding out pokes.
+func (t *txnSession) peekWhole(size int) ([]byte, error) {
+	r := t.need(size)
+	for {
+		b, err := r.Peek(size)
+		if err == nil || !isTimeout(err) {
+			return b, err
+		}
+		if t.upstream() == nil {
+			return nil, err // idle: the poke may be for this goroutine
+		}
+		_ = t.c.nc.SetReadDeadline(time.Time{})
+	}
+}
+
+// readFailed handles a failed read of the client's next message: a poke
+// (done = false: carry on) or the client gone.
+func (t *txnSession) readFailed(err error) (string, bool) {
+	if isTimeout(err) {
+		return t.poked()
+	}
+	return "client disconnected mid-message", true
 }
 
 // reasonOf is the audit's end reason for a refusal at attach.
@@ -377,8 +469,45 @@ func (t *txnSession) count(typ byte) (*serverConn, error) {
 		}
 		t.mu.Lock()
 	}
+	if t.sc.identity != t.idKey {
+		// The client's RESET ALL or DISCARD ALL cleared the identity
+		// settings: set again before its next message; the replies are
+		// not forwarded.
+		if _, err := t.sc.w.Write(t.c.identityQuery()); err != nil {
+			t.mu.Unlock()
+			return nil, upstreamFailure(err)
+		}
+		t.syncsSent++
+		t.swallowAt.Store(t.syncsSent)
+		t.sc.identity = t.idKey
+	}
+	switch typ {
+	case 'c', 'f':
+		t.copyEnded = true
+	case 'Q', 'E':
+		t.copyEnded = false
+	}
+	if t.copyIn {
+		switch typ {
+		case 'c', 'f':
+			t.copyIn = false
+		case 'S', 'H':
+			// PostgreSQL ignores them in COPY FROM STDIN: not counted.
+			sc := t.sc
+			t.mu.Unlock()
+			return sc, nil
+		}
+	}
 	if (typ == 'Q' || typ == 'F' || typ == 'S') && t.syncsSent == t.readyRecv {
 		t.busyFrom = time.Now() // for SHOW STATS' query time
+	}
+	switch {
+	case typ == 'S' && !t.copyEnded:
+		// A Sync after an Execute: PostgreSQL ignores it if that Execute
+		// turns out to start a COPY FROM STDIN (see inspect, 'G').
+		t.syncKinds = append(t.syncKinds, 's')
+	case typ == 'Q' || typ == 'F' || typ == 'S':
+		t.syncKinds = append(t.syncKinds, typ)
 	}
 	switch typ {
 	case 'Q':
@@ -419,7 +548,9 @@ func (t *txnSession) attach() error {
 	}
 	c := t.c
 	ps := c.srv.pools
-	ctx := context.Background()
+	// Bounded as a login is: waiting for a server, opening one, Vault.
+	ctx, cancel := context.WithTimeout(context.Background(), c.srv.cfg.AuthTimeout+ps.lim().AcquireTimeout)
+	defer cancel()
 	var sc *serverConn
 	for attempt := 0; ; attempt++ {
 		if t.cred.Stale() {
@@ -439,6 +570,15 @@ func (t *txnSession) attach() error {
 		c.waitSince.Store(0)
 		t.stats.waitTime.Add(int64(time.Since(waitFrom)))
 		t.cred.Release()
+		var pgErr *pgconn.PgError
+		if err != nil && attempt == 0 && errors.As(err, &pgErr) && strings.HasPrefix(pgErr.Code, "28") {
+			// PostgreSQL refused the credential (revoked early, or its
+			// password changed by a session of it): a fresh one, once.
+			c.srv.cfg.Logger.Warn("PostgreSQL refused a credential Vault issued; reading a new one",
+				"database", c.database, "level", c.level, "db_user", t.cred.Username, "lease_id", t.cred.LeaseID, "error", err)
+			c.srv.cfg.Credentials.Forget(t.cred)
+			continue
+		}
 		if err != nil {
 			return err
 		}
@@ -456,8 +596,11 @@ func (t *txnSession) attach() error {
 	t.mu.Lock()
 	t.sc = sc
 	t.syncsSent, t.readyRecv, t.unsynced, t.txStatus, t.errEpoch = 0, 0, false, 'I', -1
-	t.parseQ, t.closeQ = t.parseQ[:0], t.closeQ[:0]
+	t.parseQ, t.closeQ, t.bound, t.unnamedHere = t.parseQ[:0], t.closeQ[:0], t.bound[:0], false
+	t.syncKinds, t.copyIn = t.syncKinds[:0], false
 	t.srvDirty, t.attachedAt = false, time.Now()
+	t.cut.Store(false)
+	t.swallowAt.Store(0)
 	t.mu.Unlock()
 	t.target.set(sc)
 	sc.client.Store(c.cid)
@@ -662,13 +805,16 @@ func (t *txnSession) query(n int) error {
 	if flags&sqlDiscardAll != 0 {
 		t.dropStmtsLocked()
 		sc.stmts().clear()
-		sc.applied, sc.identity = nil, "" // DISCARD ALL resets settings too
+	}
+	if flags&sqlResetAll != 0 {
+		sc.applied, sc.identity = nil, "" // settings reset: set again before the next message
 	}
 	if flags&sqlDeallocate != 0 {
 		if e := t.stmts[dealloc]; e != nil && dealloc != "" {
 			delete(t.stmts, dealloc)
 			t.c.srv.stmts.release(e)
 			sc.stmts().clear()
+			t.srvDirty = true // should DEALLOCATE ALL fail, the cache is wrong: reset
 			t.mu.Unlock()
 			// The server knows the statement by another name: drop them
 			// all there (they are re-prepared as needed).
@@ -738,29 +884,72 @@ func (t *txnSession) parse(n int) error {
 	}
 	epoch := t.syncsSent
 	if len(name) == 0 {
+		// The unnamed statement is the client's until its next unnamed
+		// Parse, across transactions: kept, to prepare it again on the
+		// server its Bind lands on.
+		t.unnamed = append(t.unnamed[:0], msg...)
+		t.unnamedFlags, t.unnamedHere = flags, true
 		t.pushLocked(&t.parseQ, pendingReply{epoch: epoch})
 		return t.writeUpLocked(msg)
 	}
-	e := t.c.srv.stmts.acquire(key)
+	cache := t.sc.stmts()
+	e := t.c.srv.stmts.acquire(key, flags)
+	if cache.has(e) && slices.Contains(t.bound, e.id) {
+		// Prepared there, and a portal of this transaction may use it:
+		// closing it would close the portal. This Parse gets a statement
+		// of its own.
+		t.c.srv.stmts.release(e)
+		e = t.c.srv.stmts.private(key, flags)
+	}
 	if old := t.stmts[string(name)]; old != nil {
 		t.c.srv.stmts.release(old)
 	}
 	t.stmts[string(name)] = e
-	cache := t.sc.stmts()
 	out := t.scratch[:0]
+	var pair *reparse
 	if cache.has(e) {
 		// Prepared there already: close it first, so the client gets
 		// PostgreSQL's own answer to its Parse.
+		pair = &reparse{}
 		out = appendClose(out, 'S', e.name)
-		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch, skip: true, dirty: true})
-	} else if ev := cache.add(e); ev != nil {
+		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch, skip: true, pair: pair})
+	} else if ev := cache.add(e, t.inUse); ev != nil {
 		out = appendClose(out, 'S', ev.name)
 		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch, skip: true, dirty: true})
 	}
 	out = append(out, e.parse...)
 	t.scratch = out
-	t.pushLocked(&t.parseQ, pendingReply{epoch: epoch, entry: e, client: string(name)})
+	t.pushLocked(&t.parseQ, pendingReply{epoch: epoch, entry: e, client: string(name), pair: pair})
 	return t.writeUpLocked(out)
+}
+
+// inUse reports whether e was bound in this attachment (a portal may still
+// use it), so the LRU does not close it now.
+func (t *txnSession) inUse(e *stmtEntry) bool { return slices.Contains(t.bound, e.id) }
+
+// reparse pairs the Close and the Parse sent for a statement the server
+// already had: if the server skips both (an error before them), it still
+// has the statement.
+type reparse struct{ closeDropped bool }
+
+// ensureUnnamedLocked makes the server's unnamed statement the client's
+// before a Bind or Describe of it: its last unnamed Parse again, or, when it
+// made none, a Close of whatever another client left there.
+func (t *txnSession) ensureUnnamedLocked(out []byte) []byte {
+	if t.unnamedHere {
+		return out
+	}
+	t.unnamedHere = true
+	epoch := t.syncsSent
+	if len(t.unnamed) == 0 {
+		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch, skip: true})
+		return appendClose(out, 'S', "")
+	}
+	if t.unnamedFlags&sqlSession != 0 {
+		t.srvDirty = true
+	}
+	t.pushLocked(&t.parseQ, pendingReply{epoch: epoch, skip: true})
+	return append(out, t.unnamed...)
 }
 
 // writeUpLocked writes to the attached server under mu (its buffer takes
@@ -783,7 +972,10 @@ func (t *txnSession) pushLocked(q *[]pendingReply, p pendingReply) {
 // droppedLocked undoes what a message the server will never answer meant to
 // do.
 func (t *txnSession) droppedLocked(p pendingReply) {
-	if p.entry != nil {
+	if p.pair != nil && p.entry == nil {
+		p.pair.closeDropped = true // the Close of a re-Parse: the server keeps the statement
+	}
+	if p.entry != nil && !(p.pair != nil && p.pair.closeDropped) {
 		t.sc.stmts().remove(p.entry)
 		if p.client != "" && t.stmts[p.client] == p.entry {
 			delete(t.stmts, p.client)
@@ -798,12 +990,18 @@ func (t *txnSession) droppedLocked(p pendingReply) {
 // ensureLocked puts a Parse for e in front of the next message when the
 // server lacks it, its reply not forwarded.
 func (t *txnSession) ensureLocked(out []byte, e *stmtEntry) []byte {
+	if e.flags&sqlSession != 0 {
+		t.srvDirty = true // it changes session state each time it runs
+	}
+	if !slices.Contains(t.bound, e.id) {
+		t.bound = append(t.bound, e.id)
+	}
 	cache := t.sc.stmts()
 	if cache.has(e) {
 		return out
 	}
 	epoch := t.syncsSent
-	if ev := cache.add(e); ev != nil {
+	if ev := cache.add(e, t.inUse); ev != nil {
 		out = appendClose(out, 'S', ev.name)
 		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch, skip: true, dirty: true})
 	}
@@ -837,6 +1035,14 @@ func (t *txnSession) bind(n int) error {
 		return errMalformed
 	}
 	if len(stmt) == 0 {
+		t.mu.Lock()
+		out := t.ensureUnnamedLocked(t.scratch[:0])
+		t.scratch = out
+		err := t.writeUpLocked(out)
+		t.mu.Unlock()
+		if err != nil {
+			return err
+		}
 		return t.copyRaw('B', n, false)
 	}
 	t.mu.Lock()
@@ -900,10 +1106,19 @@ func (t *txnSession) describeOrClose(typ byte, n int) error {
 	defer t.mu.Unlock()
 	epoch := t.syncsSent
 	if body[0] != 'S' || len(name) == 0 {
+		out := t.scratch[:0]
+		switch {
+		case typ == 'C' && body[0] == 'S':
+			t.unnamed, t.unnamedHere = t.unnamed[:0], true // closed: the client has none now
+		case typ == 'D' && body[0] == 'S':
+			out = t.ensureUnnamedLocked(out)
+		}
 		if typ == 'C' {
 			t.pushLocked(&t.closeQ, pendingReply{epoch: epoch})
 		}
-		return t.writeUpLocked(msg)
+		out = append(out, msg...)
+		t.scratch = out
+		return t.writeUpLocked(out)
 	}
 	e := t.stmts[string(name)]
 	if typ == 'C' {
@@ -1021,7 +1236,9 @@ func (t *txnSession) serverLoop(sc *serverConn, w *bufio.Writer) srvEnd {
 	fc := frameCopier{src: sc.r, dst: w}
 	lastError := false
 	for {
-		if fc.atBoundary() {
+		if sa := t.swallowAt.Load(); fc.atBoundary() && sa != 0 && sa == t.readyRecvNow()+1 {
+			fc.skip = true
+		} else if fc.atBoundary() {
 			skip, replaced, err := t.inspect(sc, w)
 			if err != nil {
 				if e, done := t.serverReadFailed(sc, &fc, err, lastError); done {
@@ -1054,6 +1271,10 @@ func (t *txnSession) serverLoop(sc *serverConn, w *bufio.Writer) srvEnd {
 			t.mu.Lock()
 			t.readyRecv++
 			t.txStatus = status
+			if n := len(t.syncKinds); n > 0 {
+				copy(t.syncKinds, t.syncKinds[1:]) // a few at most: no ring needed
+				t.syncKinds = t.syncKinds[:n-1]
+			}
 			if t.readyRecv == t.syncsSent {
 				t.stats.queryTime.Add(int64(time.Since(t.busyFrom)))
 			}
@@ -1067,7 +1288,7 @@ func (t *txnSession) serverLoop(sc *serverConn, w *bufio.Writer) srvEnd {
 				return srvEnd{why: "client write failed"}
 			}
 			t.mu.Lock()
-			if !t.stopping && !t.cut.Load() && t.syncsSent == t.readyRecv && !t.unsynced && t.txStatus == 'I' {
+			if !t.stopping && !t.cut.Load() && t.syncsSent > 0 && t.syncsSent == t.readyRecv && !t.unsynced && t.txStatus == 'I' {
 				t.sc = nil
 				dirty := t.srvDirty
 				t.mu.Unlock()
@@ -1076,6 +1297,13 @@ func (t *txnSession) serverLoop(sc *serverConn, w *bufio.Writer) srvEnd {
 			t.mu.Unlock()
 		}
 	}
+}
+
+// readyRecvNow is readyRecv, for the server goroutine, which alone writes it.
+func (t *txnSession) readyRecvNow() int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.readyRecv
 }
 
 // inspect looks at the next server message before it is copied: replies to
@@ -1101,18 +1329,42 @@ func (t *txnSession) inspect(sc *serverConn, w *bufio.Writer) (skip, done bool, 
 		p := (*q)[0]
 		*q = (*q)[1:]
 		return p.skip, false, nil
+	case 'G':
+		// COPY FROM STDIN: a Sync sent with the Execute that started it
+		// is ignored by PostgreSQL, and so are Syncs until CopyDone.
+		t.mu.Lock()
+		t.copyIn = true
+		kept := t.syncKinds[:0]
+		for _, k := range t.syncKinds {
+			if k == 's' {
+				t.syncsSent-- // sent before CopyDone: ignored, no ReadyForQuery for it
+			} else {
+				kept = append(kept, k)
+			}
+		}
+		t.syncKinds = kept
+		t.mu.Unlock()
 	case 'E', 'S':
 		if typ == 'E' {
 			if done, err := refusedParse(sc.r, w); err != nil || done {
 				if done {
-					t.errorReply(sc, nil)
+					t.errorReply(sc, []byte{})
+					if sc.r.Buffered() == 0 {
+						err = w.Flush()
+					}
 				}
-				return false, true, err
+				return false, done, err
 			}
 		}
 		n := int(binary.BigEndian.Uint32(hdr[1:])) - 4
-		if n < 0 || n+headerLen > sc.r.Size() {
-			return false, false, nil // framing is the copier's to refuse; a huge message is not inspected
+		if n < 0 {
+			return false, false, nil // the copier refuses it
+		}
+		if n+headerLen > sc.r.Size() {
+			if typ == 'E' {
+				t.errorReply(sc, nil) // its code unread: the server is reset before reuse
+			}
+			return false, false, nil
 		}
 		msg, err := sc.r.Peek(n + headerLen)
 		if err != nil {
@@ -1133,14 +1385,15 @@ func (t *txnSession) errorReply(sc *serverConn, body []byte) {
 	code := errorCode(body)
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if code == "26000" || code == "0A000" {
+	if body == nil || code == "26000" || code == "0A000" || code == "42P05" {
 		// A statement pgwarden thought prepared is not, or its plan is
 		// stale after DDL: start that server's statements afresh.
 		t.srvDirty = true
 	}
 	epoch := t.readyRecv
 	t.errEpoch = epoch
-	for _, q := range []*[]pendingReply{&t.parseQ, &t.closeQ} {
+	t.copyIn = false
+	for _, q := range []*[]pendingReply{&t.closeQ, &t.parseQ} { // a re-Parse's Close before its Parse
 		keep := (*q)[:0]
 		for _, p := range *q {
 			if p.epoch <= epoch {
@@ -1181,7 +1434,9 @@ func (t *txnSession) noteParam(sc *serverConn, body []byte) {
 	if !ok {
 		return
 	}
-	sc.params[string(name)] = string(value)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	sc.setParam(string(name), string(value))
 	lower := strings.ToLower(string(name))
 	switch lower {
 	case "application_name", "client_encoding", "datestyle", "intervalstyle", "timezone":

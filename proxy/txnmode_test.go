@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/pgwarden/pgwarden/broker"
 	"github.com/pgwarden/pgwarden/proxy"
 )
 
@@ -231,6 +232,10 @@ func TestForgedIdentityIsRefused(t *testing.T) {
 			if pgErrCode(err) != "42501" {
 				t.Errorf("extended set_config: got %v, want 42501", err)
 			}
+			err = alice.QueryRow(ctx, "SELECT set_config($1, $2, false)", "pgwarden.subject", "bob").Scan(&s)
+			if pgErrCode(err) != "42501" {
+				t.Errorf("extended set_config with the name as a parameter: got %v, want 42501", err)
+			}
 			var n int
 			if err := alice.QueryRow(ctx, "SELECT count(*)::int FROM rls_notes").Scan(&n); err != nil || n != 2 {
 				t.Fatalf("after the attempts alice sees %d rows (%v), want 2", n, err)
@@ -352,5 +357,269 @@ func TestTxnPgjdbcServerPrepared(t *testing.T) {
 	out, err := exec.CommandContext(ctx, java, "-cp", jar, "testdata/TxnJdbc.java", url, "8", "1000").CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "ok") {
 		t.Fatalf("pgjdbc in transaction mode: %v\n%s", err, out)
+	}
+}
+
+// TestTxnCancelReachesTheAttachedServerOnly: in transaction mode a cancel
+// reaches the server running the client's query; sent while the client
+// holds no server, it reaches nobody (the other client's query on the one
+// server runs on).
+func TestTxnCancelReachesTheAttachedServerOnly(t *testing.T) {
+	st := needStack(t)
+	_, addr := txnProxy(t, proxy.PoolTransaction, 1)
+	ctx := context.Background()
+	a := dial(t, addr, "reader", "ann")
+	b := dial(t, addr, "reader", "ben")
+	if _, err := query1(ctx, a, "select 1"); err != nil { // a is idle now, holding nothing
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := query1(ctx, b, "select pg_sleep(3)")
+		done <- err
+	}()
+	eventually(t, 10*time.Second, func() bool {
+		var n int
+		_ = superuserQuery(ctx, st, "select count(*) from pg_stat_activity where query = 'select pg_sleep(3)'", &n)
+		return n == 1
+	}, "pg_sleep never started")
+	if err := a.CancelRequest(ctx); err != nil { // a's key: a holds no server
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("ben's query was cancelled by ann's cancel request: %v", err)
+	}
+	go func() {
+		_, err := query1(ctx, b, "select pg_sleep(30)")
+		done <- err
+	}()
+	eventually(t, 10*time.Second, func() bool {
+		var n int
+		_ = superuserQuery(ctx, st, "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)'", &n)
+		return n == 1
+	}, "pg_sleep(30) never started")
+	if err := b.CancelRequest(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if pgErrCode(err) != "57014" {
+			t.Fatalf("cancelled query: %v, want 57014", err)
+		}
+	case <-time.After(15 * time.Second):
+		_ = b.Conn().Close()
+		<-done
+		t.Fatal("pg_sleep(30) still running 15s after the cancel")
+	}
+}
+
+// TestTxnClientMovesToTheNextCredentialAtATransactionBoundary: when its
+// credential retires, a client in transaction mode is not ended: its next
+// transaction runs under the credential the broker gives now.
+func TestTxnClientMovesToTheNextCredentialAtATransactionBoundary(t *testing.T) {
+	st := needStack(t)
+	first, second := pgRole(t, st), pgRole(t, st)
+	first = roleCred(first.Username, first.Password, 2*time.Second, time.Hour)
+	var mu sync.Mutex
+	creds := func(r broker.Request) (*broker.Credential, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if first.Stale() {
+			return second, nil
+		}
+		return first, nil
+	}
+	routes := appRoute(st, "")
+	r := routes["app"]
+	r.Modes = map[string]string{"reader": proxy.PoolTransaction}
+	routes["app"] = r
+	_, addr := startProxy(t, proxy.Config{Routes: routes, Credentials: credFunc(creds), Pool: proxy.PoolConfig{MaxPerPool: 2, MaxTotal: 2}})
+	c := dial(t, addr, "reader", "cal")
+	ctx := context.Background()
+	user, err := query1(ctx, c, "select current_user")
+	if err != nil || user != first.Username {
+		t.Fatalf("first transaction ran as %q (%v), want %s", user, err, first.Username)
+	}
+	eventually(t, 10*time.Second, func() bool { return first.Stale() }, "the first credential never retired")
+	user, err = query1(ctx, c, "select current_user")
+	if err != nil || user != second.Username {
+		t.Fatalf("after the retirement the transaction ran as %q (%v), want %s", user, err, second.Username)
+	}
+}
+
+// sinkTable is app.copy_sink, which readers may insert into (for the COPY
+// and Terminate tests).
+var sinkOnce sync.Once
+
+func sinkTable(t *testing.T) {
+	t.Helper()
+	st := needStack(t)
+	var err error
+	sinkOnce.Do(func() {
+		err = st.PG.Exec(context.Background(), "app", `CREATE TABLE copy_sink (a int, tag text);
+ALTER TABLE copy_sink OWNER TO app_owner; GRANT SELECT, INSERT ON copy_sink TO app_read;`)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestTxnReviewFindings: sequences a review found breaking transaction
+// mode, each with what must hold.
+func TestTxnReviewFindings(t *testing.T) {
+	sinkTable(t)
+	st := needStack(t)
+	ctx := context.Background()
+
+	t.Run("prepared statement with a session effect resets its server", func(t *testing.T) {
+		_, addr := txnProxy(t, proxy.PoolTransaction, 1)
+		a := pgxConnect(t, addr, "alice", pgx.QueryExecModeCacheStatement)
+		b := pgxConnect(t, addr, "bob", pgx.QueryExecModeSimpleProtocol)
+		for range 2 { // the second run is a Bind of the cached statement only
+			var s string
+			if err := a.QueryRow(ctx, "SELECT set_config('app.tenant', $1, false)", "acme").Scan(&s); err != nil {
+				t.Fatal(err)
+			}
+			var got *string
+			if err := b.QueryRow(ctx, "SELECT current_setting('app.tenant', true)").Scan(&got); err != nil {
+				t.Fatal(err)
+			}
+			if got != nil && *got != "" {
+				t.Fatalf("bob's transaction saw alice's app.tenant %q", *got)
+			}
+		}
+	})
+
+	t.Run("WITH HOLD cursor does not reach the next client", func(t *testing.T) {
+		_, addr := txnProxy(t, proxy.PoolTransaction, 1)
+		a := pgxConnect(t, addr, "alice", pgx.QueryExecModeSimpleProtocol)
+		if _, err := a.Exec(ctx, `DECLARE "c" NO SCROLL CURSOR WITH HOLD FOR SELECT name FROM items`); err != nil {
+			t.Fatal(err)
+		}
+		b := pgxConnect(t, addr, "bob", pgx.QueryExecModeSimpleProtocol)
+		var n int
+		if err := b.QueryRow(ctx, "SELECT count(*)::int FROM pg_cursors").Scan(&n); err != nil || n != 0 {
+			t.Fatalf("bob sees %d cursors (%v), want 0", n, err)
+		}
+	})
+
+	t.Run("RESET ALL and DISCARD ALL do not lose the identity", func(t *testing.T) {
+		for _, mode := range []string{proxy.PoolTransaction, proxy.PoolSession} {
+			_, addr := txnProxy(t, mode, 1)
+			a := pgxConnect(t, addr, "alice", pgx.QueryExecModeSimpleProtocol)
+			for _, q := range []string{"RESET ALL", "DISCARD ALL"} {
+				if _, err := a.Exec(ctx, q); err != nil {
+					t.Fatalf("%s mode, %s: %v", mode, q, err)
+				}
+				var sub string
+				if err := a.QueryRow(ctx, "SELECT current_setting('pgwarden.subject')").Scan(&sub); err != nil || sub != "alice" {
+					t.Fatalf("%s mode, after %s: pgwarden.subject %q (%v), want alice", mode, q, sub, err)
+				}
+			}
+		}
+	})
+
+	t.Run("extended COPY FROM STDIN gives its server back", func(t *testing.T) {
+		_, addr := txnProxy(t, proxy.PoolTransaction, 1)
+		nc, fe := rawLogin(t, addr, "reader", "carl")
+		fe.Send(&pgproto3.Parse{Query: "COPY copy_sink (a, tag) FROM STDIN"})
+		fe.Send(&pgproto3.Bind{})
+		fe.Send(&pgproto3.Describe{ObjectType: 'P'})
+		fe.Send(&pgproto3.Execute{})
+		fe.Send(&pgproto3.Sync{}) // ignored by PostgreSQL during the COPY, as libpq sends it
+		fe.Send(&pgproto3.CopyData{Data: []byte("1\tcopy-ext\n")})
+		fe.Send(&pgproto3.CopyDone{})
+		fe.Send(&pgproto3.Sync{})
+		if err := fe.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		readUntilReady(t, fe)
+		_ = nc
+		other := pgxConnect(t, addr, "dora", pgx.QueryExecModeSimpleProtocol)
+		var n int
+		if err := other.QueryRow(ctx, "SELECT count(*)::int FROM copy_sink WHERE tag = 'copy-ext'").Scan(&n); err != nil || n != 1 {
+			t.Fatalf("after the COPY another client got %d rows (%v): the server was not given back", n, err)
+		}
+	})
+
+	t.Run("a COMMIT sent with Terminate is committed", func(t *testing.T) {
+		for _, mode := range []string{proxy.PoolTransaction, proxy.PoolSession} {
+			_, addr := txnProxy(t, mode, 2)
+			nc, _ := rawLogin(t, addr, "reader", "erin")
+			tag := "terminate-" + mode
+			q, _ := (&pgproto3.Query{String: "BEGIN; INSERT INTO copy_sink VALUES (2, '" + tag + "')"}).Encode(nil)
+			q, _ = (&pgproto3.Query{String: "COMMIT"}).Encode(q)
+			q, _ = (&pgproto3.Terminate{}).Encode(q)
+			if _, err := nc.Write(q); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, 10*time.Second, func() bool {
+				var n int
+				_ = superuserQuery(ctx, st, "select count(*) from copy_sink where tag = '"+tag+"'", &n)
+				return n == 1
+			}, "%s mode: the COMMIT sent with Terminate was lost", mode)
+		}
+	})
+
+	t.Run("the unnamed statement follows its client across servers", func(t *testing.T) {
+		_, addr := txnProxy(t, proxy.PoolTransaction, 1)
+		var wg sync.WaitGroup
+		errs := make(chan error, 2)
+		for i, q := range []string{"SELECT $1::int + 1", "SELECT length($1::text)"} {
+			c := pgxConnect(t, addr, fmt.Sprintf("u%d", i), pgx.QueryExecModeDescribeExec)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for j := range 200 {
+					var got int
+					arg := any(j)
+					if i == 1 {
+						arg = strings.Repeat("x", j)
+					}
+					if err := c.QueryRow(ctx, q, arg).Scan(&got); err != nil || (i == 0 && got != j+1) || (i == 1 && got != j) {
+						errs <- fmt.Errorf("client %d query %d: got %d (%v)", i, j, got, err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+	})
+
+	t.Run("FunctionCall of set_config is refused", func(t *testing.T) {
+		_, addr := txnProxy(t, proxy.PoolTransaction, 1)
+		nc, fe := rawLogin(t, addr, "reader", "fay")
+		fe.Send(&pgproto3.FunctionCall{Function: 2078, ArgFormatCodes: []uint16{0},
+			Arguments: [][]byte{[]byte("pgwarden.subject"), []byte("bob"), []byte("false")}, ResultFormatCode: 0})
+		if err := fe.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		_ = nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+		m, err := fe.Receive()
+		if e, ok := m.(*pgproto3.ErrorResponse); err != nil || !ok || e.Code != "42501" {
+			t.Fatalf("FunctionCall set_config: %T %v %v, want ErrorResponse 42501", m, m, err)
+		}
+	})
+}
+
+// readUntilReady reads a raw client's messages up to ReadyForQuery and
+// fails on an ErrorResponse.
+func readUntilReady(t *testing.T, fe *pgproto3.Frontend) {
+	t.Helper()
+	for {
+		m, err := fe.Receive()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch m := m.(type) {
+		case *pgproto3.ErrorResponse:
+			t.Fatalf("%s: %s", m.Code, m.Message)
+		case *pgproto3.ReadyForQuery:
+			return
+		}
 	}
 }

@@ -52,9 +52,19 @@ type serverConn struct {
 	stmtCache *stmtCache
 	maxStmts  int
 
-	id      uint64            // for the console
-	client  atomic.Uint64     // id of the client it is lent to, 0 when none
-	onClose func(*serverConn) // the pool's, when registered
+	id      uint64                 // for the console
+	appName atomic.Pointer[string] // application_name as last reported, for the console (params is the holder's alone)
+	client  atomic.Uint64          // id of the client it is lent to, 0 when none
+	onClose func(*serverConn)      // the pool's, when registered
+}
+
+// setParam records a ParameterStatus. params belongs to whoever holds the
+// server; the console reads application_name through appName.
+func (sc *serverConn) setParam(name, value string) {
+	sc.params[name] = value
+	if name == "application_name" {
+		sc.appName.Store(&value)
+	}
 }
 
 // serverIDs numbers server connections for the console.
@@ -112,11 +122,15 @@ func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credentia
 	dw := newDeadlineWriter(hj.Conn, writeTimeout)
 	now := time.Now()
 	cred.Hold()
-	return &serverConn{
+	sc := &serverConn{
 		conn: hj.Conn, r: bufio.NewReaderSize(hj.Conn, serverBufSize), w: bufio.NewWriterSize(dw, serverBufSize), dw: dw,
 		pid: hj.PID, secret: hj.SecretKey, cancel: cancelAddrOf(hj), params: params, cred: cred,
 		created: now, lastUsed: now, id: serverIDs.Add(1),
-	}, nil
+	}
+	if v, ok := params["application_name"]; ok {
+		sc.appName.Store(&v)
+	}
+	return sc, nil
 }
 
 // cancelAddrOf is where cancel requests for a hijacked session go. For TCP it
@@ -297,7 +311,7 @@ func (sc *serverConn) simpleQuery(ctx context.Context, sql string, row func(valu
 		case 'S':
 			var ps pgproto3.ParameterStatus
 			if err := ps.Decode(body); err == nil {
-				sc.params[ps.Name] = ps.Value
+				sc.setParam(ps.Name, ps.Value)
 			}
 		case 'D':
 			var dr pgproto3.DataRow

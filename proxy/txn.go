@@ -69,6 +69,7 @@ type txnSession struct {
 	idSets   [][2]string
 	srvDone  chan struct{} // closed when the last server goroutine has exited
 	scratch  []byte
+	timers   []*time.Timer // the token's: notice, expiry, grace
 
 	// wmu is held by the client goroutine while it writes a message
 	// upstream; the server goroutine takes it after deciding to detach.
@@ -125,6 +126,13 @@ type pendingReply struct {
 // runTxn runs a client in transaction mode after its greeting; up is the
 // server its login used, which goes back to the pool first.
 func (c *clientConn) runTxn(up *serverConn, req broker.Request, route Route, settings [][2]string, target *cancelTarget) relayResult {
+	t := c.startTxn(up, req, route, settings, target)
+	return t.finish(t.run())
+}
+
+// startTxn sets a client in transaction mode up; run and finish are the
+// rest.
+func (c *clientConn) startTxn(up *serverConn, req broker.Request, route Route, settings [][2]string, target *cancelTarget) *txnSession {
 	t := &txnSession{c: c, stats: c.srv.statsFor(c.database), req: req, route: route, target: target, small: c.r, cred: up.cred,
 		settings: map[string]string{}, stmts: map[string]*stmtEntry{}, errEpoch: -1, txStatus: 'I'}
 	for _, kv := range settings {
@@ -144,7 +152,6 @@ func (c *clientConn) runTxn(up *serverConn, req broker.Request, route Route, set
 	c.w.Reset(c.dw)
 
 	t.followCred()
-	defer func() { t.offEnd() }()
 	// The token bounds the session: a NOTICE a while before it expires, the
 	// end at the first moment after it with no server held, a cut when the
 	// grace for an open transaction is over.
@@ -152,15 +159,22 @@ func (c *clientConn) runTxn(up *serverConn, req broker.Request, route Route, set
 	if exp := c.id.Expiry; !exp.IsZero() {
 		now := cfg.Now()
 		poke := func() { _ = c.nc.SetReadDeadline(time.Now()) }
-		notice := time.AfterFunc(exp.Add(-cfg.TokenExpiryNotice).Sub(now), func() { t.noticeDue.Store(true); poke() })
-		defer notice.Stop()
-		expired := time.AfterFunc(exp.Sub(now), func() { t.tokenExpired.Store(true); poke() })
-		defer expired.Stop()
-		grace := time.AfterFunc(exp.Add(cfg.TokenExpiryGrace).Sub(now), func() { t.tokenExpired.Store(true); t.cutNow() })
-		defer grace.Stop()
+		t.timers = []*time.Timer{
+			time.AfterFunc(exp.Add(-cfg.TokenExpiryNotice).Sub(now), func() { t.noticeDue.Store(true); poke() }),
+			time.AfterFunc(exp.Sub(now), func() { t.tokenExpired.Store(true); poke() }),
+			time.AfterFunc(exp.Add(cfg.TokenExpiryGrace).Sub(now), func() { t.tokenExpired.Store(true); t.cutNow() }),
+		}
 	}
+	return t
+}
 
-	why := t.run()
+// finish ends the session run returned from, and reports it.
+func (t *txnSession) finish(why string) relayResult {
+	c := t.c
+	for _, tm := range t.timers {
+		tm.Stop()
+	}
+	t.offEnd()
 	t.end()
 	t.mu.Lock()
 	for name, e := range t.stmts {
@@ -249,91 +263,102 @@ func (t *txnSession) dropBig() {
 // run reads the client's messages until it leaves, and returns why.
 func (t *txnSession) run() string {
 	for {
+		// Idle: no large buffer is held while the next message is awaited.
 		t.settle()
-		r := t.in()
-		hdr, err := r.Peek(headerLen)
-		if err != nil {
-			if isTimeout(err) {
-				if why, done := t.poked(); done {
-					return why
-				}
-				continue
-			}
-			if len(hdr) == 0 && r.Buffered() == 0 {
-				return "client disconnected"
-			}
-			return "client disconnected mid-message"
-		}
-		typ := hdr[0]
-		n := int(binary.BigEndian.Uint32(hdr[1:])) - 4
-		if n < 0 {
-			return "client protocol violation"
-		}
-		if typ == 'X' {
-			// What came before it (a COMMIT, say) goes out first:
-			// PostgreSQL runs it before it sees the connection close.
-			t.wmu.Lock()
-			if sc := t.upstream(); sc != nil {
-				_ = sc.w.Flush()
-			}
-			t.wmu.Unlock()
-			return "client terminated"
-		}
-		if !frontendMessage(typ) {
-			if t.upstream() != nil {
-				return t.forwardFailed(errUnexpectedMessage)
-			}
-			t.refuse(errUnexpectedMessage)
-			return "client protocol violation"
-		}
-		// A message that fits the large buffer arrives whole before a
-		// server is taken for it: a client that trickles a message holds
-		// no server meanwhile.
-		if size := n + headerLen; size <= clientBufSize {
-			msg, err := t.peekWhole(size)
-			if err != nil {
-				if why, done := t.readFailed(err); done {
-					return why
-				}
-				continue
-			}
-			if typ == 'F' && forgedCall(msg) {
-				if t.upstream() != nil {
-					return t.forwardFailed(errForged)
-				}
-				t.refuse(errForged)
-				return "client protocol violation"
-			}
-		}
-		sc, err := t.count(typ)
-		if err != nil {
-			t.refuse(err)
-			return reasonOf(err)
-		}
-		if sc == nil {
-			// A copy message outside COPY: PostgreSQL ignores it too.
-			if err := t.copyRaw(typ, n, true); err != nil {
-				return "client disconnected mid-message"
-			}
-			continue
-		}
-		t.bytesIn.Add(int64(n + headerLen))
-		// The server goroutine may decide to detach as soon as the last
-		// bytes are out and answered; it waits for wmu before it gives the
-		// server back, so this goroutine is out of sc's writer by then.
-		t.wmu.Lock()
-		err = t.forward(typ, n)
-		if err == nil && t.in().Buffered() == 0 && t.upstream() == sc {
-			err = sc.w.Flush()
-		}
-		t.wmu.Unlock()
-		if cap(t.scratch) > 64<<10 {
-			t.scratch = nil // a large Parse or Bind is not kept for the session's life
-		}
-		if err != nil {
-			return t.forwardFailed(err)
+		_, _ = t.in().Peek(headerLen)
+		if why, done := t.step(); done {
+			return why
 		}
 	}
+}
+
+// step handles the client's next message, and returns done when the session
+// must end.
+func (t *txnSession) step() (why string, done bool) {
+	r := t.in()
+	hdr, err := r.Peek(headerLen)
+	if err != nil {
+		if isTimeout(err) {
+			if why, done := t.poked(); done {
+				return why, true
+			}
+			return "", false
+		}
+		if len(hdr) == 0 && r.Buffered() == 0 {
+			return "client disconnected", true
+		}
+		return "client disconnected mid-message", true
+	}
+	typ := hdr[0]
+	n := int(binary.BigEndian.Uint32(hdr[1:])) - 4
+	if n < 0 {
+		return "client protocol violation", true
+	}
+	if typ == 'X' {
+		// What came before it (a COMMIT, say) goes out first:
+		// PostgreSQL runs it before it sees the connection close.
+		t.wmu.Lock()
+		if sc := t.upstream(); sc != nil {
+			_ = sc.w.Flush()
+		}
+		t.wmu.Unlock()
+		return "client terminated", true
+	}
+	if !frontendMessage(typ) {
+		if t.upstream() != nil {
+			return t.forwardFailed(errUnexpectedMessage), true
+		}
+		t.refuse(errUnexpectedMessage)
+		return "client protocol violation", true
+	}
+	// A message that fits the large buffer arrives whole before a
+	// server is taken for it: a client that trickles a message holds
+	// no server meanwhile.
+	if size := n + headerLen; size <= clientBufSize {
+		msg, err := t.peekWhole(size)
+		if err != nil {
+			if why, done := t.readFailed(err); done {
+				return why, true
+			}
+			return "", false
+		}
+		if typ == 'F' && forgedCall(msg) {
+			if t.upstream() != nil {
+				return t.forwardFailed(errForged), true
+			}
+			t.refuse(errForged)
+			return "client protocol violation", true
+		}
+	}
+	sc, err := t.count(typ)
+	if err != nil {
+		t.refuse(err)
+		return reasonOf(err), true
+	}
+	if sc == nil {
+		// A copy message outside COPY: PostgreSQL ignores it too.
+		if err := t.copyRaw(typ, n, true); err != nil {
+			return "client disconnected mid-message", true
+		}
+		return "", false
+	}
+	t.bytesIn.Add(int64(n + headerLen))
+	// The server goroutine may decide to detach as soon as the last
+	// bytes are out and answered; it waits for wmu before it gives the
+	// server back, so this goroutine is out of sc's writer by then.
+	t.wmu.Lock()
+	err = t.forward(typ, n)
+	if err == nil && t.in().Buffered() == 0 && t.upstream() == sc {
+		err = sc.w.Flush()
+	}
+	t.wmu.Unlock()
+	if cap(t.scratch) > 64<<10 {
+		t.scratch = nil // a large Parse or Bind is not kept for the session's life
+	}
+	if err != nil {
+		return t.forwardFailed(err), true
+	}
+	return "", false
 }
 
 // frontendMessage reports whether typ is a message a client may send after

@@ -15,7 +15,9 @@ import (
 	"github.com/pgwarden/pgwarden/authn"
 	"github.com/pgwarden/pgwarden/broker"
 	"github.com/pgwarden/pgwarden/console"
+	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
+	"github.com/pgwarden/pgwarden/pool"
 )
 
 // ConsoleDatabase is the admin console's virtual database.
@@ -109,7 +111,7 @@ func (a admin) Clients() []console.Client {
 			row.State, row.Wait = "waiting", now.Sub(time.Unix(0, w))
 		}
 		if sc := c.attached.Load(); sc != nil {
-			row.State, row.Link, row.BackendPID = "active", sc.id, sc.pid
+			row.State, row.Link, row.BackendPID = "active", sc.ID, sc.PID
 		}
 		if in.database == ConsoleDatabase {
 			row.State = "active"
@@ -120,31 +122,20 @@ func (a admin) Clients() []console.Client {
 }
 
 func (a admin) Servers() []console.Server {
-	ps := a.s.pools
-	ps.mu.Lock()
-	idle := map[*serverConn]bool{}
-	for _, p := range ps.pools {
-		for _, sc := range p.idle {
-			idle[sc] = true
-		}
-	}
-	all := make([]*serverConn, 0, len(ps.servers))
-	for sc := range ps.servers {
-		all = append(all, sc)
-	}
-	ps.mu.Unlock()
-	sort.Slice(all, func(i, j int) bool { return all[i].id < all[j].id })
+	all := a.s.pools.Servers()
 	out := make([]console.Server, 0, len(all))
-	for _, sc := range all {
-		row := console.Server{ID: sc.id, User: sc.pool.key.level, Database: sc.pool.key.database, State: "active",
-			ConnectTime: sc.created, RequestTime: sc.created, CloseNeeded: sc.cred.Stale(), Link: sc.client.Load(),
-			RemotePID: sc.pid, TLS: yesNo(sc.cancel.tls != nil), ApplicationName: derefString(sc.appName.Load()),
-			DBUser: sc.cred.Username, Lease: truncateLease(sc.cred.LeaseID)}
-		if idle[sc] {
+	for _, st := range all {
+		sc := st.Server
+		k := sc.Key()
+		row := console.Server{ID: sc.ID, User: k.Level, Database: k.Database, State: "active",
+			ConnectTime: sc.Created, RequestTime: sc.Created, CloseNeeded: sc.Cred.Stale(), Link: sc.Client.Load(),
+			RemotePID: sc.PID, TLS: yesNo(sc.CancelAddr.TLS != nil), ApplicationName: derefString(sc.AppName.Load()),
+			DBUser: sc.Cred.Username, Lease: truncateLease(sc.Cred.LeaseID)}
+		if st.Idle {
 			row.State, row.ApplicationName = "idle", ""
 		}
-		row.Addr, row.Port = hostPort(sc.conn.RemoteAddr())
-		row.LocalAddr, row.LocalPort = hostPort(sc.conn.LocalAddr())
+		row.Addr, row.Port = hostPort(sc.Conn.RemoteAddr())
+		row.LocalAddr, row.LocalPort = hostPort(sc.Conn.LocalAddr())
 		out = append(out, row)
 	}
 	return out
@@ -194,17 +185,14 @@ func (a admin) Pools() []console.Pool {
 			p.ClActive++
 		}
 	}
-	ps := a.s.pools
-	ps.mu.Lock()
-	for k, p := range ps.pools {
-		row := get(key{k.database, k.level})
-		row.SvIdle += len(p.idle)
-		row.SvActive += p.active
-		if len(p.idle) > 0 {
-			row.DBUser = p.idle[len(p.idle)-1].cred.Username
+	for _, p := range a.s.pools.Stats() {
+		row := get(key{p.Database, p.Level})
+		row.SvIdle += p.Idle
+		row.SvActive += p.Active
+		if p.Idle > 0 {
+			row.DBUser = p.IdleUser
 		}
 	}
-	ps.mu.Unlock()
 	sort.Slice(order, func(i, j int) bool {
 		if order[i].db != order[j].db {
 			return order[i].db < order[j].db
@@ -264,12 +252,12 @@ func (s *Server) databases() []string {
 
 func (a admin) Databases() []console.Database {
 	ps := a.s.pools
-	lim := ps.lim()
+	lim := ps.Limits()
 	var out []console.Database
 	for _, db := range a.s.databases() {
 		r := a.s.cfg.Routes[db]
 		row := console.Database{Name: db, PoolSize: lim.MaxPerPool, MaxConnections: lim.MaxTotal}
-		if tmpl, err := ParseUpstream(r.Upstream, r.Policy); err == nil {
+		if tmpl, err := pool.ParseUpstream(r.Upstream, r.Policy); err == nil {
 			row.Host, row.Port, row.DBName = tmpl.Host, int(tmpl.Port), tmpl.Database
 		}
 		modes := map[string]bool{}
@@ -284,14 +272,12 @@ func (a admin) Databases() []console.Database {
 				row.PoolMode = m
 			}
 		}
-		ps.mu.Lock()
-		for k, p := range ps.pools {
-			if k.database == db {
-				row.CurrentConnections += p.open
+		for _, p := range ps.Stats() {
+			if p.Database == db {
+				row.CurrentConnections += p.Open
 			}
 		}
-		row.Paused = ps.paused[db]
-		ps.mu.Unlock()
+		row.Paused = ps.Paused(db)
 		out = append(out, row)
 	}
 	return out
@@ -343,14 +329,14 @@ func (a admin) Pause(ctx context.Context, database string) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, pauseWait)
 	defer cancel()
-	return a.s.pools.pause(ctx, database)
+	return a.s.pools.Pause(ctx, database)
 }
 
 func (a admin) Resume(database string) error {
 	if err := a.knownDatabase(database); err != nil {
 		return err
 	}
-	a.s.pools.resume(database)
+	a.s.pools.Resume(database)
 	return nil
 }
 
@@ -479,7 +465,7 @@ func (c *clientConn) serveConsole(ctx context.Context, sm *pgproto3.StartupMessa
 		ctx, cancel = context.WithDeadline(context.Background(), c.id.Expiry)
 	}
 	defer cancel()
-	err := console.Serve(ctx, c.r, newDeadlineWriter(c.nc, cfg.WriteTimeout), admin{c.srv}, c.id.Subject, cfg.Logger)
+	err := console.Serve(ctx, c.r, wire.NewDeadlineWriter(c.nc, cfg.WriteTimeout), admin{c.srv}, c.id.Subject, cfg.Logger)
 	switch {
 	case err == nil:
 		return "client terminated", nil

@@ -4,15 +4,13 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/subtle"
-	"crypto/tls"
 	"encoding/binary"
-	"fmt"
-	"io"
-	"net"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pgwarden/pgwarden/pool"
 )
 
 // cancelTimeout bounds forwarding one cancel request, dial to close.
@@ -34,7 +32,7 @@ type cancelTarget struct {
 	// never reaches a session that has gone back to the pool, where it would
 	// hit another client's query.
 	mu sync.Mutex
-	up *serverConn // guarded by mu; nil while the client holds no upstream
+	up *pool.Server // guarded by mu; nil while the client holds no upstream
 }
 
 func newCancelMap() *cancelMap { return &cancelMap{m: map[uint32]*cancelTarget{}} }
@@ -65,7 +63,7 @@ func (cm *cancelMap) unregister(pid uint32) {
 
 // set records the client's upstream (nil when it gives it up). It waits for
 // a cancel being forwarded to the previous one to finish.
-func (t *cancelTarget) set(up *serverConn) {
+func (t *cancelTarget) set(up *pool.Server) {
 	t.mu.Lock()
 	t.up = up
 	t.mu.Unlock()
@@ -89,48 +87,5 @@ func (cm *cancelMap) forward(ctx context.Context, req *pgproto3.CancelRequest) b
 	}
 	ctx, cancel := context.WithTimeout(ctx, cancelTimeout)
 	defer cancel()
-	return sendCancel(ctx, t.up.cancel, t.up.pid, t.up.secret) == nil
-}
-
-// sendCancel opens a connection to the postmaster at addr — on the network
-// and address the session itself uses, encrypted when it is — sends a
-// CancelRequest for (pid, secret), and waits for the server to close the
-// connection, which it does once it has signalled the backend.
-func sendCancel(ctx context.Context, addr cancelAddr, pid uint32, secret []byte) error {
-	msg, err := (&pgproto3.CancelRequest{ProcessID: pid, SecretKey: secret}).Encode(nil)
-	if err != nil {
-		return err
-	}
-	var d net.Dialer
-	nc, err := d.DialContext(ctx, addr.network, addr.address)
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		_ = nc.SetDeadline(dl)
-	}
-	if addr.tls != nil {
-		req, _ := (&pgproto3.SSLRequest{}).Encode(nil)
-		if _, err := nc.Write(req); err != nil {
-			return err
-		}
-		var answer [1]byte
-		if _, err := io.ReadFull(nc, answer[:]); err != nil {
-			return err
-		}
-		if answer[0] != 'S' {
-			return fmt.Errorf("upstream refused TLS for a cancel request (%q)", answer[0])
-		}
-		tc := tls.Client(nc, addr.tls)
-		if err := tc.HandshakeContext(ctx); err != nil {
-			return err
-		}
-		nc = tc
-	}
-	if _, err := nc.Write(msg); err != nil {
-		return err
-	}
-	_, _ = nc.Read(make([]byte, 1))
-	return nil
+	return t.up.Cancel(ctx) == nil
 }

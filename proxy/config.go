@@ -12,6 +12,7 @@ import (
 
 	"github.com/pgwarden/pgwarden/authn"
 	"github.com/pgwarden/pgwarden/broker"
+	"github.com/pgwarden/pgwarden/pool"
 )
 
 // TokenVerifier turns the password a client sent into an Identity. *authn.Verifier
@@ -61,8 +62,8 @@ type Route struct {
 	// Modes maps each access level to its pool mode, PoolSession (the
 	// default) or PoolTransaction.
 	Modes map[string]string
-	// Policy is what ParseUpstream enforces on Upstream (TLS, SCRAM).
-	Policy UpstreamPolicy
+	// Policy is what pool.ParseUpstream enforces on Upstream (TLS, SCRAM).
+	Policy pool.UpstreamPolicy
 }
 
 // Pool modes: how long a client holds an upstream session.
@@ -113,8 +114,8 @@ type Config struct {
 	// TokenExpiryGrace is how long past its token's expiry a session inside a
 	// transaction may run to finish it; then it is cut. Default 1m.
 	TokenExpiryGrace time.Duration
-	// Pool limits and timers; see PoolConfig.
-	Pool PoolConfig
+	// Pool limits and timers; see pool.Config.
+	Pool pool.Config
 	// Console opens the admin database "pgwarden"; see ConsoleConfig.
 	Console ConsoleConfig
 	// Observer receives metric events. Default: none.
@@ -123,30 +124,6 @@ type Config struct {
 	Logger *slog.Logger
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
-}
-
-// PoolConfig bounds upstream connections.
-type PoolConfig struct {
-	// MaxPerPool bounds open connections of one (database, level). Default 50.
-	MaxPerPool int
-	// MaxTotal bounds all open upstream connections. Default 200.
-	MaxTotal int
-	// AcquireTimeout is how long a client waits for a connection slot. Default 10s.
-	AcquireTimeout time.Duration
-	// IdleTimeout closes connections idle that long. Default 5m.
-	IdleTimeout time.Duration
-	// DialTimeout bounds opening one upstream connection. Default 10s.
-	DialTimeout time.Duration
-	// PingAfterIdle: an idle connection unused for this long answers a
-	// round trip (within PingTimeout) before it is lent; a quicker check that
-	// the server has not closed it runs every time. Default 1s.
-	PingAfterIdle time.Duration
-	// PingTimeout bounds that round trip. Default 2s.
-	PingTimeout time.Duration
-	// MaxPreparedStatements bounds the named statements kept prepared on
-	// each session in transaction mode; the least recently used is closed
-	// beyond it. Default 200.
-	MaxPreparedStatements int
 }
 
 func (c *Config) checkAndSetDefaults() error {
@@ -180,35 +157,13 @@ func (c *Config) checkAndSetDefaults() error {
 	if c.TokenExpiryGrace == 0 {
 		c.TokenExpiryGrace = time.Minute
 	}
-	p := &c.Pool
-	if p.MaxPerPool == 0 {
-		p.MaxPerPool = 50
+	if err := c.Pool.CheckAndSetDefaults(); err != nil {
+		return fmt.Errorf("proxy: %w", err)
 	}
-	if p.MaxTotal == 0 {
-		p.MaxTotal = 200
-	}
-	if p.AcquireTimeout == 0 {
-		p.AcquireTimeout = 10 * time.Second
-	}
-	if p.IdleTimeout == 0 {
-		p.IdleTimeout = 5 * time.Minute
-	}
-	if p.DialTimeout == 0 {
-		p.DialTimeout = 10 * time.Second
-	}
-	if p.PingAfterIdle == 0 {
-		p.PingAfterIdle = time.Second
-	}
-	if p.PingTimeout == 0 {
-		p.PingTimeout = 2 * time.Second
-	}
-	if p.MaxPreparedStatements == 0 {
-		p.MaxPreparedStatements = 200
-	}
-	if p.MaxPerPool < 1 || p.MaxTotal < 1 || p.MaxPreparedStatements < 1 || c.MaxHandshakes < 1 || c.MaxSubjectConnections < 0 {
+	if c.MaxHandshakes < 1 || c.MaxSubjectConnections < 0 {
 		return fmt.Errorf("proxy: connection limits must be positive")
 	}
-	for _, d := range []time.Duration{c.AuthTimeout, c.WriteTimeout, c.TokenExpiryNotice, c.TokenExpiryGrace, p.AcquireTimeout, p.IdleTimeout, p.DialTimeout, p.PingAfterIdle, p.PingTimeout} {
+	for _, d := range []time.Duration{c.AuthTimeout, c.WriteTimeout, c.TokenExpiryNotice, c.TokenExpiryGrace} {
 		if d < 0 {
 			return fmt.Errorf("proxy: negative duration %v", d)
 		}

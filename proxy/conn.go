@@ -19,7 +19,9 @@ import (
 
 	"github.com/pgwarden/pgwarden/authn"
 	"github.com/pgwarden/pgwarden/broker"
+	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
+	"github.com/pgwarden/pgwarden/pool"
 )
 
 // errAbandoned is a client that hung up while asked for its token.
@@ -34,7 +36,7 @@ type clientConn struct {
 	nc     net.Conn // raw, or TLS over it
 	r      *bufio.Reader
 	w      *bufio.Writer
-	dw     *deadlineWriter // under w once the relay's buffers are in place
+	dw     *wire.DeadlineWriter // under w once the relay's buffers are in place
 	tls    bool
 	start  time.Time
 	remote string
@@ -49,15 +51,14 @@ type clientConn struct {
 	database, level string
 	id              *authn.Identity
 	req             broker.Request // what the credential was read with
-	route           Route
-	mode            string // PoolSession or PoolTransaction
+	mode            string         // PoolSession or PoolTransaction
 
 	// For the console (read from other goroutines).
 	cid       uint64
-	info      atomic.Pointer[clientInfo] // set once authenticated
-	attached  atomic.Pointer[serverConn] // the server it holds, if any
-	waitSince atomic.Int64               // unix ns it started waiting for a server; 0 when not
-	lastReq   atomic.Int64               // unix ns it last took a server
+	info      atomic.Pointer[clientInfo]  // set once authenticated
+	attached  atomic.Pointer[pool.Server] // the server it holds, if any
+	waitSince atomic.Int64                // unix ns it started waiting for a server; 0 when not
+	lastReq   atomic.Int64                // unix ns it last took a server
 }
 
 // Buffer sizes. A connection that is still authenticating gets small buffers
@@ -138,7 +139,7 @@ func (c *clientConn) serve() {
 	target.set(up)
 	if err := c.greet(ctx, up, settings, pid, target.secret); err != nil {
 		target.set(nil)
-		c.srv.pools.discard(up)
+		c.srv.pools.Discard(up)
 		c.refuse(err, authReason(err))
 		return
 	}
@@ -150,8 +151,8 @@ func (c *clientConn) serve() {
 	stats := c.srv.statsFor(c.database)
 
 	if c.mode == PoolTransaction {
-		dbUser := up.cred.Username
-		res := c.runTxn(up, c.req, c.route, settings, target)
+		dbUser := up.Cred.Username
+		res := c.runTxn(up, c.req, settings, target)
 		stats.queries.Add(res.statements)
 		stats.recv.Add(res.bytesIn)
 		stats.sent.Add(res.bytesOut)
@@ -165,9 +166,9 @@ func (c *clientConn) serve() {
 	c.growBuffers()
 	c.lastReq.Store(time.Now().UnixNano())
 	c.attached.Store(up)
-	up.client.Store(c.cid)
+	up.Client.Store(c.cid)
 	res := c.relay(up)
-	up.client.Store(0)
+	up.Client.Store(0)
 	c.attached.Store(nil)
 	stats.queries.Add(res.statements)
 	stats.xacts.Add(res.xacts)
@@ -176,16 +177,16 @@ func (c *clientConn) serve() {
 	c.dropBuffers() // the relay's goroutines have returned
 	target.set(nil) // waits for a cancel in flight to land first
 	if res.reusable {
-		c.srv.pools.release(up)
+		c.srv.pools.Release(up)
 	} else {
-		c.srv.pools.discard(up)
+		c.srv.pools.Discard(up)
 	}
 	// The session's own credential: a pooled session may have been opened
 	// under another credential of the same level than the one just read.
 	cfg.Logger.Info("session",
 		"subject", c.id.Subject, "name", c.id.Name, "remote", c.remote, "tls", c.tls,
-		"database", c.database, "level", c.level, "lease_id", up.cred.LeaseID, "db_user", up.cred.Username,
-		"backend_pid", up.pid, "duration", cfg.Now().Sub(c.start).Round(time.Millisecond).String(),
+		"database", c.database, "level", c.level, "lease_id", up.Cred.LeaseID, "db_user", up.Cred.Username,
+		"backend_pid", up.PID, "duration", cfg.Now().Sub(c.start).Round(time.Millisecond).String(),
 		"bytes_in", res.bytesIn, "bytes_out", res.bytesOut, "statements", res.statements,
 		"end", res.why, "upstream_reused", res.reusable)
 }
@@ -203,7 +204,7 @@ func (c *clientConn) growBuffers() {
 		b, _ := c.r.Peek(n)
 		src = io.MultiReader(bytes.NewReader(bytes.Clone(b)), src)
 	}
-	c.dw = newDeadlineWriter(c.nc, c.srv.cfg.WriteTimeout)
+	c.dw = wire.NewDeadlineWriter(c.nc, c.srv.cfg.WriteTimeout)
 	c.r = relayReaders.Get().(*bufio.Reader)
 	c.r.Reset(src)
 	c.w = relayWriters.Get().(*bufio.Writer)
@@ -316,7 +317,7 @@ func (c *clientConn) identify(ctx context.Context, sm *pgproto3.StartupMessage) 
 // authenticate asks for the token, verifies it, decides the level, obtains
 // credentials and an upstream session. It returns the client's settings for
 // that session.
-func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessage) (*serverConn, [][2]string, error) {
+func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessage) (*pool.Server, [][2]string, error) {
 	cfg := &c.srv.cfg
 	token, settings, err := c.identify(ctx, sm)
 	if err != nil {
@@ -343,11 +344,11 @@ func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessa
 	}
 	req := broker.Request{Token: token, TokenExpiry: id.Expiry, Subject: id.Subject, Database: c.database,
 		VaultRole: role, Scope: route.Scopes[level], Static: route.Static[level]}
-	c.req, c.route, c.mode = req, route, route.Modes[level]
+	c.req, c.mode = req, route.Modes[level]
 	if c.mode == "" {
 		c.mode = PoolSession
 	}
-	up, err := c.upstream(ctx, req, level, route)
+	up, err := c.upstream(ctx, req, level)
 	if err != nil {
 		c.srv.releaseSubject(id.Subject)
 		return nil, nil, err
@@ -360,7 +361,7 @@ func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessa
 // it. When PostgreSQL refuses the credential (28xxx) it was revoked early or a
 // session of the shared user changed its password: the credential source
 // forgets it, and the client gets a session under a fresh one (once).
-func (c *clientConn) upstream(ctx context.Context, req broker.Request, level string, route Route) (*serverConn, error) {
+func (c *clientConn) upstream(ctx context.Context, req broker.Request, level string) (*pool.Server, error) {
 	cfg := &c.srv.cfg
 	for attempt := 0; ; attempt++ {
 		cred, err := cfg.Credentials.Credential(ctx, req)
@@ -370,12 +371,12 @@ func (c *clientConn) upstream(ctx context.Context, req broker.Request, level str
 		// Held while the session is found or opened, so the broker cannot
 		// finish (revoke) the lease under the dial.
 		cred.Hold()
-		up, err := c.srv.pools.acquire(ctx, c.database, level, route, cred)
+		up, err := c.srv.pools.Acquire(ctx, c.database, level, cred)
 		cred.Release()
 		if err == nil && cred.Stale() && attempt == 0 {
 			// It retired or was superseded meanwhile: a session under it
 			// would end at once. Take a fresh credential.
-			c.srv.pools.discard(up)
+			c.srv.pools.Discard(up)
 			continue
 		}
 		var pgErr *pgconn.PgError
@@ -417,9 +418,9 @@ func (c *clientConn) readPassword(maxBytes int) (string, error) {
 	if err := c.w.Flush(); err != nil {
 		return "", err
 	}
-	typ, body, _, err := readMessage(c.r, nil, maxBytes)
+	typ, body, _, err := wire.ReadMessage(c.r, nil, maxBytes)
 	if err != nil {
-		if errors.Is(err, errFraming) {
+		if errors.Is(err, wire.ErrFraming) {
 			return "", pgerror.Wrap(err, pgerror.ProtocolViolation, "password packet too large or malformed")
 		}
 		// A client that hangs up here (psql does, to prompt for a password)
@@ -441,12 +442,12 @@ func (c *clientConn) readPassword(maxBytes int) (string, error) {
 
 // greet applies the client's settings upstream and sends AuthenticationOk,
 // the session's parameters, pgwarden's own BackendKeyData and ReadyForQuery.
-func (c *clientConn) greet(ctx context.Context, up *serverConn, settings [][2]string, pid uint32, secret [4]byte) error {
-	if err := up.applySettings(ctx, settings); err != nil {
-		return upstreamFailure(err) // PostgreSQL's refusal of a setting passes through
+func (c *clientConn) greet(ctx context.Context, up *pool.Server, settings [][2]string, pid uint32, secret [4]byte) error {
+	if err := up.ApplySettings(ctx, settings); err != nil {
+		return pool.UpstreamFailure(err) // PostgreSQL's refusal of a setting passes through
 	}
 	buf, _ := (&pgproto3.AuthenticationOk{}).Encode(nil)
-	for k, v := range up.params {
+	for k, v := range up.Params {
 		buf, _ = (&pgproto3.ParameterStatus{Name: k, Value: v}).Encode(buf)
 	}
 	buf, _ = (&pgproto3.BackendKeyData{ProcessID: pid, SecretKey: secret[:]}).Encode(buf)

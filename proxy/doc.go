@@ -1,10 +1,19 @@
-// Package proxy is pgwarden's PostgreSQL side: it speaks Backend to clients
-// and Frontend to PostgreSQL. It accepts a connection, negotiates TLS, asks
-// for a cleartext password — the client's token — and hands it to a
+// Package proxy is pgwarden's client side: it speaks Backend to clients and
+// Frontend to PostgreSQL, over upstream sessions it borrows from package
+// pool. It accepts a connection, negotiates TLS, asks for a
+// cleartext password — the client's token — and hands it to a
 // TokenVerifier, an Authorizer and a CredentialSource (interfaces declared
 // here; authn and broker implement them). It then takes an upstream session
 // from the pool for (database, access level), greets the client and relays
 // frames until either side ends.
+//
+// Its neighbours: package pool owns the upstream sessions (pool.Server:
+// opening them with pgconn, lending them, resetting them, prepared
+// statements per server, limits and the wait queue, cancel requests to the
+// postmaster, the upstream connection-string policy); package
+// internal/wire has the framing and socket plumbing both sides use (the
+// frame copier, the write deadline, raw socket I/O). proxy imports both;
+// neither imports proxy.
 //
 //	client                 pgwarden                      Vault              PostgreSQL
 //	  |-- SSLRequest -------->|                             |                    |
@@ -38,11 +47,13 @@
 // Who owns what. A client connection is owned by its serve goroutine, which
 // reads and writes it until the relay starts, waits for the relay and closes
 // it; anything else may only kill it (close the socket). An upstream session
-// is owned by the pool (poolSet): it opens it, lends it to one client at a
-// time, takes it back (release resets it with DISCARD ALL; discard closes it)
-// and reaps it when idle too long or when its credential retires. The relay
-// may close the socket of a session it is ending (to unblock its other
-// goroutine), but only the pool lets go of the session and its slot. While lent, the relay's two goroutines use it — the
+// is owned by the pool (pool.Set): it opens it, lends it to one client at a
+// time (Acquire), takes it back (Release resets it with DISCARD ALL; Checkin
+// keeps it as it is, in transaction mode; Discard closes it) and reaps it
+// when idle too long or when its credential retires. The relay may close a
+// session it is ending (pool.Server.Close, to unblock its other goroutine),
+// but only the pool lets go of the session and its slot, when the relay
+// gives it back. While lent, the relay's two goroutines use it — the
 // client-to-server one writes it, the server-to-client one reads it — and the
 // client's cancel target points at it; the client gives it back only after a
 // cancel in flight has landed. A credential's lease is the broker's: the
@@ -60,10 +71,11 @@
 // when that stream is between messages. Every write to either side is bounded
 // by WriteTimeout, so a peer that stops reading frees what its session holds.
 // On plain sockets the reads and writes are made as raw system calls
-// (rawio.go): a relay sits idle between every two messages, and the first
+// (wire.WithRawIO): a relay sits idle between every two messages, and the first
 // ordinary system call after an idle moment wakes the Go runtime's monitor
 // thread, two context switches per round trip. The steady state allocates
-// nothing per message (TestCopyFrameDoesNotAllocate, TestRawIODoesNotAllocate).
+// nothing per message (internal/wire's TestCopyFrameDoesNotAllocate and
+// TestRawIODoesNotAllocate).
 //
 // An upstream session never outlives its credential: when the credential
 // retires the client gets FATAL 57P01 at its next idle point, at its lease's
@@ -85,7 +97,9 @@
 // ReadyForQuery that ends it: the login's session goes back to the pool
 // after the greeting, and each transaction attaches one, with the client's
 // settings and identity applied where the server's differ; named prepared
-// statements are carried across (prepared.go), and SQL that would change
+// statements are carried across (txn.go rewrites the messages; the
+// statements and each server's cache are pool's, see pool/prepared.go),
+// and SQL that would change
 // session state marks its server for a reset (sqlscan.go). In both modes
 // pgwarden sets the client's identity (pgwarden.subject, .groups, .issuer,
 // .level) on the server for row-level security, and refuses SQL that would

@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"io"
 	"net"
@@ -88,35 +87,6 @@ func FuzzStartupSettings(f *testing.F) {
 	})
 }
 
-// FuzzCopyFrame relays arbitrary bytes frame by frame, interrupted by a
-// deadline between every few bytes: every byte that forms complete frames
-// comes out unchanged, and a short length is refused.
-func FuzzCopyFrame(f *testing.F) {
-	z, _ := (&pgproto3.ReadyForQuery{TxStatus: 'I'}).Encode(nil)
-	q, _ := (&pgproto3.Query{String: "select 1"}).Encode(nil)
-	f.Add(append(q, z...))
-	f.Add([]byte{'X', 0, 0, 0, 3})
-	f.Add([]byte{'d', 0, 0, 0, 4})
-	f.Fuzz(func(t *testing.T, in []byte) {
-		var out bytes.Buffer
-		dst := bufio.NewWriter(&out)
-		fc := frameCopier{src: bufio.NewReaderSize(&interruptingReader{data: in, step: 5}, 16), dst: dst}
-		for {
-			_, _, _, err := fc.next()
-			if isTimeout(err) {
-				continue
-			}
-			if err != nil {
-				break
-			}
-		}
-		_ = dst.Flush()
-		if !bytes.HasPrefix(in, out.Bytes()) {
-			t.Fatalf("relayed bytes differ from the input prefix")
-		}
-	})
-}
-
 func TestStartupSettings(t *testing.T) {
 	t.Parallel()
 	got, err := startupSettings(map[string]string{
@@ -136,19 +106,5 @@ func TestStartupSettings(t *testing.T) {
 	}
 	if _, err := startupSettings(map[string]string{"options": "-c novalue"}); err == nil {
 		t.Fatal("a -c without = was accepted")
-	}
-}
-
-func TestQuoteLiteralKeepsInputData(t *testing.T) {
-	t.Parallel()
-	for in, want := range map[string]string{
-		`plain`:          `E'plain'`,
-		`it's`:           `E'it''s'`,
-		`back\slash`:     `E'back\\slash'`,
-		`'); drop x; --`: `E'''); drop x; --'`,
-	} {
-		if got := quoteLiteral(in); got != want {
-			t.Errorf("quoteLiteral(%q) = %s, want %s", in, got, want)
-		}
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/pgwarden/pgwarden/broker"
+	"github.com/pgwarden/pgwarden/pool"
 	"github.com/pgwarden/pgwarden/proxy"
 	"github.com/pgwarden/pgwarden/testenv"
 )
@@ -126,7 +127,7 @@ func TestItem03DeadPooledSessionIsNotHandedOut(t *testing.T) {
 	st := needStack(t)
 	cred := pgRole(t, st)
 	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(cred), Routes: appRoute(st, ""),
-		Pool: proxy.PoolConfig{PingAfterIdle: time.Hour}}) // only the no-round-trip check may catch it
+		Pool: pool.Config{PingAfterIdle: time.Hour}}) // only the no-round-trip check may catch it
 	ctx := context.Background()
 	first := dial(t, addr, "reader", "dan")
 	pid, err := query1(ctx, first, "select pg_backend_pid()")
@@ -156,7 +157,7 @@ func TestItem03PooledSessionBehindANetworkCutIsReplaced(t *testing.T) {
 	st := needStack(t)
 	fwd := forwarder(t, st)
 	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, fwd.Addr),
-		Pool: proxy.PoolConfig{PingAfterIdle: time.Millisecond, PingTimeout: 500 * time.Millisecond}})
+		Pool: pool.Config{PingAfterIdle: time.Millisecond, PingTimeout: 500 * time.Millisecond}})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	dial(t, addr, "reader", "fay").Close(ctx)
@@ -437,7 +438,7 @@ func TestItem12IdleSessionsOfOnePoolDoNotStarveAnother(t *testing.T) {
 			return reader, nil
 		}),
 		Routes: appRoute(st, ""),
-		Pool:   proxy.PoolConfig{MaxTotal: 2, MaxPerPool: 2, AcquireTimeout: 2 * time.Second},
+		Pool:   pool.Config{MaxTotal: 2, MaxPerPool: 2, AcquireTimeout: 2 * time.Second},
 	})
 	ctx := context.Background()
 	a, b := dial(t, addr, "reader", "nia"), dial(t, addr, "reader", "ned")
@@ -638,7 +639,7 @@ func TestItem03StalledPoolCostsTheClientOnePing(t *testing.T) {
 	fwd := forwarder(t, st)
 	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, fwd.Addr),
 		AuthTimeout: 2500 * time.Millisecond,
-		Pool:        proxy.PoolConfig{PingAfterIdle: time.Millisecond, PingTimeout: time.Second}})
+		Pool:        pool.Config{PingAfterIdle: time.Millisecond, PingTimeout: time.Second}})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	var held []*pgconn.PgConn

@@ -9,7 +9,9 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgwarden/pgwarden/authn"
+	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
+	"github.com/pgwarden/pgwarden/pool"
 )
 
 // Identity in the session, for row-level security.
@@ -90,8 +92,8 @@ var errListen = pgerror.New(pgerror.FeatureNotSupported,
 // statement is replaced by it, so the error reaches the client in its place
 // among the replies, and aborts an open transaction as the client expects.
 func refusalSQL(err *pgerror.Error) string {
-	return "DO $pgwarden$BEGIN RAISE EXCEPTION USING ERRCODE = " + quoteLiteral(err.Code) +
-		", MESSAGE = " + quoteLiteral(err.Message) + ", HINT = " + quoteLiteral(err.Hint) + "; END$pgwarden$"
+	return "DO $pgwarden$BEGIN RAISE EXCEPTION USING ERRCODE = " + pool.QuoteLiteral(err.Code) +
+		", MESSAGE = " + pool.QuoteLiteral(err.Message) + ", HINT = " + pool.QuoteLiteral(err.Hint) + "; END$pgwarden$"
 }
 
 // screenSQL looks at a whole Query or Parse message from a client and
@@ -100,7 +102,7 @@ func refusalSQL(err *pgerror.Error) string {
 // the same message with the SQL replaced by refusalSQL, so a Parse keeps its
 // name and parameter types. It also returns the scan's flags.
 func screenSQL(msg []byte, listen bool) (replacement []byte, flags sqlFlags, dealloc string, err error) {
-	body := msg[headerLen:]
+	body := msg[wire.HeaderLen:]
 	var sql []byte
 	if msg[0] == 'P' {
 		_, rest, ok := cstring(body)
@@ -146,7 +148,7 @@ const setConfigOID = 2078
 
 // forgedCall reports whether msg, a whole FunctionCall, calls set_config.
 func forgedCall(msg []byte) bool {
-	return len(msg) >= headerLen+4 && binary.BigEndian.Uint32(msg[headerLen:]) == setConfigOID
+	return len(msg) >= wire.HeaderLen+4 && binary.BigEndian.Uint32(msg[wire.HeaderLen:]) == setConfigOID
 }
 
 // refusalMarkers are the SQL a refused Parse is replaced with; PostgreSQL's
@@ -157,12 +159,12 @@ var refusalMarkers = map[*pgerror.Error]string{errForged: "pgwarden_refused_iden
 // refusal: at a message boundary of r, when the next message is such an
 // ErrorResponse, it writes the refusal to w instead and reports true.
 func refusedParse(r *bufio.Reader, w *bufio.Writer) (bool, error) {
-	hdr, err := r.Peek(headerLen)
+	hdr, err := r.Peek(wire.HeaderLen)
 	if err != nil || hdr[0] != 'E' {
 		return false, err
 	}
 	size := int(binary.BigEndian.Uint32(hdr[1:])) + 1
-	if size < headerLen || size > r.Size() || size > 1024 {
+	if size < wire.HeaderLen || size > r.Size() || size > 1024 {
 		return false, nil
 	}
 	msg, err := r.Peek(size)
@@ -170,7 +172,7 @@ func refusedParse(r *bufio.Reader, w *bufio.Writer) (bool, error) {
 		return false, err
 	}
 	var er pgproto3.ErrorResponse
-	if er.Decode(msg[headerLen:]) != nil || er.Code != pgerror.SyntaxError {
+	if er.Decode(msg[wire.HeaderLen:]) != nil || er.Code != pgerror.SyntaxError {
 		return false, nil
 	}
 	for refusal, marker := range refusalMarkers {

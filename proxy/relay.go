@@ -11,7 +11,9 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
+	"github.com/pgwarden/pgwarden/pool"
 )
 
 // cutGrace is how long a session cut at its lease's end has to send the
@@ -87,7 +89,7 @@ type end struct {
 // after a flag that says why (stopping, retiring, cut); the frame copier
 // resumes where the deadline caught it, so an interrupt never costs the
 // stream its place, and an idle upstream survives for reuse.
-func (c *clientConn) relay(up *serverConn) relayResult {
+func (c *clientConn) relay(up *pool.Server) relayResult {
 	st := &relayState{}
 	st.txStatus.Store('I')
 	cfg := &c.srv.cfg
@@ -109,14 +111,14 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 				return
 			}
 			flag.Store(true)
-			_ = up.conn.SetReadDeadline(time.Now())
+			_ = up.Conn.SetReadDeadline(time.Now())
 		}
 	}
 	// A session stuck writing to a peer that reads nothing cannot say goodbye.
 	backstop := time.AfterFunc(time.Duration(math.MaxInt64), func() {
 		if !over.Load() {
 			c.kill()
-			up.close()
+			up.Close()
 		}
 	})
 	defer backstop.Stop()
@@ -129,8 +131,8 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 			}
 		}
 	}
-	defer up.cred.OnRetire(interrupt(&st.retiring))()
-	defer up.cred.OnEnd(cutNow(&st.cut))()
+	defer up.Cred.OnRetire(interrupt(&st.retiring))()
+	defer up.Cred.OnEnd(cutNow(&st.cut))()
 	if exp := c.id.Expiry; !exp.IsZero() {
 		now := cfg.Now()
 		notice := time.AfterFunc(exp.Add(-cfg.TokenExpiryNotice).Sub(now), interrupt(&st.noticeDue))
@@ -153,9 +155,9 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 			c.kill() // the client is done: nothing may block writing to it
 		}
 		st.stopping.Store(true)
-		_ = up.conn.SetReadDeadline(time.Now())
+		_ = up.Conn.SetReadDeadline(time.Now())
 		s := <-fromServer
-		_ = up.conn.SetReadDeadline(time.Time{})
+		_ = up.Conn.SetReadDeadline(time.Time{})
 		res.why = e.why
 		res.reusable = e.clean && s.clean && !s.upstreamFailed && st.idle() && !st.retiring.Load() && !st.cut.Load()
 		switch {
@@ -169,7 +171,7 @@ func (c *clientConn) relay(up *serverConn) relayResult {
 			c.sendFinal(s.notify)
 		}
 		c.kill()
-		up.close() // never reused after this; unblocks a write to it
+		up.Close() // never reused after this; unblocks a write to it
 		<-fromClient
 		res.why = s.why
 	}
@@ -188,23 +190,23 @@ const finalWriteTimeout = 5 * time.Second
 // sendFinal writes a FATAL to the client, within finalWriteTimeout (or the
 // write timeout, if shorter). The caller closes the connection afterwards.
 func (c *clientConn) sendFinal(err error) {
-	c.dw.setLimit(time.Now().Add(finalWriteTimeout))
+	c.dw.SetLimit(time.Now().Add(finalWriteTimeout))
 	_ = sendFatal(c.w, err)
 }
 
 // clientToServer forwards the client's messages. It stops without forwarding
 // Terminate, so the upstream session can be pooled.
-func (c *clientConn) clientToServer(up *serverConn, st *relayState) end {
-	fc := frameCopier{src: c.r, dst: up.w}
+func (c *clientConn) clientToServer(up *pool.Server, st *relayState) end {
+	fc := wire.FrameCopier{Src: c.r, Dst: up.W}
 	for {
-		if fc.atBoundary() {
+		if fc.AtBoundary() {
 			hdr, err := c.r.Peek(1)
 			if err != nil {
 				return end{why: "client disconnected", clean: c.r.Buffered() == 0 && len(hdr) == 0}
 			}
 			if st.reapply && hdr[0] != 'X' {
 				st.reapply = false
-				if _, err := up.w.Write(c.identityQuery()); err != nil {
+				if _, err := up.W.Write(c.identityQuery()); err != nil {
 					return upstreamWriteFailed(err)
 				}
 				st.swallow.Store(st.syncsSent.Add(1))
@@ -212,7 +214,7 @@ func (c *clientConn) clientToServer(up *serverConn, st *relayState) end {
 			if hdr[0] == 'X' {
 				// What came before it (a COMMIT, say) goes out first:
 				// PostgreSQL runs it before it sees the connection close.
-				if err := up.w.Flush(); err != nil {
+				if err := up.W.Flush(); err != nil {
 					return upstreamWriteFailed(err)
 				}
 				return end{why: "client terminated", clean: true}
@@ -224,18 +226,18 @@ func (c *clientConn) clientToServer(up *serverConn, st *relayState) end {
 				continue
 			}
 			if hdr[0] == 'F' {
-				if call, err := c.r.Peek(headerLen + 4); err == nil && forgedCall(call) {
+				if call, err := c.r.Peek(wire.HeaderLen + 4); err == nil && forgedCall(call) {
 					return end{why: "client called set_config by FunctionCall", notify: errForged}
 				}
 			}
 		}
-		typ, _, n, err := fc.next()
+		typ, _, n, err := fc.Next()
 		if err != nil {
 			switch {
-			case errors.Is(err, errFraming):
+			case errors.Is(err, wire.ErrFraming):
 				return end{why: "client protocol violation"}
-			case fc.writeErr != nil:
-				return upstreamWriteFailed(fc.writeErr)
+			case fc.WriteErr != nil:
+				return upstreamWriteFailed(fc.WriteErr)
 			}
 			return end{why: "client disconnected mid-message"}
 		}
@@ -256,7 +258,7 @@ func (c *clientConn) clientToServer(up *serverConn, st *relayState) end {
 			st.unsynced.Store(true)
 		}
 		if c.r.Buffered() == 0 {
-			if err := up.w.Flush(); err != nil {
+			if err := up.W.Flush(); err != nil {
 				return upstreamWriteFailed(err)
 			}
 		}
@@ -266,13 +268,13 @@ func (c *clientConn) clientToServer(up *serverConn, st *relayState) end {
 // screenToServer forwards a whole Query or Parse after screenSQL: SQL that
 // forges an identity setting goes as its refusal. It reports stop with the
 // end when the session cannot go on.
-func (c *clientConn) screenToServer(up *serverConn, st *relayState) (end, bool) {
-	hdr, err := c.r.Peek(headerLen)
+func (c *clientConn) screenToServer(up *pool.Server, st *relayState) (end, bool) {
+	hdr, err := c.r.Peek(wire.HeaderLen)
 	if err != nil {
 		return end{why: "client disconnected mid-message"}, true
 	}
 	size := int(binary.BigEndian.Uint32(hdr[1:])) + 1
-	if size < headerLen {
+	if size < wire.HeaderLen {
 		return end{why: "client protocol violation"}, true
 	}
 	var msg []byte
@@ -307,11 +309,11 @@ func (c *clientConn) screenToServer(up *serverConn, st *relayState) (end, bool) 
 	} else {
 		st.unsynced.Store(true)
 	}
-	if _, err := up.w.Write(out); err != nil {
+	if _, err := up.W.Write(out); err != nil {
 		return upstreamWriteFailed(err), true
 	}
 	if c.r.Buffered() == size || (size > c.r.Size() && c.r.Buffered() == 0) {
-		if err := up.w.Flush(); err != nil {
+		if err := up.W.Flush(); err != nil {
 			return upstreamWriteFailed(err), true
 		}
 	}
@@ -319,30 +321,30 @@ func (c *clientConn) screenToServer(up *serverConn, st *relayState) (end, bool) 
 }
 
 func upstreamWriteFailed(err error) end {
-	if isTimeout(err) {
+	if wire.IsTimeout(err) {
 		return end{why: "upstream took no bytes within the write timeout", upstreamFailed: true}
 	}
 	return end{why: "upstream write failed", upstreamFailed: true}
 }
 
 // serverToClient forwards the server's messages, watching ReadyForQuery.
-func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
-	fc := frameCopier{src: up.r, dst: c.w}
+func (c *clientConn) serverToClient(up *pool.Server, st *relayState) end {
+	fc := wire.FrameCopier{Src: up.R, Dst: c.w}
 	lastError := false
 	stop := func(e end) end {
-		e.boundary, e.lastError = fc.atBoundary(), lastError
-		e.clean = e.clean && fc.atBoundary() && up.r.Buffered() == 0
+		e.boundary, e.lastError = fc.AtBoundary(), lastError
+		e.clean = e.clean && fc.AtBoundary() && up.R.Buffered() == 0
 		return e
 	}
 	for {
-		if fc.atBoundary() && st.swallow.Load() == st.readyRecv.Load()+1 {
-			fc.skip = true // a reply to pgwarden's own identity query
+		if fc.AtBoundary() && st.swallow.Load() == st.readyRecv.Load()+1 {
+			fc.Skip = true // a reply to pgwarden's own identity query
 		}
-		if fc.atBoundary() && !fc.skip {
+		if fc.AtBoundary() && !fc.Skip {
 			// Errors here come again from next, which handles them.
-			if done, err := refusedParse(up.r, c.w); err == nil && done {
+			if done, err := refusedParse(up.R, c.w); err == nil && done {
 				lastError = true
-				if up.r.Buffered() == 0 {
+				if up.R.Buffered() == 0 {
 					if err := c.w.Flush(); err != nil {
 						return stop(end{why: "client write failed"})
 					}
@@ -350,21 +352,21 @@ func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
 				continue
 			}
 		}
-		typ, status, n, err := fc.next()
+		typ, status, n, err := fc.Next()
 		if err != nil {
-			if fc.writeErr != nil {
-				if isTimeout(fc.writeErr) {
+			if fc.WriteErr != nil {
+				if wire.IsTimeout(fc.WriteErr) {
 					return stop(end{why: "client took no bytes within the write timeout"})
 				}
 				return stop(end{why: "client write failed"})
 			}
-			if isTimeout(err) {
+			if wire.IsTimeout(err) {
 				if e, done := c.interrupted(up, st, &fc); done {
 					return stop(e)
 				}
 				continue // resume, in the middle of a message if need be
 			}
-			if errors.Is(err, errFraming) {
+			if errors.Is(err, wire.ErrFraming) {
 				return stop(end{why: "upstream protocol violation", upstreamFailed: true, notify: errUpstreamLost})
 			}
 			if st.stopping.Load() {
@@ -391,9 +393,9 @@ func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
 				st.xacts.Add(1)
 			}
 		}
-		if up.r.Buffered() == 0 {
+		if up.R.Buffered() == 0 {
 			if err := c.w.Flush(); err != nil {
-				if isTimeout(err) {
+				if wire.IsTimeout(err) {
 					return stop(end{why: "client took no bytes within the write timeout"})
 				}
 				return stop(end{why: "client write failed"})
@@ -414,8 +416,8 @@ func (c *clientConn) serverToClient(up *serverConn, st *relayState) end {
 // flags: whoever interrupts sets its flag before the deadline, so an
 // interrupt that comes after the clearing either shows in the flags or
 // leaves a deadline that fires again; none is lost.
-func (c *clientConn) interrupted(up *serverConn, st *relayState, fc *frameCopier) (end, bool) {
-	_ = up.conn.SetReadDeadline(time.Time{})
+func (c *clientConn) interrupted(up *pool.Server, st *relayState, fc *wire.FrameCopier) (end, bool) {
+	_ = up.Conn.SetReadDeadline(time.Time{})
 	switch {
 	case st.stopping.Load():
 		return end{why: "stopped", clean: true}, true
@@ -425,10 +427,10 @@ func (c *clientConn) interrupted(up *serverConn, st *relayState, fc *frameCopier
 		// wait (cutGrace).
 	case st.cut.Load():
 		return cutEnd(st), true
-	case st.retiring.Load() && fc.atBoundary() && up.r.Buffered() == 0 && st.idle():
+	case st.retiring.Load() && fc.AtBoundary() && up.R.Buffered() == 0 && st.idle():
 		return retiredEnd(st), true
 	}
-	if fc.atBoundary() && st.noticeDue.CompareAndSwap(true, false) {
+	if fc.AtBoundary() && st.noticeDue.CompareAndSwap(true, false) {
 		c.tokenNotice()
 		if err := c.w.Flush(); err != nil {
 			return end{why: "client write failed"}, true

@@ -3,12 +3,15 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
+	"github.com/pgwarden/pgwarden/pool"
 )
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
@@ -19,9 +22,9 @@ var ErrServerClosed = errors.New("proxy: server closed")
 // listeners; Shutdown stops them all.
 type Server struct {
 	cfg     Config
-	pools   *poolSet
+	pools   *pool.Set
 	cancels *cancelMap
-	stmts   *stmtRegistry       // named statements of clients in transaction mode
+	stmts   *pool.StmtRegistry  // named statements of clients in transaction mode
 	stats   map[string]*dbStats // per configured database; the map is not changed after NewServer
 	started time.Time
 	// consoleGroups may open the console; RELOAD replaces them.
@@ -38,20 +41,25 @@ type Server struct {
 }
 
 // NewServer returns a Server; it starts the pool's background reaper, which
-// Close or Shutdown stops.
+// Close or Shutdown stops. It fails when cfg is incomplete or invalid, or a
+// route's upstream does not parse (pool.ParseUpstream).
 func NewServer(cfg Config) (*Server, error) {
 	if err := cfg.checkAndSetDefaults(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, cancels: newCancelMap(), stmts: newStmtRegistry(), stats: map[string]*dbStats{}, started: time.Now(), listeners: map[net.Listener]struct{}{}, conns: map[*clientConn]struct{}{},
+	s := &Server{cfg: cfg, cancels: newCancelMap(), stmts: pool.NewStmtRegistry(), stats: map[string]*dbStats{}, started: time.Now(), listeners: map[net.Listener]struct{}{}, conns: map[*clientConn]struct{}{},
 		subjects: map[string]int{}, denied: map[string]time.Time{}}
 	for db := range cfg.Routes {
 		s.stats[db] = &dbStats{}
 	}
 	s.SetConsoleGroups(cfg.Console.Groups)
-	pools, err := newPoolSet(&s.cfg)
+	ups := make(map[string]pool.Upstream, len(cfg.Routes))
+	for db, r := range cfg.Routes {
+		ups[db] = pool.Upstream{Conn: r.Upstream, Policy: r.Policy}
+	}
+	pools, err := pool.NewSet(s.cfg.Pool, pool.Options{Upstreams: ups, WriteTimeout: cfg.WriteTimeout, Logger: cfg.Logger, Now: cfg.Now})
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("proxy: %w", err)
 	}
 	s.pools = pools
 	return s, nil
@@ -95,7 +103,7 @@ func (s *Server) Serve(ln net.Listener) error {
 			go s.refuseBusy(nc)
 			continue
 		}
-		c := newClientConn(s, withRawIO(nc))
+		c := newClientConn(s, wire.WithRawIO(nc))
 		if !s.track(c) {
 			s.handshakes.Add(-1)
 			nc.Close()
@@ -191,7 +199,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 	}
 	s.closeConns()
-	s.pools.close()
+	s.pools.Close()
 	return err
 }
 
@@ -204,7 +212,7 @@ func (s *Server) Close() error {
 	}
 	s.mu.Unlock()
 	s.closeConns()
-	s.pools.close()
+	s.pools.Close()
 	return nil
 }
 
@@ -227,4 +235,20 @@ type PoolStat struct {
 }
 
 // PoolStats returns a snapshot of every pool, for metrics.
-func (s *Server) PoolStats() []PoolStat { return s.pools.stats() }
+func (s *Server) PoolStats() []PoolStat {
+	st := s.pools.Stats()
+	out := make([]PoolStat, 0, len(st))
+	for _, p := range st {
+		out = append(out, PoolStat{Database: p.Database, Level: p.Level, Idle: p.Idle, Active: p.Active})
+	}
+	return out
+}
+
+// SetPoolConfig replaces the pool limits (RELOAD). Connections already open
+// beyond a lowered limit close as they are released or idle out.
+func (s *Server) SetPoolConfig(pc pool.Config) error {
+	if err := s.pools.SetLimits(pc); err != nil {
+		return fmt.Errorf("proxy: %w", err)
+	}
+	return nil
+}

@@ -18,7 +18,9 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgwarden/pgwarden/broker"
+	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
+	"github.com/pgwarden/pgwarden/pool"
 )
 
 // Transaction mode.
@@ -55,7 +57,6 @@ type txnSession struct {
 	c      *clientConn
 	stats  *dbStats
 	req    broker.Request
-	route  Route
 	target *cancelTarget
 
 	small *bufio.Reader // the client's reader between messages
@@ -77,8 +78,8 @@ type txnSession struct {
 
 	mu sync.Mutex
 	// Guarded by mu.
-	sc        *serverConn // attached server, or nil
-	syncsSent int64       // Query, Sync and FunctionCall sent: each earns one ReadyForQuery
+	sc        *pool.Server // attached server, or nil
+	syncsSent int64        // Query, Sync and FunctionCall sent: each earns one ReadyForQuery
 	readyRecv int64
 	unsynced  bool // extended-protocol messages sent since the last Sync
 	txStatus  byte
@@ -95,8 +96,8 @@ type txnSession struct {
 	unnamed      []byte
 	unnamedFlags sqlFlags
 	unnamedHere  bool
-	stmts        map[string]*stmtEntry // the client's named statements
-	stopping     bool                  // the client side ended
+	stmts        map[string]*pool.StmtEntry // the client's named statements
+	stopping     bool                       // the client side ended
 	attachedAt   time.Time
 	busyFrom     time.Time // since when a reply has been outstanding
 
@@ -114,7 +115,7 @@ type txnSession struct {
 type pendingReply struct {
 	epoch int64 // syncsSent when it was sent
 	skip  bool  // the reply is to pgwarden's own message: not forwarded
-	entry *stmtEntry
+	entry *pool.StmtEntry
 	// client: the client's name for the statement a Parse prepares (the
 	// client's own Parse); dirty: dropping the message unsettles the
 	// server's statements (a Close pgwarden sent).
@@ -125,16 +126,16 @@ type pendingReply struct {
 
 // runTxn runs a client in transaction mode after its greeting; up is the
 // server its login used, which goes back to the pool first.
-func (c *clientConn) runTxn(up *serverConn, req broker.Request, route Route, settings [][2]string, target *cancelTarget) relayResult {
-	t := c.startTxn(up, req, route, settings, target)
+func (c *clientConn) runTxn(up *pool.Server, req broker.Request, settings [][2]string, target *cancelTarget) relayResult {
+	t := c.startTxn(up, req, settings, target)
 	return t.finish(t.run())
 }
 
 // startTxn sets a client in transaction mode up; run and finish are the
 // rest.
-func (c *clientConn) startTxn(up *serverConn, req broker.Request, route Route, settings [][2]string, target *cancelTarget) *txnSession {
-	t := &txnSession{c: c, stats: c.srv.statsFor(c.database), req: req, route: route, target: target, small: c.r, cred: up.cred,
-		settings: map[string]string{}, stmts: map[string]*stmtEntry{}, errEpoch: -1, txStatus: 'I'}
+func (c *clientConn) startTxn(up *pool.Server, req broker.Request, settings [][2]string, target *cancelTarget) *txnSession {
+	t := &txnSession{c: c, stats: c.srv.statsFor(c.database), req: req, target: target, small: c.r, cred: up.Cred,
+		settings: map[string]string{}, stmts: map[string]*pool.StmtEntry{}, errEpoch: -1, txStatus: 'I'}
 	for _, kv := range settings {
 		if !hasIdentityPrefix([]byte(kv[0])) {
 			t.settings[strings.ToLower(kv[0])] = kv[1]
@@ -144,11 +145,11 @@ func (c *clientConn) startTxn(up *serverConn, req broker.Request, route Route, s
 	t.idKey = identityKey(c.id, c.level)
 	// The login's server has the client's settings (applySettings) and
 	// identity already.
-	up.noteApplied(t.settings, t.idKey)
+	up.NoteApplied(t.settings, t.idKey)
 	target.set(nil)
-	c.srv.pools.checkin(up, false)
+	c.srv.pools.Checkin(up, false)
 
-	c.dw = newDeadlineWriter(c.nc, c.srv.cfg.WriteTimeout)
+	c.dw = wire.NewDeadlineWriter(c.nc, c.srv.cfg.WriteTimeout)
 	c.w.Reset(c.dw)
 
 	t.followCred()
@@ -178,7 +179,7 @@ func (t *txnSession) finish(why string) relayResult {
 	t.end()
 	t.mu.Lock()
 	for name, e := range t.stmts {
-		c.srv.stmts.release(e)
+		c.srv.stmts.Release(e)
 		delete(t.stmts, name)
 	}
 	t.mu.Unlock()
@@ -211,7 +212,7 @@ func (t *txnSession) cutNow() {
 		// Under mu: a server that detached meanwhile is not cut, and the
 		// flag never outlives the attachment it was meant for.
 		t.cut.Store(true)
-		_ = sc.conn.SetReadDeadline(time.Now())
+		_ = sc.Conn.SetReadDeadline(time.Now())
 	}
 	t.mu.Unlock()
 	if sc == nil {
@@ -224,7 +225,7 @@ func (t *txnSession) cutNow() {
 		t.mu.Unlock()
 		if same {
 			t.c.kill()
-			sc.close()
+			sc.Close()
 		}
 	})
 }
@@ -265,7 +266,7 @@ func (t *txnSession) run() string {
 	for {
 		// Idle: no large buffer is held while the next message is awaited.
 		t.settle()
-		_, _ = t.in().Peek(headerLen)
+		_, _ = t.in().Peek(wire.HeaderLen)
 		if why, done := t.step(); done {
 			return why
 		}
@@ -276,9 +277,9 @@ func (t *txnSession) run() string {
 // must end.
 func (t *txnSession) step() (why string, done bool) {
 	r := t.in()
-	hdr, err := r.Peek(headerLen)
+	hdr, err := r.Peek(wire.HeaderLen)
 	if err != nil {
-		if isTimeout(err) {
+		if wire.IsTimeout(err) {
 			if why, done := t.poked(); done {
 				return why, true
 			}
@@ -299,7 +300,7 @@ func (t *txnSession) step() (why string, done bool) {
 		// PostgreSQL runs it before it sees the connection close.
 		t.wmu.Lock()
 		if sc := t.upstream(); sc != nil {
-			_ = sc.w.Flush()
+			_ = sc.W.Flush()
 		}
 		t.wmu.Unlock()
 		return "client terminated", true
@@ -314,7 +315,7 @@ func (t *txnSession) step() (why string, done bool) {
 	// A message that fits the large buffer arrives whole before a
 	// server is taken for it: a client that trickles a message holds
 	// no server meanwhile.
-	if size := n + headerLen; size <= clientBufSize {
+	if size := n + wire.HeaderLen; size <= clientBufSize {
 		msg, err := t.peekWhole(size)
 		if err != nil {
 			if why, done := t.readFailed(err); done {
@@ -342,14 +343,14 @@ func (t *txnSession) step() (why string, done bool) {
 		}
 		return "", false
 	}
-	t.bytesIn.Add(int64(n + headerLen))
+	t.bytesIn.Add(int64(n + wire.HeaderLen))
 	// The server goroutine may decide to detach as soon as the last
 	// bytes are out and answered; it waits for wmu before it gives the
 	// server back, so this goroutine is out of sc's writer by then.
 	t.wmu.Lock()
 	err = t.forward(typ, n)
 	if err == nil && t.in().Buffered() == 0 && t.upstream() == sc {
-		err = sc.w.Flush()
+		err = sc.W.Flush()
 	}
 	t.wmu.Unlock()
 	if cap(t.scratch) > 64<<10 {
@@ -381,7 +382,7 @@ func (t *txnSession) peekWhole(size int) ([]byte, error) {
 	r := t.need(size)
 	for {
 		b, err := r.Peek(size)
-		if err == nil || !isTimeout(err) {
+		if err == nil || !wire.IsTimeout(err) {
 			return b, err
 		}
 		if t.upstream() == nil {
@@ -394,7 +395,7 @@ func (t *txnSession) peekWhole(size int) ([]byte, error) {
 // readFailed handles a failed read of the client's next message: a poke
 // (done = false: carry on) or the client gone.
 func (t *txnSession) readFailed(err error) (string, bool) {
-	if isTimeout(err) {
+	if wire.IsTimeout(err) {
 		return t.poked()
 	}
 	return "client disconnected mid-message", true
@@ -422,14 +423,14 @@ func (t *txnSession) forwardFailed(err error) string {
 	}
 	notify, why := error(errUpstreamLost), "upstream write failed"
 	var pe *pgerror.Error
-	if errors.Is(err, errFraming) {
+	if errors.Is(err, wire.ErrFraming) {
 		notify, why = errMalformed, "client protocol violation"
 	} else if errors.As(err, &pe) {
 		notify, why = pe, "client protocol violation"
 	}
 	t.failure.Store(&notify)
 	if sc := t.upstream(); sc != nil {
-		_ = sc.conn.SetReadDeadline(time.Now())
+		_ = sc.Conn.SetReadDeadline(time.Now())
 	}
 	return why
 }
@@ -446,7 +447,7 @@ func (e *frameErr) Unwrap() error { return e.err }
 
 // upstream is the attached server; only the client goroutine, between
 // count and the end of the message, may rely on it staying attached.
-func (t *txnSession) upstream() *serverConn {
+func (t *txnSession) upstream() *pool.Server {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.sc
@@ -480,7 +481,7 @@ func (t *txnSession) refuse(err error) {
 // count attaches a server when none is held and counts typ before it is
 // written, and returns the server. It returns nil for a copy message with
 // no COPY under way (dropped, as PostgreSQL would ignore it).
-func (t *txnSession) count(typ byte) (*serverConn, error) {
+func (t *txnSession) count(typ byte) (*pool.Server, error) {
 	copyMsg := typ == 'd' || typ == 'c' || typ == 'f'
 	t.mu.Lock()
 	if copyMsg && (t.sc == nil || t.syncsSent == t.readyRecv && !t.unsynced) {
@@ -494,17 +495,17 @@ func (t *txnSession) count(typ byte) (*serverConn, error) {
 		}
 		t.mu.Lock()
 	}
-	if t.sc.identity != t.idKey {
+	if t.sc.Identity != t.idKey {
 		// The client's RESET ALL or DISCARD ALL cleared the identity
 		// settings: set again before its next message; the replies are
 		// not forwarded.
-		if _, err := t.sc.w.Write(t.c.identityQuery()); err != nil {
+		if _, err := t.sc.W.Write(t.c.identityQuery()); err != nil {
 			t.mu.Unlock()
-			return nil, upstreamFailure(err)
+			return nil, pool.UpstreamFailure(err)
 		}
 		t.syncsSent++
 		t.swallowAt.Store(t.syncsSent)
-		t.sc.identity = t.idKey
+		t.sc.Identity = t.idKey
 	}
 	switch typ {
 	case 'c', 'f':
@@ -574,9 +575,9 @@ func (t *txnSession) attach() error {
 	c := t.c
 	ps := c.srv.pools
 	// Bounded as a login is: waiting for a server, opening one, Vault.
-	ctx, cancel := context.WithTimeout(context.Background(), c.srv.cfg.AuthTimeout+ps.lim().AcquireTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), c.srv.cfg.AuthTimeout+ps.Limits().AcquireTimeout)
 	defer cancel()
-	var sc *serverConn
+	var sc *pool.Server
 	for attempt := 0; ; attempt++ {
 		if t.cred.Stale() {
 			vctx, cancel := context.WithTimeout(ctx, c.srv.cfg.AuthTimeout)
@@ -591,7 +592,7 @@ func (t *txnSession) attach() error {
 		t.cred.Hold()
 		waitFrom := time.Now()
 		c.waitSince.Store(waitFrom.UnixNano())
-		s, err := ps.acquire(ctx, c.database, c.level, t.route, t.cred)
+		s, err := ps.Acquire(ctx, c.database, c.level, t.cred)
 		c.waitSince.Store(0)
 		t.stats.waitTime.Add(int64(time.Since(waitFrom)))
 		t.cred.Release()
@@ -607,16 +608,16 @@ func (t *txnSession) attach() error {
 		if err != nil {
 			return err
 		}
-		if s.cred.Stale() && attempt == 0 {
-			ps.discard(s)
+		if s.Cred.Stale() && attempt == 0 {
+			ps.Discard(s)
 			continue
 		}
 		sc = s
 		break
 	}
 	if err := t.setup(ctx, sc); err != nil {
-		ps.discard(sc)
-		return upstreamFailure(err)
+		ps.Discard(sc)
+		return pool.UpstreamFailure(err)
 	}
 	t.mu.Lock()
 	t.sc = sc
@@ -628,7 +629,7 @@ func (t *txnSession) attach() error {
 	t.swallowAt.Store(0)
 	t.mu.Unlock()
 	t.target.set(sc)
-	sc.client.Store(c.cid)
+	sc.Client.Store(c.cid)
 	c.attached.Store(sc)
 	c.lastReq.Store(t.attachedAt.UnixNano())
 	done := make(chan struct{})
@@ -639,25 +640,25 @@ func (t *txnSession) attach() error {
 
 // setup applies the client's settings and identity where the server's
 // differ, in one round trip, before the client's first message.
-func (t *txnSession) setup(ctx context.Context, sc *serverConn) error {
+func (t *txnSession) setup(ctx context.Context, sc *pool.Server) error {
 	var b strings.Builder
 	var sets [][2]string
 	for k, v := range t.settings {
-		if cur, ok := sc.applied[k]; ok && cur == v {
+		if cur, ok := sc.Applied[k]; ok && cur == v {
 			continue
 		}
-		if _, ok := sc.applied[k]; !ok && paramValue(sc.params, k) == v {
+		if _, ok := sc.Applied[k]; !ok && paramValue(sc.Params, k) == v {
 			continue
 		}
 		sets = append(sets, [2]string{k, v})
 	}
 	var resets []string
-	for k := range sc.applied {
+	for k := range sc.Applied {
 		if _, ok := t.settings[k]; !ok {
 			resets = append(resets, k)
 		}
 	}
-	if sc.identity != t.idKey {
+	if sc.Identity != t.idKey {
 		sets = append(sets, t.idSets...)
 	}
 	if len(sets) == 0 && len(resets) == 0 {
@@ -668,18 +669,18 @@ func (t *txnSession) setup(ctx context.Context, sc *serverConn) error {
 	writeSetConfig(&b, sets)
 	for _, k := range resets {
 		b.WriteString("; RESET ")
-		b.WriteString(quoteSettingName(k))
+		b.WriteString(pool.QuoteSettingName(k))
 	}
-	ctx, cancel := context.WithTimeout(ctx, t.c.srv.pools.lim().PingTimeout+t.c.srv.cfg.WriteTimeout)
+	ctx, cancel := context.WithTimeout(ctx, t.c.srv.pools.Limits().PingTimeout+t.c.srv.cfg.WriteTimeout)
 	defer cancel()
-	st, err := sc.simpleQuery(ctx, b.String(), nil)
+	st, err := sc.SimpleQuery(ctx, b.String(), nil)
 	if err == nil && st != 'I' {
 		err = fmt.Errorf("session not idle after applying settings (status %q)", st)
 	}
 	if err != nil {
 		return err
 	}
-	sc.noteApplied(t.settings, t.idKey)
+	sc.NoteApplied(t.settings, t.idKey)
 	return nil
 }
 
@@ -711,9 +712,9 @@ func writeSetConfig(b *strings.Builder, sets [][2]string) {
 			b.WriteString(", ")
 		}
 		b.WriteString("pg_catalog.set_config(")
-		b.WriteString(quoteLiteral(kv[0]))
+		b.WriteString(pool.QuoteLiteral(kv[0]))
 		b.WriteString(", ")
-		b.WriteString(quoteLiteral(kv[1]))
+		b.WriteString(pool.QuoteLiteral(kv[1]))
 		b.WriteString(", false)")
 	}
 }
@@ -735,25 +736,25 @@ func (t *txnSession) forward(typ byte, n int) error {
 
 // copyRaw copies (or, with drop, skips) one message as it is.
 func (t *txnSession) copyRaw(typ byte, n int, drop bool) error {
-	r := t.need(min(n+headerLen, clientBufSize))
+	r := t.need(min(n+wire.HeaderLen, clientBufSize))
 	var dst *bufio.Writer
 	if sc := t.upstream(); sc != nil {
-		dst = sc.w
+		dst = sc.W
 	}
-	fc := frameCopier{src: r, dst: dst, skip: drop || dst == nil}
+	fc := wire.FrameCopier{Src: r, Dst: dst, Skip: drop || dst == nil}
 	for {
-		_, _, _, err := fc.next()
+		_, _, _, err := fc.Next()
 		if err == nil {
 			return nil
 		}
-		if fc.writeErr != nil {
-			return fc.writeErr
+		if fc.WriteErr != nil {
+			return fc.WriteErr
 		}
-		if isTimeout(err) {
+		if wire.IsTimeout(err) {
 			_ = t.c.nc.SetReadDeadline(time.Time{}) // a poke: carry on, in the middle of the message
 			continue
 		}
-		if errors.Is(err, errFraming) {
+		if errors.Is(err, wire.ErrFraming) {
 			return err
 		}
 		return &frameErr{client: true, err: err}
@@ -772,7 +773,7 @@ var errQueryTooLarge = pgerror.Newf(pgerror.ProgramLimitExceeded, "query text ov
 // reader's buffer (call done to consume it) or, when larger than the
 // buffer, read into memory of its own.
 func (t *txnSession) whole(n int) (msg []byte, done func(), err error) {
-	size := n + headerLen
+	size := n + wire.HeaderLen
 	if size <= clientBufSize {
 		r := t.need(size)
 		for {
@@ -780,7 +781,7 @@ func (t *txnSession) whole(n int) (msg []byte, done func(), err error) {
 			if err == nil {
 				return msg, func() { _, _ = r.Discard(size) }, nil
 			}
-			if !isTimeout(err) {
+			if !wire.IsTimeout(err) {
 				return nil, nil, &frameErr{client: true, err: err}
 			}
 			_ = t.c.nc.SetReadDeadline(time.Time{})
@@ -795,7 +796,7 @@ func (t *txnSession) whole(n int) (msg []byte, done func(), err error) {
 		m, err := r.Read(msg[got:])
 		got += m
 		if err != nil {
-			if isTimeout(err) {
+			if wire.IsTimeout(err) {
 				_ = t.c.nc.SetReadDeadline(time.Time{})
 				continue
 			}
@@ -807,7 +808,7 @@ func (t *txnSession) whole(n int) (msg []byte, done func(), err error) {
 
 // writeUp writes pgwarden's bytes upstream.
 func (t *txnSession) writeUp(b []byte) error {
-	_, err := t.upstream().w.Write(b)
+	_, err := t.upstream().W.Write(b)
 	return err
 }
 
@@ -829,16 +830,16 @@ func (t *txnSession) query(n int) error {
 	sc := t.sc
 	if flags&sqlDiscardAll != 0 {
 		t.dropStmtsLocked()
-		sc.stmts().clear()
+		sc.Stmts().Clear()
 	}
 	if flags&sqlResetAll != 0 {
-		sc.applied, sc.identity = nil, "" // settings reset: set again before the next message
+		sc.Applied, sc.Identity = nil, "" // settings reset: set again before the next message
 	}
 	if flags&sqlDeallocate != 0 {
 		if e := t.stmts[dealloc]; e != nil && dealloc != "" {
 			delete(t.stmts, dealloc)
-			t.c.srv.stmts.release(e)
-			sc.stmts().clear()
+			t.c.srv.stmts.Release(e)
+			sc.Stmts().Clear()
 			t.srvDirty = true // should DEALLOCATE ALL fail, the cache is wrong: reset
 			t.mu.Unlock()
 			// The server knows the statement by another name: drop them
@@ -847,7 +848,7 @@ func (t *txnSession) query(n int) error {
 		}
 		if dealloc == "" {
 			t.dropStmtsLocked()
-			sc.stmts().clear()
+			sc.Stmts().Clear()
 		}
 	}
 	if flags&sqlSession != 0 {
@@ -860,7 +861,7 @@ func (t *txnSession) query(n int) error {
 // dropStmtsLocked forgets every statement name of the client.
 func (t *txnSession) dropStmtsLocked() {
 	for name, e := range t.stmts {
-		t.c.srv.stmts.release(e)
+		t.c.srv.stmts.Release(e)
 		delete(t.stmts, name)
 	}
 }
@@ -898,7 +899,7 @@ func (t *txnSession) parse(n int) error {
 		// executed, with the parameter types the client declared.
 		msg = refused
 	}
-	name, key, ok := cstring(msg[headerLen:])
+	name, key, ok := cstring(msg[wire.HeaderLen:])
 	if !ok {
 		return errMalformed
 	}
@@ -917,32 +918,32 @@ func (t *txnSession) parse(n int) error {
 		t.pushLocked(&t.parseQ, pendingReply{epoch: epoch})
 		return t.writeUpLocked(msg)
 	}
-	cache := t.sc.stmts()
-	e := t.c.srv.stmts.acquire(key, flags)
-	if cache.has(e) && slices.Contains(t.bound, e.id) {
+	cache := t.sc.Stmts()
+	e := t.c.srv.stmts.Acquire(key, uint16(flags))
+	if cache.Has(e) && slices.Contains(t.bound, e.ID) {
 		// Prepared there, and a portal of this transaction may use it:
 		// closing it would close the portal. This Parse gets a statement
 		// of its own.
-		t.c.srv.stmts.release(e)
-		e = t.c.srv.stmts.private(key, flags)
+		t.c.srv.stmts.Release(e)
+		e = t.c.srv.stmts.Private(key, uint16(flags))
 	}
 	if old := t.stmts[string(name)]; old != nil {
-		t.c.srv.stmts.release(old)
+		t.c.srv.stmts.Release(old)
 	}
 	t.stmts[string(name)] = e
 	out := t.scratch[:0]
 	var pair *reparse
-	if cache.has(e) {
+	if cache.Has(e) {
 		// Prepared there already: close it first, so the client gets
 		// PostgreSQL's own answer to its Parse.
 		pair = &reparse{}
-		out = appendClose(out, 'S', e.name)
+		out = appendClose(out, 'S', e.Name)
 		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch, skip: true, pair: pair})
-	} else if ev := cache.add(e, t.inUse); ev != nil {
-		out = appendClose(out, 'S', ev.name)
+	} else if ev := cache.Add(e, t.inUse); ev != nil {
+		out = appendClose(out, 'S', ev.Name)
 		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch, skip: true, dirty: true})
 	}
-	out = append(out, e.parse...)
+	out = append(out, e.Parse...)
 	t.scratch = out
 	t.pushLocked(&t.parseQ, pendingReply{epoch: epoch, entry: e, client: string(name), pair: pair})
 	return t.writeUpLocked(out)
@@ -950,7 +951,7 @@ func (t *txnSession) parse(n int) error {
 
 // inUse reports whether e was bound in this attachment (a portal may still
 // use it), so the LRU does not close it now.
-func (t *txnSession) inUse(e *stmtEntry) bool { return slices.Contains(t.bound, e.id) }
+func (t *txnSession) inUse(e *pool.StmtEntry) bool { return slices.Contains(t.bound, e.ID) }
 
 // reparse pairs the Close and the Parse sent for a statement the server
 // already had: if the server skips both (an error before them), it still
@@ -980,7 +981,7 @@ func (t *txnSession) ensureUnnamedLocked(out []byte) []byte {
 // writeUpLocked writes to the attached server under mu (its buffer takes
 // the bytes; a flush happens outside).
 func (t *txnSession) writeUpLocked(b []byte) error {
-	_, err := t.sc.w.Write(b)
+	_, err := t.sc.W.Write(b)
 	return err
 }
 
@@ -1001,10 +1002,10 @@ func (t *txnSession) droppedLocked(p pendingReply) {
 		p.pair.closeDropped = true // the Close of a re-Parse: the server keeps the statement
 	}
 	if p.entry != nil && !(p.pair != nil && p.pair.closeDropped) {
-		t.sc.stmts().remove(p.entry)
+		t.sc.Stmts().Remove(p.entry)
 		if p.client != "" && t.stmts[p.client] == p.entry {
 			delete(t.stmts, p.client)
-			t.c.srv.stmts.release(p.entry)
+			t.c.srv.stmts.Release(p.entry)
 		}
 	}
 	if p.dirty {
@@ -1014,23 +1015,23 @@ func (t *txnSession) droppedLocked(p pendingReply) {
 
 // ensureLocked puts a Parse for e in front of the next message when the
 // server lacks it, its reply not forwarded.
-func (t *txnSession) ensureLocked(out []byte, e *stmtEntry) []byte {
-	if e.flags&sqlSession != 0 {
+func (t *txnSession) ensureLocked(out []byte, e *pool.StmtEntry) []byte {
+	if sqlFlags(e.Flags)&sqlSession != 0 {
 		t.srvDirty = true // it changes session state each time it runs
 	}
-	if !slices.Contains(t.bound, e.id) {
-		t.bound = append(t.bound, e.id)
+	if !slices.Contains(t.bound, e.ID) {
+		t.bound = append(t.bound, e.ID)
 	}
-	cache := t.sc.stmts()
-	if cache.has(e) {
+	cache := t.sc.Stmts()
+	if cache.Has(e) {
 		return out
 	}
 	epoch := t.syncsSent
-	if ev := cache.add(e, t.inUse); ev != nil {
-		out = appendClose(out, 'S', ev.name)
+	if ev := cache.Add(e, t.inUse); ev != nil {
+		out = appendClose(out, 'S', ev.Name)
 		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch, skip: true, dirty: true})
 	}
-	out = append(out, e.parse...)
+	out = append(out, e.Parse...)
 	t.pushLocked(&t.parseQ, pendingReply{epoch: epoch, skip: true, entry: e})
 	return out
 }
@@ -1038,23 +1039,23 @@ func (t *txnSession) ensureLocked(out []byte, e *stmtEntry) []byte {
 // bind forwards a Bind, naming the statement as the server knows it. The
 // parameters are streamed, whatever their size.
 func (t *txnSession) bind(n int) error {
-	r := t.need(min(n+headerLen, clientBufSize))
+	r := t.need(min(n+wire.HeaderLen, clientBufSize))
 	var head []byte
 	for {
 		var err error
-		head, err = r.Peek(min(n+headerLen, r.Size()))
+		head, err = r.Peek(min(n+wire.HeaderLen, r.Size()))
 		if err == nil {
 			break
 		}
-		if !isTimeout(err) {
+		if !wire.IsTimeout(err) {
 			return &frameErr{client: true, err: err}
 		}
 		_ = t.c.nc.SetReadDeadline(time.Time{})
 	}
-	portal, rest, ok := cstring(head[headerLen:])
+	portal, rest, ok := cstring(head[wire.HeaderLen:])
 	stmt, _, ok2 := cstring(rest)
 	if !ok || !ok2 {
-		if n+headerLen > r.Size() {
+		if n+wire.HeaderLen > r.Size() {
 			return pgerror.New(pgerror.ProgramLimitExceeded, "Bind with names longer than pgwarden reads")
 		}
 		return errMalformed
@@ -1080,10 +1081,10 @@ func (t *txnSession) bind(n int) error {
 	prefix := len(portal) + 1 + len(stmt) + 1
 	restLen := n - prefix
 	out = append(out, 'B', 0, 0, 0, 0)
-	binary.BigEndian.PutUint32(out[len(out)-4:], uint32(4+len(portal)+1+len(e.name)+1+restLen))
+	binary.BigEndian.PutUint32(out[len(out)-4:], uint32(4+len(portal)+1+len(e.Name)+1+restLen))
 	out = append(out, portal...)
 	out = append(out, 0)
-	out = append(out, e.name...)
+	out = append(out, e.Name...)
 	out = append(out, 0)
 	t.scratch = out
 	err := t.writeUpLocked(out)
@@ -1091,15 +1092,15 @@ func (t *txnSession) bind(n int) error {
 	if err != nil {
 		return err
 	}
-	_, _ = r.Discard(headerLen + prefix)
-	fc := frameCopier{src: r, dst: t.upstream().w}
-	fc.body('B', restLen)
-	for fc.inMsg {
-		if _, _, _, err := fc.next(); err != nil {
-			if fc.writeErr != nil {
-				return fc.writeErr
+	_, _ = r.Discard(wire.HeaderLen + prefix)
+	fc := wire.FrameCopier{Src: r, Dst: t.upstream().W}
+	fc.Body('B', restLen)
+	for !fc.AtBoundary() {
+		if _, _, _, err := fc.Next(); err != nil {
+			if fc.WriteErr != nil {
+				return fc.WriteErr
 			}
-			if isTimeout(err) {
+			if wire.IsTimeout(err) {
 				_ = t.c.nc.SetReadDeadline(time.Time{})
 				continue
 			}
@@ -1119,7 +1120,7 @@ func (t *txnSession) describeOrClose(typ byte, n int) error {
 		return err
 	}
 	defer done()
-	body := msg[headerLen:]
+	body := msg[wire.HeaderLen:]
 	if len(body) < 2 {
 		return errMalformed
 	}
@@ -1149,7 +1150,7 @@ func (t *txnSession) describeOrClose(typ byte, n int) error {
 	if typ == 'C' {
 		if e != nil {
 			delete(t.stmts, string(name))
-			t.c.srv.stmts.release(e)
+			t.c.srv.stmts.Release(e)
 		}
 		t.pushLocked(&t.closeQ, pendingReply{epoch: epoch})
 		t.scratch = appendClose(t.scratch[:0], 'S', "pgwarden_closed")
@@ -1160,8 +1161,8 @@ func (t *txnSession) describeOrClose(typ byte, n int) error {
 	}
 	out := t.ensureLocked(t.scratch[:0], e)
 	out = append(out, 'D', 0, 0, 0, 0, 'S')
-	binary.BigEndian.PutUint32(out[len(out)-5:], uint32(4+1+len(e.name)+1))
-	out = append(out, e.name...)
+	binary.BigEndian.PutUint32(out[len(out)-5:], uint32(4+1+len(e.Name)+1))
+	out = append(out, e.Name...)
 	out = append(out, 0)
 	t.scratch = out
 	return t.writeUpLocked(out)
@@ -1184,7 +1185,7 @@ func (t *txnSession) end() {
 	sc := t.sc
 	t.mu.Unlock()
 	if sc != nil {
-		_ = sc.conn.SetReadDeadline(time.Now())
+		_ = sc.Conn.SetReadDeadline(time.Now())
 	}
 	if t.srvDone != nil {
 		<-t.srvDone
@@ -1193,7 +1194,7 @@ func (t *txnSession) end() {
 }
 
 // serverSide runs one attachment's server goroutine; see txnSession.
-func (t *txnSession) serverSide(sc *serverConn, done chan struct{}) {
+func (t *txnSession) serverSide(sc *pool.Server, done chan struct{}) {
 	defer close(done)
 	w := relayWriters.Get().(*bufio.Writer)
 	w.Reset(t.c.dw)
@@ -1204,7 +1205,7 @@ func (t *txnSession) serverSide(sc *serverConn, done chan struct{}) {
 	e := t.serverLoop(sc, w)
 	ps := t.c.srv.pools
 	t.c.attached.Store(nil)
-	sc.client.Store(0)
+	sc.Client.Store(0)
 	if e.detached {
 		t.wmu.Lock() // the client goroutine is out of sc's writer
 		t.wmu.Unlock()
@@ -1213,14 +1214,14 @@ func (t *txnSession) serverSide(sc *serverConn, done chan struct{}) {
 		t.target.set(nil) // waits for a cancel in flight to land first
 		if e.dirty {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			err := sc.reset(ctx)
+			err := sc.Reset(ctx)
 			cancel()
 			if err != nil {
-				ps.discard(sc)
+				ps.Discard(sc)
 				return
 			}
 		}
-		ps.checkin(sc, false)
+		ps.Checkin(sc, false)
 		if t.tokenExpired.Load() || t.noticeDue.Load() {
 			_ = t.c.nc.SetReadDeadline(time.Now()) // the client goroutine acts on it
 		}
@@ -1236,10 +1237,10 @@ func (t *txnSession) serverSide(sc *serverConn, done chan struct{}) {
 	}
 	if e.notify != nil && e.boundary {
 		w.Flush()
-		t.c.dw.setLimit(time.Now().Add(finalWriteTimeout))
+		t.c.dw.SetLimit(time.Now().Add(finalWriteTimeout))
 		_ = sendFatal(w, e.notify)
 	}
-	ps.discard(sc)
+	ps.Discard(sc)
 	if !e.clientStopped {
 		t.c.kill()
 	}
@@ -1257,13 +1258,13 @@ type srvEnd struct {
 
 // serverLoop copies the attached server's replies to w until a detach point
 // or the end.
-func (t *txnSession) serverLoop(sc *serverConn, w *bufio.Writer) srvEnd {
-	fc := frameCopier{src: sc.r, dst: w}
+func (t *txnSession) serverLoop(sc *pool.Server, w *bufio.Writer) srvEnd {
+	fc := wire.FrameCopier{Src: sc.R, Dst: w}
 	lastError := false
 	for {
-		if sa := t.swallowAt.Load(); fc.atBoundary() && sa != 0 && sa == t.readyRecvNow()+1 {
-			fc.skip = true
-		} else if fc.atBoundary() {
+		if sa := t.swallowAt.Load(); fc.AtBoundary() && sa != 0 && sa == t.readyRecvNow()+1 {
+			fc.Skip = true
+		} else if fc.AtBoundary() {
 			skip, replaced, err := t.inspect(sc, w)
 			if err != nil {
 				if e, done := t.serverReadFailed(sc, &fc, err, lastError); done {
@@ -1275,12 +1276,12 @@ func (t *txnSession) serverLoop(sc *serverConn, w *bufio.Writer) srvEnd {
 				lastError = true
 				continue
 			}
-			fc.skip = skip
+			fc.Skip = skip
 		}
-		skipping := fc.skip
-		typ, status, n, err := fc.next()
+		skipping := fc.Skip
+		typ, status, n, err := fc.Next()
 		if err != nil {
-			if fc.writeErr != nil {
+			if fc.WriteErr != nil {
 				return srvEnd{why: "client write failed", boundary: false}
 			}
 			if e, done := t.serverReadFailed(sc, &fc, err, lastError); done {
@@ -1308,7 +1309,7 @@ func (t *txnSession) serverLoop(sc *serverConn, w *bufio.Writer) srvEnd {
 			}
 			t.mu.Unlock()
 		}
-		if sc.r.Buffered() == 0 {
+		if sc.R.Buffered() == 0 {
 			if err := w.Flush(); err != nil {
 				return srvEnd{why: "client write failed"}
 			}
@@ -1334,8 +1335,8 @@ func (t *txnSession) readyRecvNow() int64 {
 // inspect looks at the next server message before it is copied: replies to
 // pgwarden's own messages are skipped, an ErrorResponse drops what the
 // server will now skip, ParameterStatus is recorded.
-func (t *txnSession) inspect(sc *serverConn, w *bufio.Writer) (skip, done bool, err error) {
-	hdr, err := sc.r.Peek(headerLen)
+func (t *txnSession) inspect(sc *pool.Server, w *bufio.Writer) (skip, done bool, err error) {
+	hdr, err := sc.R.Peek(wire.HeaderLen)
 	if err != nil {
 		return false, false, err
 	}
@@ -1371,10 +1372,10 @@ func (t *txnSession) inspect(sc *serverConn, w *bufio.Writer) (skip, done bool, 
 		t.mu.Unlock()
 	case 'E', 'S':
 		if typ == 'E' {
-			if done, err := refusedParse(sc.r, w); err != nil || done {
+			if done, err := refusedParse(sc.R, w); err != nil || done {
 				if done {
 					t.errorReply(sc, []byte{})
-					if sc.r.Buffered() == 0 {
+					if sc.R.Buffered() == 0 {
 						err = w.Flush()
 					}
 				}
@@ -1385,28 +1386,28 @@ func (t *txnSession) inspect(sc *serverConn, w *bufio.Writer) (skip, done bool, 
 		if n < 0 {
 			return false, false, nil // the copier refuses it
 		}
-		if n+headerLen > sc.r.Size() {
+		if n+wire.HeaderLen > sc.R.Size() {
 			if typ == 'E' {
 				t.errorReply(sc, nil) // its code unread: the server is reset before reuse
 			}
 			return false, false, nil
 		}
-		msg, err := sc.r.Peek(n + headerLen)
+		msg, err := sc.R.Peek(n + wire.HeaderLen)
 		if err != nil {
 			return false, false, err
 		}
 		if typ == 'S' {
-			t.noteParam(sc, msg[headerLen:])
+			t.noteParam(sc, msg[wire.HeaderLen:])
 			return false, false, nil
 		}
-		t.errorReply(sc, msg[headerLen:])
+		t.errorReply(sc, msg[wire.HeaderLen:])
 	}
 	return false, false, nil
 }
 
 // errorReply handles an ErrorResponse: the server skips everything up to
 // the next Sync, so what was queued in this epoch gets no reply.
-func (t *txnSession) errorReply(sc *serverConn, body []byte) {
+func (t *txnSession) errorReply(sc *pool.Server, body []byte) {
 	code := errorCode(body)
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -1450,7 +1451,7 @@ func errorCode(body []byte) string {
 // noteParam records a ParameterStatus: the server has that value now, and
 // a setting the client changed (SET application_name…) follows it to the
 // next server.
-func (t *txnSession) noteParam(sc *serverConn, body []byte) {
+func (t *txnSession) noteParam(sc *pool.Server, body []byte) {
 	name, rest, ok := cstring(body)
 	if !ok {
 		return
@@ -1461,35 +1462,35 @@ func (t *txnSession) noteParam(sc *serverConn, body []byte) {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	sc.setParam(string(name), string(value))
+	sc.SetParam(string(name), string(value))
 	lower := strings.ToLower(string(name))
 	switch lower {
 	case "application_name", "client_encoding", "datestyle", "intervalstyle", "timezone":
 		if t.settings[lower] != string(value) {
 			t.settings[lower] = string(value)
 		}
-		if sc.applied == nil {
-			sc.applied = map[string]string{}
+		if sc.Applied == nil {
+			sc.Applied = map[string]string{}
 		}
-		sc.applied[lower] = string(value)
+		sc.Applied[lower] = string(value)
 	}
 }
 
 // serverReadFailed handles a failed read from the attached server: a
 // deadline (the client side stopped, the lease or token grace cut the
 // session) or the server gone. It returns done when the loop must end.
-func (t *txnSession) serverReadFailed(sc *serverConn, fc *frameCopier, err error, lastError bool) (srvEnd, bool) {
-	if isTimeout(err) {
-		_ = sc.conn.SetReadDeadline(time.Time{})
+func (t *txnSession) serverReadFailed(sc *pool.Server, fc *wire.FrameCopier, err error, lastError bool) (srvEnd, bool) {
+	if wire.IsTimeout(err) {
+		_ = sc.Conn.SetReadDeadline(time.Time{})
 		t.mu.Lock()
 		stopping, inFlight := t.stopping, t.syncsSent > t.readyRecv
 		t.mu.Unlock()
 		switch {
 		case t.failure.Load() != nil:
-			return srvEnd{notify: *t.failure.Load(), boundary: fc.atBoundary()}, true
+			return srvEnd{notify: *t.failure.Load(), boundary: fc.AtBoundary()}, true
 		case stopping:
 			return srvEnd{clientStopped: true}, true
-		case t.cut.Load() && !inFlight && fc.atBoundary():
+		case t.cut.Load() && !inFlight && fc.AtBoundary():
 			if t.tokenExpired.Load() {
 				return srvEnd{why: "token expired", notify: errTokenExpiredCut, boundary: true}, true
 			}
@@ -1503,31 +1504,12 @@ func (t *txnSession) serverReadFailed(sc *serverConn, fc *frameCopier, err error
 	if stopping {
 		return srvEnd{clientStopped: true}, true
 	}
-	e := srvEnd{why: "upstream closed", boundary: fc.atBoundary()}
-	if errors.Is(err, errFraming) {
+	e := srvEnd{why: "upstream closed", boundary: fc.AtBoundary()}
+	if errors.Is(err, wire.ErrFraming) {
 		e.why = "upstream protocol violation"
 	}
 	if !lastError {
 		e.notify = errUpstreamLost
 	}
 	return e, true
-}
-
-// noteApplied records that sc carries settings and the identity idKey.
-func (sc *serverConn) noteApplied(settings map[string]string, idKey string) {
-	if sc.applied == nil {
-		sc.applied = make(map[string]string, len(settings))
-	}
-	for k, v := range settings {
-		sc.applied[k] = v
-	}
-	sc.identity = idKey
-}
-
-// stmts is the server's cache of prepared statements, made on first use.
-func (sc *serverConn) stmts() *stmtCache {
-	if sc.stmtCache == nil {
-		sc.stmtCache = newStmtCache(sc.maxStmts)
-	}
-	return sc.stmtCache
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgwarden/pgwarden/broker"
+	"github.com/pgwarden/pgwarden/pool"
 	"github.com/pgwarden/pgwarden/proxy"
 )
 
@@ -34,7 +35,7 @@ func txnProxy(t *testing.T, mode string, servers int) (*proxy.Server, string) {
 	r.Modes = map[string]string{"reader": mode, "writer": mode}
 	routes["app"] = r
 	return startProxy(t, proxy.Config{Routes: routes, Credentials: fixedCred(cred),
-		Pool: proxy.PoolConfig{MaxPerPool: servers, MaxTotal: servers}})
+		Pool: pool.Config{MaxPerPool: servers, MaxTotal: servers}})
 }
 
 func pgxConnect(t *testing.T, addr, subject string, mode pgx.QueryExecMode) *pgx.Conn {
@@ -433,7 +434,7 @@ func TestTxnClientMovesToTheNextCredentialAtATransactionBoundary(t *testing.T) {
 	r := routes["app"]
 	r.Modes = map[string]string{"reader": proxy.PoolTransaction}
 	routes["app"] = r
-	_, addr := startProxy(t, proxy.Config{Routes: routes, Credentials: credFunc(creds), Pool: proxy.PoolConfig{MaxPerPool: 2, MaxTotal: 2}})
+	_, addr := startProxy(t, proxy.Config{Routes: routes, Credentials: credFunc(creds), Pool: pool.Config{MaxPerPool: 2, MaxTotal: 2}})
 	c := dial(t, addr, "reader", "cal")
 	ctx := context.Background()
 	user, err := query1(ctx, c, "select current_user")

@@ -27,6 +27,7 @@ import (
 	"github.com/pgwarden/pgwarden/broker/vaultinit"
 	"github.com/pgwarden/pgwarden/internal/config"
 	"github.com/pgwarden/pgwarden/metrics"
+	"github.com/pgwarden/pgwarden/pool"
 	"github.com/pgwarden/pgwarden/proxy"
 )
 
@@ -79,7 +80,7 @@ func VerifierConfig(cfg *config.Config) authn.Config {
 // the first one refused.
 func CheckUpstreams(cfg *config.Config) error {
 	for i, d := range cfg.Databases {
-		if _, err := proxy.ParseUpstream(d.Upstream, proxy.UpstreamPolicy{AllowInsecure: d.AllowInsecureUpstream}); err != nil {
+		if _, err := pool.ParseUpstream(d.Upstream, pool.UpstreamPolicy{AllowInsecure: d.AllowInsecureUpstream}); err != nil {
 			return fmt.Errorf("config: databases[%d].upstream: %w", i, err)
 		}
 	}
@@ -104,7 +105,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 	for _, d := range cfg.Databases {
 		ad := authn.Database{Name: d.Name}
 		r := proxy.Route{Upstream: d.Upstream, VaultRoles: map[string]string{}, Scopes: map[string]string{}, Static: map[string]bool{},
-			Modes: map[string]string{}, Policy: proxy.UpstreamPolicy{AllowInsecure: d.AllowInsecureUpstream}}
+			Modes: map[string]string{}, Policy: pool.UpstreamPolicy{AllowInsecure: d.AllowInsecureUpstream}}
 		for _, l := range d.Levels {
 			ad.Levels = append(ad.Levels, authn.Level{Name: l.Name, Groups: l.Groups})
 			r.VaultRoles[l.Name] = l.VaultRole

@@ -12,7 +12,7 @@ import (
 	"github.com/pgwarden/pgwarden/console"
 	"github.com/pgwarden/pgwarden/internal/config"
 	"github.com/pgwarden/pgwarden/pgerror"
-	"github.com/pgwarden/pgwarden/proxy"
+	"github.com/pgwarden/pgwarden/pool"
 )
 
 // SetReloader gives RELOAD (in the admin console) the way to read the
@@ -21,8 +21,8 @@ import (
 func (a *App) SetReloader(load func() (*config.Config, error)) { a.reloader.Store(&load) }
 
 // poolConfig is the proxy's part of cfg.Pool.
-func poolConfig(cfg *config.Config) proxy.PoolConfig {
-	return proxy.PoolConfig{MaxPerPool: cfg.Pool.MaxPerPool, MaxTotal: cfg.Pool.MaxTotal,
+func poolConfig(cfg *config.Config) pool.Config {
+	return pool.Config{MaxPerPool: cfg.Pool.MaxPerPool, MaxTotal: cfg.Pool.MaxTotal,
 		AcquireTimeout: cfg.Pool.AcquireTimeout.D(), IdleTimeout: cfg.Pool.IdleTimeout.D(),
 		DialTimeout: cfg.Pool.DialTimeout.D(), PingAfterIdle: cfg.Pool.PingAfterIdle.D(), PingTimeout: cfg.Pool.PingTimeout.D(),
 		MaxPreparedStatements: cfg.Pool.MaxPreparedStatements}

@@ -1,6 +1,6 @@
 //go:build linux || darwin || freebsd || netbsd || openbsd
 
-package proxy
+package wire
 
 import (
 	"io"
@@ -35,9 +35,9 @@ type rawIOConn struct {
 	writeFn func(fd uintptr) bool
 }
 
-// withRawIO returns c with raw reads and writes when it is a plain TCP or
+// WithRawIO returns c with raw reads and writes when it is a plain TCP or
 // unix connection, and c itself otherwise.
-func withRawIO(c net.Conn) net.Conn {
+func WithRawIO(c net.Conn) net.Conn {
 	var rc syscall.RawConn
 	switch c := c.(type) {
 	case *net.TCPConn:
@@ -53,7 +53,7 @@ func withRawIO(c net.Conn) net.Conn {
 	return r
 }
 
-// SyscallConn gives the socket, for peekClosed.
+// SyscallConn gives the socket, for PeekClosed.
 func (c *rawIOConn) SyscallConn() (syscall.RawConn, error) { return c.rc, nil }
 
 func (c *rawIOConn) Read(p []byte) (int, error) {

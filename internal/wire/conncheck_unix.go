@@ -1,6 +1,6 @@
 //go:build linux || darwin || freebsd || netbsd || openbsd
 
-package proxy
+package wire
 
 import (
 	"crypto/tls"
@@ -10,11 +10,12 @@ import (
 	"syscall"
 )
 
-// peekClosed looks at an idle connection's socket without reading from it or
-// blocking (recv with MSG_PEEK|MSG_DONTWAIT): a peer that closed (EOF) or
-// sent something is reported as an error; one with nothing to say, as nil.
+// PeekClosed looks at an idle connection's socket without reading from it or
+// blocking (recv with MSG_PEEK|MSG_DONTWAIT): a peer that closed (io.EOF) or
+// sent something (ErrUnexpectedData) is reported as an error; one with
+// nothing to say, as nil. A TLS connection is looked at beneath its TLS.
 // It cannot see a silent network cut; a ping after an idle period does.
-func peekClosed(c net.Conn) error {
+func PeekClosed(c net.Conn) error {
 	if tc, ok := c.(*tls.Conn); ok {
 		c = tc.NetConn()
 	}
@@ -45,5 +46,5 @@ func peekClosed(c net.Conn) error {
 	case n == 0:
 		return io.EOF
 	}
-	return errUnexpectedData
+	return ErrUnexpectedData
 }

@@ -1,4 +1,4 @@
-package proxy
+package wire
 
 import (
 	"bufio"
@@ -9,6 +9,13 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// serverBufSize and clientBufSize are the sizes of the relay's buffers on
+// the upstream side (package pool) and the client side (package proxy).
+const (
+	serverBufSize = 16 << 10
+	clientBufSize = 16 << 10
 )
 
 // loopReader replays the same bytes forever, so the relay can be measured
@@ -35,14 +42,14 @@ func messages(t testing.TB) []byte {
 
 // The relay's steady state must not allocate per message.
 func TestCopyFrameDoesNotAllocate(t *testing.T) {
-	fc := frameCopier{src: bufio.NewReaderSize(&loopReader{data: messages(t)}, serverBufSize), dst: bufio.NewWriterSize(io.Discard, clientBufSize)}
+	fc := FrameCopier{Src: bufio.NewReaderSize(&loopReader{data: messages(t)}, serverBufSize), Dst: bufio.NewWriterSize(io.Discard, clientBufSize)}
 	allocs := testing.AllocsPerRun(1000, func() {
-		if _, _, _, err := fc.next(); err != nil {
+		if _, _, _, err := fc.Next(); err != nil {
 			t.Fatal(err)
 		}
 	})
 	if allocs != 0 {
-		t.Fatalf("frameCopier.next allocates %.1f times per message; the relay must not", allocs)
+		t.Fatalf("FrameCopier.Next allocates %.1f times per message; the relay must not", allocs)
 	}
 }
 
@@ -53,12 +60,12 @@ func TestCopyFrameReportsReadyStatusAndLargeBodies(t *testing.T) {
 	in := append(big, z...)
 	var out bytes.Buffer
 	dst := bufio.NewWriter(&out)
-	fc := frameCopier{src: bufio.NewReaderSize(bytes.NewReader(in), 4096), dst: dst}
-	typ, _, n, err := fc.next()
+	fc := FrameCopier{Src: bufio.NewReaderSize(bytes.NewReader(in), 4096), Dst: dst}
+	typ, _, n, err := fc.Next()
 	if err != nil || typ != 'D' || n != len(big) {
 		t.Fatalf("big DataRow: %q %d %v", typ, n, err)
 	}
-	typ, status, _, err := fc.next()
+	typ, status, _, err := fc.Next()
 	if err != nil || typ != 'Z' || status != 'T' {
 		t.Fatalf("ReadyForQuery: %q %q %v", typ, status, err)
 	}
@@ -104,15 +111,15 @@ func TestRetirementInterruptMidMessageKeepsTheStream(t *testing.T) {
 	for _, step := range []int{1, 3, 7, 4096, 70_000} {
 		var out bytes.Buffer
 		dst := bufio.NewWriter(&out)
-		fc := frameCopier{src: bufio.NewReaderSize(&interruptingReader{data: in, step: step}, 8192), dst: dst}
+		fc := FrameCopier{Src: bufio.NewReaderSize(&interruptingReader{data: in, step: step}, 8192), Dst: dst}
 		var types []byte
 		interrupts := 0
 		for {
-			typ, _, _, err := fc.next()
+			typ, _, _, err := fc.Next()
 			if errors.Is(err, io.EOF) {
 				break
 			}
-			if isTimeout(err) {
+			if IsTimeout(err) {
 				interrupts++
 				continue // what serverToClient does after checking its flags
 			}
@@ -120,7 +127,7 @@ func TestRetirementInterruptMidMessageKeepsTheStream(t *testing.T) {
 				t.Fatalf("step %d: %v", step, err)
 			}
 			types = append(types, typ)
-			if !fc.atBoundary() {
+			if !fc.AtBoundary() {
 				t.Fatalf("step %d: a whole message copied but not at a boundary", step)
 			}
 		}
@@ -136,12 +143,41 @@ func TestRetirementInterruptMidMessageKeepsTheStream(t *testing.T) {
 
 func BenchmarkCopyFrame(b *testing.B) {
 	msgs := messages(b)
-	fc := frameCopier{src: bufio.NewReaderSize(&loopReader{data: msgs}, serverBufSize), dst: bufio.NewWriterSize(io.Discard, clientBufSize)}
+	fc := FrameCopier{Src: bufio.NewReaderSize(&loopReader{data: msgs}, serverBufSize), Dst: bufio.NewWriterSize(io.Discard, clientBufSize)}
 	b.ReportAllocs()
 	b.SetBytes(int64(len(msgs)) / 3)
 	for b.Loop() {
-		if _, _, _, err := fc.next(); err != nil {
+		if _, _, _, err := fc.Next(); err != nil {
 			b.Fatal(err)
 		}
 	}
+}
+
+// FuzzCopyFrame relays arbitrary bytes frame by frame, interrupted by a
+// deadline between every few bytes: every byte that forms complete frames
+// comes out unchanged, and a short length is refused.
+func FuzzCopyFrame(f *testing.F) {
+	z, _ := (&pgproto3.ReadyForQuery{TxStatus: 'I'}).Encode(nil)
+	q, _ := (&pgproto3.Query{String: "select 1"}).Encode(nil)
+	f.Add(append(q, z...))
+	f.Add([]byte{'X', 0, 0, 0, 3})
+	f.Add([]byte{'d', 0, 0, 0, 4})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		var out bytes.Buffer
+		dst := bufio.NewWriter(&out)
+		fc := FrameCopier{Src: bufio.NewReaderSize(&interruptingReader{data: in, step: 5}, 16), Dst: dst}
+		for {
+			_, _, _, err := fc.Next()
+			if IsTimeout(err) {
+				continue
+			}
+			if err != nil {
+				break
+			}
+		}
+		_ = dst.Flush()
+		if !bytes.HasPrefix(in, out.Bytes()) {
+			t.Fatalf("relayed bytes differ from the input prefix")
+		}
+	})
 }

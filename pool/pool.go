@@ -1,10 +1,12 @@
-package proxy
+package pool
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -13,32 +15,34 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgwarden/pgwarden/broker"
+	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
 )
 
-// poolSet holds one pool per (database, access level) and bounds the number
-// of upstream connections per pool and in total.
+// Set holds one pool per (database, access level) and bounds the number
+// of upstream connections per pool and in total. It is safe for concurrent
+// use.
 //
 // It owns every upstream connection: it opens them, lends them to one client
-// at a time (acquire), takes them back (release, discard) and is the only one
-// to close them. A connection is never handed out, and never kept idle, past
-// its credential's retirement: Vault drops the role at the lease's end and a
-// session of a dropped role still answers `select 1` while failing every
-// privilege check, so no liveness probe could catch it. An idle connection is
-// checked before it is lent (see serverConn.alive), since the server may have
-// ended it meanwhile.
+// at a time (Acquire), takes them back (Release, Checkin, Discard) and is the
+// only one to let go of them. A connection is never handed out, and never
+// kept idle, past its credential's retirement: Vault drops the role at the
+// lease's end and a session of a dropped role still answers `select 1` while
+// failing every privilege check, so no liveness probe could catch it. An idle
+// connection is checked before it is lent (see Server.alive), since the
+// server may have ended it meanwhile.
 //
 // When the total is reached and a pool needs a connection, the longest-idle
 // connection of another pool is closed to make room, so one pool's idle
 // connections never starve the others.
-type poolSet struct {
-	cfg *Config
+type Set struct {
+	opts Options
 
 	mu      sync.Mutex
-	pools   map[poolKey]*pool // guarded by mu
-	total   int               // guarded by mu; connections open or being opened, all pools
-	changed chan struct{}     // guarded by mu; closed (and replaced) when a slot frees or a connection turns idle
-	closed  bool              // guarded by mu
+	pools   map[Key]*pool // guarded by mu
+	total   int           // guarded by mu; connections open or being opened, all pools
+	changed chan struct{} // guarded by mu; closed (and replaced) when a slot frees or a connection turns idle
+	closed  bool          // guarded by mu
 	// baselines are each database user's role-level settings as its first
 	// session found them (see rolesettings.go), keyed by user name — a
 	// static role's user outlives each credential Vault rotates for it, and
@@ -46,11 +50,11 @@ type poolSet struct {
 	// guarded by mu, dropped when a dynamic user's credential is finished.
 	baselines map[string]baseline
 
-	// limits are cfg.Pool, replaced whole by RELOAD.
-	limits atomic.Pointer[PoolConfig]
+	// limits are the Config in force, replaced whole by SetLimits (RELOAD).
+	limits atomic.Pointer[Config]
 	// servers are every connection open or being checked, for SHOW
 	// SERVERS; guarded by mu.
-	servers map[*serverConn]struct{}
+	servers map[*Server]struct{}
 	// paused databases: no server is lent for them until RESUME; a client
 	// that needs one waits (up to AcquireTimeout). resumed is closed (and
 	// replaced) by RESUME; guarded by mu.
@@ -62,10 +66,70 @@ type poolSet struct {
 	closeOnce sync.Once
 }
 
-// lim is the pool limits in force.
-func (ps *poolSet) lim() *PoolConfig { return ps.limits.Load() }
+// Options are what a Set needs besides its limits. They do not change for
+// the Set's life.
+type Options struct {
+	// Upstreams maps each database name, as clients ask for it, to where
+	// its connections go. NewSet parses every one; Acquire refuses a
+	// database not in it (3D000).
+	Upstreams map[string]Upstream
+	// WriteTimeout bounds every write to an upstream session: one that
+	// takes no bytes for this long fails. Default 60s.
+	WriteTimeout time.Duration
+	// Logger. Default slog.Default().
+	Logger *slog.Logger
+	// Now is the clock for idle times. Default time.Now.
+	Now func() time.Time
+}
 
-type poolKey struct{ database, level string }
+// Upstream is where one database's connections go.
+type Upstream struct {
+	// Conn is a PostgreSQL connection string (keyword/value or URL) without
+	// user or password.
+	Conn string
+	// Policy is what ParseUpstream enforces on Conn (TLS, SCRAM).
+	Policy UpstreamPolicy
+}
+
+// NewSet returns a Set with limits cfg (its defaults filled in; see
+// Config.CheckAndSetDefaults) and starts its background reaper, which
+// Close stops. It fails when cfg is invalid or an upstream does not parse.
+func NewSet(cfg Config, opts Options) (*Set, error) {
+	if err := cfg.CheckAndSetDefaults(); err != nil {
+		return nil, err
+	}
+	if opts.WriteTimeout == 0 {
+		opts.WriteTimeout = 60 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	ps := &Set{opts: opts, pools: map[Key]*pool{}, changed: make(chan struct{}), stop: make(chan struct{}),
+		baselines: map[string]baseline{}, servers: map[*Server]struct{}{}, paused: map[string]bool{}, resumed: make(chan struct{})}
+	ps.limits.Store(&cfg)
+	// Parse every upstream now, so a bad connection string fails at start.
+	for db, u := range opts.Upstreams {
+		if _, err := ParseUpstream(u.Conn, u.Policy); err != nil {
+			return nil, fmt.Errorf("database %q: upstream: %w", db, err)
+		}
+	}
+	ps.reaperWG.Add(1)
+	go ps.reap()
+	return ps, nil
+}
+
+// lim is the pool limits in force.
+func (ps *Set) lim() *Config { return ps.limits.Load() }
+
+// Limits returns the limits in force. The Config must not be modified.
+func (ps *Set) Limits() *Config { return ps.lim() }
+
+// Key names a pool: the database as clients ask for it and the access
+// level.
+type Key struct{ Database, Level string }
 
 // baseline is a database user's recorded role settings and the newest
 // credential seen for it.
@@ -75,47 +139,31 @@ type baseline struct {
 }
 
 type pool struct {
-	key  poolKey
+	key  Key
 	tmpl *pgconn.Config
-	// All guarded by poolSet.mu.
-	open    int           // connections open or being opened: idle + active
-	active  int           // lent to a client, being opened or being checked
-	idle    []*serverConn // least recently used first
-	waiters []*waiter     // clients waiting for a connection, first come first
+	// All guarded by Set.mu.
+	open    int       // connections open or being opened: idle + active
+	active  int       // lent to a client, being opened or being checked
+	idle    []*Server // least recently used first
+	waiters []*waiter // clients waiting for a connection, first come first
 }
 
-// waiter is a client waiting in acquire. A connection checked in under its
+// waiter is a client waiting in Acquire. A connection checked in under its
 // credential is handed to it directly (already counted active), so a busy
 // pool serves its queue in order without waking everyone.
 type waiter struct {
 	cred *broker.Credential
-	ch   chan *serverConn // buffered: the hand-off never blocks
-}
-
-func newPoolSet(cfg *Config) (*poolSet, error) {
-	ps := &poolSet{cfg: cfg, pools: map[poolKey]*pool{}, changed: make(chan struct{}), stop: make(chan struct{}),
-		baselines: map[string]baseline{}, servers: map[*serverConn]struct{}{}, paused: map[string]bool{}, resumed: make(chan struct{})}
-	limits := cfg.Pool
-	ps.limits.Store(&limits)
-	// Parse every upstream now, so a bad connection string fails at start.
-	for db, r := range cfg.Routes {
-		if _, err := ParseUpstream(r.Upstream, r.Policy); err != nil {
-			return nil, fmt.Errorf("proxy: database %q: upstream: %w", db, err)
-		}
-	}
-	ps.reaperWG.Add(1)
-	go ps.reap()
-	return ps, nil
+	ch   chan *Server // buffered: the hand-off never blocks
 }
 
 // changedLocked wakes everyone waiting for room.
-func (ps *poolSet) changedLocked() {
+func (ps *Set) changedLocked() {
 	close(ps.changed)
 	ps.changed = make(chan struct{})
 }
 
-func (ps *poolSet) get(database, level string, route Route) (*pool, error) {
-	k := poolKey{database, level}
+func (ps *Set) get(database, level string) (*pool, error) {
+	k := Key{database, level}
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	if ps.closed {
@@ -124,7 +172,11 @@ func (ps *poolSet) get(database, level string, route Route) (*pool, error) {
 	if p := ps.pools[k]; p != nil {
 		return p, nil
 	}
-	tmpl, err := ParseUpstream(route.Upstream, route.Policy)
+	u, ok := ps.opts.Upstreams[database]
+	if !ok {
+		return nil, pgerror.Newf(pgerror.InvalidCatalogName, "database %q has no upstream", database)
+	}
+	tmpl, err := ParseUpstream(u.Conn, u.Policy)
 	if err != nil {
 		return nil, pgerror.Wrap(err, pgerror.ConfigurationFileError, "upstream connection string is invalid")
 	}
@@ -135,15 +187,19 @@ func (ps *poolSet) get(database, level string, route Route) (*pool, error) {
 
 var errShuttingDown = pgerror.New(pgerror.AdminShutdown, "pgwarden is shutting down")
 
-// acquire lends a connection of (database, level) under cred: an idle one
+// Acquire lends a connection of (database, level) under cred: an idle one
 // that is still alive, or a new one. Only a connection under cred itself is
 // lent, so one person's lease (identity scope) never serves another, and
 // after a rotation new sessions use the new credential. When the pool is full
 // of idle connections under other credentials the longest idle is closed to
 // make room; when the pool or the total is full of busy ones it waits up to
-// AcquireTimeout.
-func (ps *poolSet) acquire(ctx context.Context, database, level string, route Route, cred *broker.Credential) (*serverConn, error) {
-	p, err := ps.get(database, level, route)
+// AcquireTimeout. The caller holds the Server until it gives it back with
+// Release, Checkin or Discard. Errors carry a SQLSTATE: 53300 when no
+// connection came in time (or the database is paused), 57P01 once the Set
+// is closed, PostgreSQL's own (*pgconn.PgError) when it refused the login,
+// 08006 when it could not be reached.
+func (ps *Set) Acquire(ctx context.Context, database, level string, cred *broker.Credential) (*Server, error) {
+	p, err := ps.get(database, level)
 	if err != nil {
 		return nil, err
 	}
@@ -152,7 +208,7 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 	defer func() {
 		if w != nil {
 			if sc := ps.leaveQueue(p, w); sc != nil {
-				ps.checkin(sc, false) // handed over after this acquire returned otherwise
+				ps.Checkin(sc, false) // handed over after this Acquire returned otherwise
 			}
 		}
 	}()
@@ -186,9 +242,9 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 			p.active++
 			ps.mu.Unlock()
 			if err := ps.check(ctx, sc); err != nil {
-				ps.cfg.Logger.Debug("idle upstream session not reusable; closing", "backend_pid", sc.pid, "error", err)
-				ps.discard(sc)
-				if isTimeout(err) {
+				ps.opts.Logger.Debug("idle upstream session not reusable; closing", "backend_pid", sc.PID, "error", err)
+				ps.Discard(sc)
+				if wire.IsTimeout(err) {
 					// A silent network: the sessions idle as long as this one
 					// most likely went with it. Do not ping each in turn.
 					ps.dropIdleSince(p, sc.lastUsed)
@@ -197,7 +253,7 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 			}
 			return sc, nil
 		}
-		var victim *serverConn
+		var victim *Server
 		if p.open >= ps.lim().MaxPerPool && len(p.idle) > 0 {
 			// Full of idle sessions under other credentials: the longest
 			// idle makes room.
@@ -217,9 +273,9 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 				ps.total++
 				ps.mu.Unlock()
 				if victim != nil {
-					ps.cfg.Logger.Debug("closed an idle upstream session to make room",
-						"database", victim.pool.key.database, "level", victim.pool.key.level, "backend_pid", victim.pid)
-					victim.close()
+					ps.opts.Logger.Debug("closed an idle upstream session to make room",
+						"database", victim.pool.key.Database, "level", victim.pool.key.Level, "backend_pid", victim.PID)
+					victim.Close()
 				}
 				sc, err := ps.open(ctx, p, cred)
 				if err != nil {
@@ -235,7 +291,7 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 			}
 		}
 		if w == nil {
-			w = &waiter{cred: cred, ch: make(chan *serverConn, 1)}
+			w = &waiter{cred: cred, ch: make(chan *Server, 1)}
 			p.waiters = append(p.waiters, w)
 		}
 		ch := ps.changed
@@ -258,7 +314,7 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 				return nil, pgerror.Wrap(ctx.Err(), pgerror.ConnectionFailure, "timed out waiting for an upstream connection")
 			}
 			return nil, pgerror.Newf(pgerror.TooManyConnections,
-				"too many upstream connections for database %q at level %q", p.key.database, p.key.level).
+				"too many upstream connections for database %q at level %q", p.key.Database, p.key.Level).
 				WithHint(fmt.Sprintf("Waited %v for a free connection; try again, or raise the pool limits.", ps.lim().AcquireTimeout))
 		}
 	}
@@ -266,7 +322,7 @@ func (ps *poolSet) acquire(ctx context.Context, database, level string, route Ro
 
 // leaveQueue takes w out of p's queue and returns a connection handed to it
 // meanwhile, if any.
-func (ps *poolSet) leaveQueue(p *pool, w *waiter) *serverConn {
+func (ps *Set) leaveQueue(p *pool, w *waiter) *Server {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	if i := slices.Index(p.waiters, w); i >= 0 {
@@ -282,15 +338,15 @@ func (ps *poolSet) leaveQueue(p *pool, w *waiter) *serverConn {
 
 // handOffLocked gives sc (lent, counted active) to the first client waiting
 // for a connection under its credential, and reports whether there was one.
-func (ps *poolSet) handOffLocked(sc *serverConn) bool {
+func (ps *Set) handOffLocked(sc *Server) bool {
 	p := sc.pool
-	if ps.paused[p.key.database] {
+	if ps.paused[p.key.Database] {
 		return false // PAUSE: it waits idle; the waiters wait for RESUME
 	}
 	for i, w := range p.waiters {
-		if w.cred == sc.cred {
+		if w.cred == sc.Cred {
 			p.waiters = slices.Delete(p.waiters, i, i+1)
-			sc.lastUsed = ps.cfg.Now()
+			sc.lastUsed = ps.opts.Now()
 			w.ch <- sc
 			return true
 		}
@@ -299,31 +355,33 @@ func (ps *poolSet) handOffLocked(sc *serverConn) bool {
 }
 
 // forget takes a closed connection out of the registry.
-func (ps *poolSet) forget(sc *serverConn) {
+func (ps *Set) forget(sc *Server) {
 	ps.mu.Lock()
 	delete(ps.servers, sc)
 	ps.mu.Unlock()
 }
 
-// SetPoolConfig replaces the pool limits (RELOAD). Connections already open
-// beyond a lowered limit close as they are released or idle out.
-func (s *Server) SetPoolConfig(pc PoolConfig) error {
-	c := Config{Verifier: s.cfg.Verifier, Authorizer: s.cfg.Authorizer, Credentials: s.cfg.Credentials, Routes: s.cfg.Routes, Pool: pc}
-	if err := c.checkAndSetDefaults(); err != nil {
+// SetLimits replaces the limits (RELOAD), after filling in cfg's defaults
+// and checking it (Config.CheckAndSetDefaults, whose error it returns).
+// Connections already open beyond a lowered limit close as they are
+// released or idle out.
+func (ps *Set) SetLimits(cfg Config) error {
+	if err := cfg.CheckAndSetDefaults(); err != nil {
 		return err
 	}
-	s.pools.limits.Store(&c.Pool)
-	s.pools.mu.Lock()
-	s.pools.changedLocked()
-	s.pools.mu.Unlock()
+	ps.limits.Store(&cfg)
+	ps.mu.Lock()
+	ps.changedLocked()
+	ps.mu.Unlock()
 	return nil
 }
 
-// pause stops lending servers for database ("" for every one) and waits
-// until none of its servers is lent, or ctx ends.
-func (ps *poolSet) pause(ctx context.Context, database string) error {
+// Pause stops lending servers for database ("" for every one) and waits
+// until none of its servers is lent, or ctx ends (then the pause stays in
+// effect, and the error, 55006, says so).
+func (ps *Set) Pause(ctx context.Context, database string) error {
 	ps.mu.Lock()
-	for db := range ps.cfg.Routes {
+	for db := range ps.opts.Upstreams {
 		if database == "" || db == database {
 			ps.paused[db] = true
 		}
@@ -333,7 +391,7 @@ func (ps *poolSet) pause(ctx context.Context, database string) error {
 		ps.mu.Lock()
 		busy := 0
 		for k, p := range ps.pools {
-			if database == "" || k.database == database {
+			if database == "" || k.Database == database {
 				busy += p.active
 			}
 		}
@@ -351,8 +409,8 @@ func (ps *poolSet) pause(ctx context.Context, database string) error {
 	}
 }
 
-// resume lends servers for database ("" for every one) again.
-func (ps *poolSet) resume(database string) {
+// Resume lends servers for database ("" for every one) again.
+func (ps *Set) Resume(database string) {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	for db := range ps.paused {
@@ -366,9 +424,9 @@ func (ps *poolSet) resume(database string) {
 
 // lastIdleUnder is the index of the most recently used idle connection
 // under cred, or -1.
-func lastIdleUnder(idle []*serverConn, cred *broker.Credential) int {
+func lastIdleUnder(idle []*Server, cred *broker.Credential) int {
 	for i := len(idle) - 1; i >= 0; i-- {
-		if idle[i].cred == cred {
+		if idle[i].Cred == cred {
 			return i
 		}
 	}
@@ -378,7 +436,7 @@ func lastIdleUnder(idle []*serverConn, cred *broker.Credential) int {
 // evictLocked takes the longest-idle connection of any pool out of the set
 // (its slot is the caller's now) and returns it for the caller to close, or
 // nil when no connection is idle.
-func (ps *poolSet) evictLocked() *serverConn {
+func (ps *Set) evictLocked() *Server {
 	var from *pool
 	for _, q := range ps.pools {
 		if len(q.idle) > 0 && (from == nil || q.idle[0].lastUsed.Before(from.idle[0].lastUsed)) {
@@ -399,9 +457,9 @@ func (ps *poolSet) evictLocked() *serverConn {
 // check decides whether an idle connection may be lent: its credential has
 // not retired, and it is alive. A ping waits PingTimeout at most, and never
 // past ctx's deadline (the client's authentication deadline).
-func (ps *poolSet) check(ctx context.Context, sc *serverConn) error {
-	now := ps.cfg.Now()
-	if sc.cred.Stale() {
+func (ps *Set) check(ctx context.Context, sc *Server) error {
+	now := ps.opts.Now()
+	if sc.Cred.Stale() {
 		return errors.New("credential retired or superseded")
 	}
 	if now.Sub(sc.lastUsed) < ps.lim().PingAfterIdle {
@@ -413,19 +471,19 @@ func (ps *poolSet) check(ctx context.Context, sc *serverConn) error {
 }
 
 // dropIdleSince closes p's idle connections last used at or before t.
-func (ps *poolSet) dropIdleSince(p *pool, t time.Time) {
+func (ps *Set) dropIdleSince(p *pool, t time.Time) {
 	ps.mu.Lock()
-	dead := ps.takeIdleLocked(p, func(c *serverConn) bool { return !c.lastUsed.After(t) })
+	dead := ps.takeIdleLocked(p, func(c *Server) bool { return !c.lastUsed.After(t) })
 	ps.mu.Unlock()
 	for _, c := range dead {
-		c.close()
+		c.Close()
 	}
 }
 
 // takeIdleLocked takes p's idle connections for which drop is true out of
 // the set (their slots free) and returns them for the caller to close.
-func (ps *poolSet) takeIdleLocked(p *pool, drop func(*serverConn) bool) []*serverConn {
-	var dead []*serverConn
+func (ps *Set) takeIdleLocked(p *pool, drop func(*Server) bool) []*Server {
+	var dead []*Server
 	keep := p.idle[:0]
 	for _, c := range p.idle {
 		if drop(c) {
@@ -448,17 +506,17 @@ func (ps *poolSet) takeIdleLocked(p *pool, drop func(*serverConn) bool) []*serve
 // credential records its role-level settings; a later one that finds them
 // changed (by some session of that shared user) restores them and is
 // replaced by a clean session (see rolesettings.go).
-func (ps *poolSet) open(ctx context.Context, p *pool, cred *broker.Credential) (*serverConn, error) {
+func (ps *Set) open(ctx context.Context, p *pool, cred *broker.Credential) (*Server, error) {
 	for attempt := 0; ; attempt++ {
-		sc, err := dialServer(ctx, p.tmpl, cred, ps.lim().DialTimeout, ps.cfg.WriteTimeout)
+		sc, err := dialServer(ctx, p.tmpl, cred, ps.lim().DialTimeout, ps.opts.WriteTimeout)
 		if err != nil {
 			return nil, err
 		}
 		sc.maxStmts = ps.lim().MaxPreparedStatements
 		got, err := sc.readRoleSettings(ctx)
 		if err != nil {
-			sc.close()
-			return nil, upstreamFailure(err)
+			sc.Close()
+			return nil, UpstreamFailure(err)
 		}
 		ps.mu.Lock()
 		bl, known := ps.baselines[cred.Username]
@@ -478,8 +536,8 @@ func (ps *poolSet) open(ctx context.Context, p *pool, cred *broker.Credential) (
 			return sc, nil
 		}
 		changed, err := sc.restoreRoleSettings(ctx, got, want)
-		sc.close()
-		log := ps.cfg.Logger.With("database", p.key.database, "level", p.key.level, "db_user", cred.Username,
+		sc.Close()
+		log := ps.opts.Logger.With("database", p.key.Database, "level", p.key.Level, "db_user", cred.Username,
 			"settings", strings.Join(changed, ", "))
 		if err != nil || attempt > 0 {
 			log.Error("a shared database user's role-level settings were changed and could not be restored", "error", err)
@@ -492,27 +550,27 @@ func (ps *poolSet) open(ctx context.Context, p *pool, cred *broker.Credential) (
 	}
 }
 
-// release resets sc (DISCARD ALL) and checks it in: the end of a session
+// Release resets sc (DISCARD ALL) and checks it in: the end of a session
 // in session mode.
-func (ps *poolSet) release(sc *serverConn) { ps.checkin(sc, true) }
+func (ps *Set) Release(sc *Server) { ps.Checkin(sc, true) }
 
-// checkin takes back a lent connection: handed to the first client waiting
+// Checkin takes back a lent connection: handed to the first client waiting
 // under its credential, or made idle; closed instead when it cannot be
 // reused (reset failed, its credential retires, or the set is closed). With
 // reset it is returned to its startup state first; without (transaction
 // mode) it keeps its prepared statements, and the next client's settings
 // are applied over its own when it attaches.
-func (ps *poolSet) checkin(sc *serverConn, reset bool) {
+func (ps *Set) Checkin(sc *Server, reset bool) {
 	var err error
 	if reset {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err = sc.reset(ctx)
+		err = sc.Reset(ctx)
 		cancel()
 	}
-	now := ps.cfg.Now()
+	now := ps.opts.Now()
 	ps.mu.Lock()
 	p := sc.pool
-	if err == nil && !ps.closed && !sc.cred.Stale() {
+	if err == nil && !ps.closed && !sc.Cred.Stale() {
 		if ps.handOffLocked(sc) {
 			ps.mu.Unlock()
 			return
@@ -530,25 +588,26 @@ func (ps *poolSet) checkin(sc *serverConn, reset bool) {
 	ps.changedLocked()
 	ps.mu.Unlock()
 	if err != nil {
-		ps.cfg.Logger.Debug("upstream reset failed; closing", "error", err, "backend_pid", sc.pid)
+		ps.opts.Logger.Debug("upstream reset failed; closing", "error", err, "backend_pid", sc.PID)
 	}
-	sc.close()
+	sc.Close()
 }
 
-// discard closes a lent connection that must not be reused.
-func (ps *poolSet) discard(sc *serverConn) {
+// Discard takes back a lent connection that must not be reused, closes it
+// and frees its slot. It may follow the borrower's own Server.Close.
+func (ps *Set) Discard(sc *Server) {
 	ps.mu.Lock()
 	sc.pool.active--
 	sc.pool.open--
 	ps.total--
 	ps.changedLocked()
 	ps.mu.Unlock()
-	sc.close()
+	sc.Close()
 }
 
 // reap closes idle connections whose credential retires or that sat idle too
 // long, every second.
-func (ps *poolSet) reap() {
+func (ps *Set) reap() {
 	defer ps.reaperWG.Done()
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
@@ -558,12 +617,12 @@ func (ps *poolSet) reap() {
 			return
 		case <-t.C:
 		}
-		now := ps.cfg.Now()
-		var dead []*serverConn
+		now := ps.opts.Now()
+		var dead []*Server
 		ps.mu.Lock()
 		for _, p := range ps.pools {
-			dead = append(dead, ps.takeIdleLocked(p, func(c *serverConn) bool {
-				return c.cred.Stale() || now.Sub(c.lastUsed) >= ps.lim().IdleTimeout
+			dead = append(dead, ps.takeIdleLocked(p, func(c *Server) bool {
+				return c.Cred.Stale() || now.Sub(c.lastUsed) >= ps.lim().IdleTimeout
 			})...)
 		}
 		for user, bl := range ps.baselines {
@@ -573,21 +632,21 @@ func (ps *poolSet) reap() {
 		}
 		ps.mu.Unlock()
 		for _, c := range dead {
-			c.close()
+			c.Close()
 		}
 	}
 }
 
-// close stops the reaper and closes idle connections; active ones are closed
-// by their sessions, which see closed and do not return them. Waiters are
-// woken and refused.
-func (ps *poolSet) close() {
+// Close stops the reaper and closes idle connections; lent ones are closed
+// as their borrowers give them back, and Acquire refuses from now on.
+// Waiters are woken and refused. It may be called more than once.
+func (ps *Set) Close() {
 	ps.closeOnce.Do(func() {
 		close(ps.stop)
 		ps.reaperWG.Wait()
 		ps.mu.Lock()
 		ps.closed = true
-		var idle []*serverConn
+		var idle []*Server
 		for _, p := range ps.pools {
 			idle = append(idle, p.idle...)
 			p.open -= len(p.idle)
@@ -597,17 +656,68 @@ func (ps *poolSet) close() {
 		ps.changedLocked()
 		ps.mu.Unlock()
 		for _, c := range idle {
-			c.close()
+			c.Close()
 		}
 	})
 }
 
-func (ps *poolSet) stats() []PoolStat {
+// Stat is a snapshot of one pool.
+type Stat struct {
+	Key
+	// Idle connections, Active ones (lent, being opened or being checked),
+	// and Open ones (both).
+	Idle, Active, Open int
+	// IdleUser is the database user of the most recently used idle
+	// connection; "" when none is idle.
+	IdleUser string
+}
+
+// Stats returns a snapshot of every pool, in no particular order, for
+// metrics and the console.
+func (ps *Set) Stats() []Stat {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
-	out := make([]PoolStat, 0, len(ps.pools))
+	out := make([]Stat, 0, len(ps.pools))
 	for k, p := range ps.pools {
-		out = append(out, PoolStat{Database: k.database, Level: k.level, Idle: len(p.idle), Active: p.active})
+		st := Stat{Key: k, Idle: len(p.idle), Active: p.active, Open: p.open}
+		if len(p.idle) > 0 {
+			st.IdleUser = p.idle[len(p.idle)-1].Cred.Username
+		}
+		out = append(out, st)
 	}
 	return out
+}
+
+// ServerState is one connection as SHOW SERVERS sees it.
+type ServerState struct {
+	Server *Server
+	Idle   bool // in its pool, not lent
+}
+
+// Servers returns every connection open or being checked, by ID. The
+// Servers are the Set's or their borrowers': read only what is safe to read
+// from another goroutine (ID, Key, PID, CancelAddr, Cred, Created, AppName,
+// Client, and Conn's addresses).
+func (ps *Set) Servers() []ServerState {
+	ps.mu.Lock()
+	idle := map[*Server]bool{}
+	for _, p := range ps.pools {
+		for _, sc := range p.idle {
+			idle[sc] = true
+		}
+	}
+	out := make([]ServerState, 0, len(ps.servers))
+	for sc := range ps.servers {
+		out = append(out, ServerState{Server: sc, Idle: idle[sc]})
+	}
+	ps.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Server.ID < out[j].Server.ID })
+	return out
+}
+
+// Paused reports whether database is paused (Pause).
+func (ps *Set) Paused(database string) bool {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	return ps.paused[database]
 }

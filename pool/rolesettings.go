@@ -1,4 +1,4 @@
-package proxy
+package pool
 
 import (
 	"context"
@@ -40,9 +40,9 @@ WHERE s.setrole = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = session_u
 ORDER BY 1, 2; COMMIT`
 
 // readRoleSettings returns the session user's role-level defaults, sorted.
-func (sc *serverConn) readRoleSettings(ctx context.Context) ([]roleSetting, error) {
+func (sc *Server) readRoleSettings(ctx context.Context) ([]roleSetting, error) {
 	var out []roleSetting
-	_, err := sc.simpleQuery(ctx, roleSettingsQuery, func(v [][]byte) {
+	_, err := sc.SimpleQuery(ctx, roleSettingsQuery, func(v [][]byte) {
 		if len(v) == 3 {
 			out = append(out, roleSetting{string(v[0]), string(v[1]), string(v[2])})
 		}
@@ -55,7 +55,7 @@ func (sc *serverConn) readRoleSettings(ctx context.Context) ([]roleSetting, erro
 // back to their recorded value (through set_config and SET ... FROM CURRENT,
 // so a value is restored exactly as PostgreSQL parsed it). It returns the
 // names that differed, for the log.
-func (sc *serverConn) restoreRoleSettings(ctx context.Context, got, want []roleSetting) ([]string, error) {
+func (sc *Server) restoreRoleSettings(ctx context.Context, got, want []roleSetting) ([]string, error) {
 	var b strings.Builder
 	b.WriteString(safeTx)
 	var changed []string
@@ -63,7 +63,7 @@ func (sc *serverConn) restoreRoleSettings(ctx context.Context, got, want []roleS
 		if db == "" {
 			return "ALTER ROLE SESSION_USER "
 		}
-		return "ALTER ROLE SESSION_USER IN DATABASE " + quoteIdent(db) + " "
+		return "ALTER ROLE SESSION_USER IN DATABASE " + QuoteIdent(db) + " "
 	}
 	key := func(r roleSetting) string { return r.database + "\x00" + r.name }
 	wantBy := map[string]roleSetting{}
@@ -75,7 +75,7 @@ func (sc *serverConn) restoreRoleSettings(ctx context.Context, got, want []roleS
 		gotBy[key(g)] = g
 		if _, ok := wantBy[key(g)]; !ok {
 			changed = append(changed, g.name)
-			b.WriteString(alter(g.database) + "RESET " + quoteSettingName(g.name) + "; ")
+			b.WriteString(alter(g.database) + "RESET " + QuoteSettingName(g.name) + "; ")
 		}
 	}
 	for _, w := range want {
@@ -83,29 +83,29 @@ func (sc *serverConn) restoreRoleSettings(ctx context.Context, got, want []roleS
 			continue
 		}
 		changed = append(changed, w.name)
-		b.WriteString("SELECT pg_catalog.set_config(" + quoteLiteral(w.name) + ", " + quoteLiteral(w.value) + ", true); ")
-		b.WriteString(alter(w.database) + "SET " + quoteSettingName(w.name) + " FROM CURRENT; ")
+		b.WriteString("SELECT pg_catalog.set_config(" + QuoteLiteral(w.name) + ", " + QuoteLiteral(w.value) + ", true); ")
+		b.WriteString(alter(w.database) + "SET " + QuoteSettingName(w.name) + " FROM CURRENT; ")
 	}
 	b.WriteString("COMMIT")
 	if len(changed) == 0 {
 		return nil, nil
 	}
-	st, err := sc.simpleQuery(ctx, b.String(), nil)
+	st, err := sc.SimpleQuery(ctx, b.String(), nil)
 	if err == nil && st != 'I' {
 		err = fmt.Errorf("session not idle after restoring role settings (status %q)", st)
 	}
 	if err != nil {
-		_, _ = sc.simpleQuery(ctx, "ROLLBACK", nil)
+		_, _ = sc.SimpleQuery(ctx, "ROLLBACK", nil)
 	}
 	return changed, err
 }
 
-// quoteSettingName quotes a setting name for ALTER ROLE: each dotted part
-// (myapp.tenant) as an identifier of its own.
-func quoteSettingName(name string) string {
+// QuoteSettingName quotes a setting name for ALTER ROLE or RESET: each
+// dotted part (myapp.tenant) as an identifier of its own.
+func QuoteSettingName(name string) string {
 	parts := strings.Split(name, ".")
 	for i, p := range parts {
-		parts[i] = quoteIdent(p)
+		parts[i] = QuoteIdent(p)
 	}
 	return strings.Join(parts, ".")
 }

@@ -1,4 +1,4 @@
-package proxy
+package wire
 
 import (
 	"bufio"
@@ -40,7 +40,7 @@ func TestRawReaderReadsEverythingAndTheEnd(t *testing.T) {
 	t.Parallel()
 	for range 20 {
 		client, server := tcpPair(t)
-		rr := withRawIO(server)
+		rr := WithRawIO(server)
 		if _, ok := rr.(*rawIOConn); !ok {
 			t.Fatal("a TCP connection gets no raw I/O")
 		}
@@ -70,9 +70,9 @@ func TestRawReaderReadsEverythingAndTheEnd(t *testing.T) {
 func TestRawReaderHonoursTheReadDeadline(t *testing.T) {
 	t.Parallel()
 	client, server := tcpPair(t)
-	rr := withRawIO(server)
+	rr := WithRawIO(server)
 	_ = server.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-	if _, err := rr.Read(make([]byte, 8)); !isTimeout(err) {
+	if _, err := rr.Read(make([]byte, 8)); !IsTimeout(err) {
 		t.Fatalf("Read = %v, want a timeout", err)
 	}
 	_ = server.SetReadDeadline(time.Time{})
@@ -92,7 +92,7 @@ func TestRawReaderHonoursTheReadDeadline(t *testing.T) {
 func TestDeadlineWriterRawPath(t *testing.T) {
 	t.Parallel()
 	client, server := tcpPair(t)
-	dw := newDeadlineWriter(withRawIO(server), 200*time.Millisecond)
+	dw := NewDeadlineWriter(WithRawIO(server), 200*time.Millisecond)
 	want := bytes.Repeat([]byte("y"), 1<<20)
 	done := make(chan []byte)
 	go func() {
@@ -107,18 +107,18 @@ func TestDeadlineWriterRawPath(t *testing.T) {
 	}
 	// Now the peer reads nothing: the socket buffers fill and the write times out.
 	_, err := dw.Write(bytes.Repeat([]byte("z"), 64<<20))
-	if !isTimeout(err) {
+	if !IsTimeout(err) {
 		t.Fatalf("writing to a peer that reads nothing: %v, want a timeout", err)
 	}
 }
 
-// A message relayed over real sockets — written by deadlineWriter, read by
+// A message relayed over real sockets — written by DeadlineWriter, read by
 // rawReader — allocates nothing: the relay's steady state must not.
 func TestRawIODoesNotAllocate(t *testing.T) {
 	client, server := tcpPair(t)
-	w := bufio.NewWriterSize(newDeadlineWriter(withRawIO(client), time.Minute), 4096)
-	r := bufio.NewReaderSize(withRawIO(server), 4096)
-	fc := frameCopier{src: r, dst: bufio.NewWriterSize(io.Discard, 4096)}
+	w := bufio.NewWriterSize(NewDeadlineWriter(WithRawIO(client), time.Minute), 4096)
+	r := bufio.NewReaderSize(WithRawIO(server), 4096)
+	fc := FrameCopier{Src: r, Dst: bufio.NewWriterSize(io.Discard, 4096)}
 	msg := messages(t)
 	allocs := testing.AllocsPerRun(200, func() {
 		if _, err := w.Write(msg); err != nil {
@@ -128,7 +128,7 @@ func TestRawIODoesNotAllocate(t *testing.T) {
 			t.Fatal(err)
 		}
 		for range 3 {
-			if _, _, _, err := fc.next(); err != nil {
+			if _, _, _, err := fc.Next(); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -139,7 +139,7 @@ func TestRawIODoesNotAllocate(t *testing.T) {
 }
 
 // BenchmarkRelayOverSockets is one small message through real sockets, as the
-// relay moves it: written by deadlineWriter, read by rawReader, copied by the
+// relay moves it: written by DeadlineWriter, read by rawReader, copied by the
 // frame copier.
 func BenchmarkRelayOverSockets(b *testing.B) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -159,10 +159,10 @@ func BenchmarkRelayOverSockets(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer client.Close()
-	raw := withRawIO(client)
-	w := bufio.NewWriterSize(newDeadlineWriter(raw, time.Minute), 4096)
+	raw := WithRawIO(client)
+	w := bufio.NewWriterSize(NewDeadlineWriter(raw, time.Minute), 4096)
 	r := bufio.NewReaderSize(raw, 4096)
-	fc := frameCopier{src: r, dst: bufio.NewWriterSize(io.Discard, 4096)}
+	fc := FrameCopier{Src: r, Dst: bufio.NewWriterSize(io.Discard, 4096)}
 	msg := messages(b)
 	b.ReportAllocs()
 	for b.Loop() {
@@ -171,7 +171,7 @@ func BenchmarkRelayOverSockets(b *testing.B) {
 			b.Fatal(err)
 		}
 		for range 3 {
-			if _, _, _, err := fc.next(); err != nil {
+			if _, _, _, err := fc.Next(); err != nil {
 				b.Fatal(err)
 			}
 		}

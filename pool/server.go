@@ -1,4 +1,4 @@
-package proxy
+package pool
 
 import (
 	"bufio"
@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"net/url"
@@ -17,55 +18,78 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgwarden/pgwarden/broker"
+	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
 )
 
-// serverConn is one upstream PostgreSQL session, opened by pgconn (which does
+// Server is one upstream PostgreSQL session, opened by pgconn (which does
 // SCRAM and TLS) and then hijacked so the relay owns the socket.
 //
-// Ownership: the pool owns it. A client borrows it from acquire to release
-// or discard, and while borrowed only that client's session goroutine (and
-// its relay goroutines) touch it; while idle only the pool does, under its
-// lock. Only the pool closes it for good.
-type serverConn struct {
-	conn   net.Conn
-	r      *bufio.Reader
-	w      *bufio.Writer
-	dw     *deadlineWriter // under w: bounds every write
-	pid    uint32
-	secret []byte
-	cancel cancelAddr         // where a CancelRequest for this backend goes
-	params map[string]string  // last ParameterStatus of each parameter
-	cred   *broker.Credential // held (Credential.Hold) from dial to close
+// Ownership: the Set that opened it owns it. A client borrows it from
+// Set.Acquire to Set.Release, Set.Checkin or Set.Discard, and while borrowed
+// only that client's session goroutine (and its relay goroutines) touch it;
+// while idle only the Set does, under its lock. The borrower may call Close
+// to unblock its own goroutines when it ends a session it cannot hand back
+// clean, but it still gives the Server back (Discard): only the Set lets go
+// of a server and its slot for good. The exported fields are the holder's
+// to read (and, where said, to write) while it holds the Server.
+type Server struct {
+	// Conn is the session's socket; R and W buffer it (W under a write
+	// deadline, Options.WriteTimeout). The holder reads R and writes W; it
+	// may set read deadlines on Conn to interrupt its own reader.
+	Conn net.Conn
+	R    *bufio.Reader
+	W    *bufio.Writer
+	dw   *wire.DeadlineWriter // under W: bounds every write
+	// PID and Secret are the backend's key (BackendKeyData).
+	PID    uint32
+	Secret []byte
+	// CancelAddr is where a CancelRequest for this backend goes (Cancel).
+	CancelAddr CancelAddr
+	// Params are the last ParameterStatus of each parameter; the holder's
+	// (SetParam records one).
+	Params map[string]string
+	// Cred is the credential the session logged in with, held
+	// (Credential.Hold) from dial to close.
+	Cred   *broker.Credential
 	pool   *pool
 	closed atomic.Bool
 
-	created  time.Time
-	lastUsed time.Time // guarded by poolSet.mu while idle
+	Created  time.Time // when it was opened
+	lastUsed time.Time // guarded by Set.mu while idle
 	buf      []byte    // scratch for handshake-phase messages
 
 	// Transaction mode: what pgwarden set on the session (lower-cased
-	// setting names), the identity it carries (identityKey), and the
-	// statements prepared on it. DISCARD ALL (reset) clears them.
-	applied   map[string]string
-	identity  string
-	stmtCache *stmtCache
+	// setting names) and the identity it carries (an opaque key of the
+	// client's), both the holder's to read and write; and the statements
+	// prepared on it (Stmts). Reset (DISCARD ALL) clears them.
+	Applied   map[string]string
+	Identity  string
+	stmtCache *StmtCache
 	maxStmts  int
 
-	id      uint64                 // for the console
-	appName atomic.Pointer[string] // application_name as last reported, for the console (params is the holder's alone)
-	client  atomic.Uint64          // id of the client it is lent to, 0 when none
-	onClose func(*serverConn)      // the pool's, when registered
+	// ID numbers the session for the console.
+	ID uint64
+	// AppName is application_name as last reported, for the console
+	// (Params is the holder's alone).
+	AppName atomic.Pointer[string]
+	// Client is the id of the client it is lent to, 0 when none; the
+	// borrower sets it, the console reads it.
+	Client  atomic.Uint64
+	onClose func(*Server) // the Set's, when registered
 }
 
-// setParam records a ParameterStatus. params belongs to whoever holds the
-// server; the console reads application_name through appName.
-func (sc *serverConn) setParam(name, value string) {
-	sc.params[name] = value
+// SetParam records a ParameterStatus. Params belongs to whoever holds the
+// server; the console reads application_name through AppName.
+func (sc *Server) SetParam(name, value string) {
+	sc.Params[name] = value
 	if name == "application_name" {
-		sc.appName.Store(&value)
+		sc.AppName.Store(&value)
 	}
 }
+
+// Key is the pool the server belongs to.
+func (sc *Server) Key() Key { return sc.pool.key }
 
 // serverIDs numbers server connections for the console.
 var serverIDs atomic.Uint64
@@ -74,21 +98,21 @@ var serverIDs atomic.Uint64
 // buffers. Messages larger than a buffer are streamed through it.
 const serverBufSize = 16 << 10
 
-// cancelAddr is how to reach the postmaster that runs a backend: the network
+// CancelAddr is how to reach the postmaster that runs a backend: the network
 // and address the session itself was opened on, and its TLS settings.
-type cancelAddr struct {
-	network, address string
-	tls              *tls.Config // nil: the session is not encrypted
+type CancelAddr struct {
+	Network, Address string
+	TLS              *tls.Config // nil: the session is not encrypted
 }
 
 // dialServer opens an upstream session under cred. The template's TLS and
-// authentication policy (see parseUpstream) apply.
-func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credential, dialTimeout, writeTimeout time.Duration) (*serverConn, error) {
+// authentication policy (see ParseUpstream) apply.
+func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credential, dialTimeout, writeTimeout time.Duration) (*Server, error) {
 	cfg := tmpl.Copy()
 	cfg.User = cred.Username
 	cfg.Password = cred.Password
 	cfg.ConnectTimeout = dialTimeout
-	// The session's socket makes its system calls raw (see rawIOConn), under
+	// The session's socket makes its system calls raw (see wire.WithRawIO), under
 	// pgconn's TLS too.
 	dial := cfg.DialFunc
 	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -96,11 +120,11 @@ func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credentia
 		if err != nil {
 			return nil, err
 		}
-		return withRawIO(c), nil
+		return wire.WithRawIO(c), nil
 	}
 	pc, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
-		return nil, upstreamFailure(err)
+		return nil, UpstreamFailure(err)
 	}
 	// pgconn may have a background reader parked in conn.Read (it starts one
 	// when a write is slow); it would steal the server's next reply from the
@@ -108,7 +132,7 @@ func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credentia
 	// contract requires.
 	if err := pc.SyncConn(ctx); err != nil {
 		pc.Close(context.Background())
-		return nil, upstreamFailure(err)
+		return nil, UpstreamFailure(err)
 	}
 	hj, err := pc.Hijack()
 	if err != nil {
@@ -119,16 +143,16 @@ func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credentia
 	for k, v := range hj.ParameterStatuses {
 		params[k] = v
 	}
-	dw := newDeadlineWriter(hj.Conn, writeTimeout)
+	dw := wire.NewDeadlineWriter(hj.Conn, writeTimeout)
 	now := time.Now()
 	cred.Hold()
-	sc := &serverConn{
-		conn: hj.Conn, r: bufio.NewReaderSize(hj.Conn, serverBufSize), w: bufio.NewWriterSize(dw, serverBufSize), dw: dw,
-		pid: hj.PID, secret: hj.SecretKey, cancel: cancelAddrOf(hj), params: params, cred: cred,
-		created: now, lastUsed: now, id: serverIDs.Add(1),
+	sc := &Server{
+		Conn: hj.Conn, R: bufio.NewReaderSize(hj.Conn, serverBufSize), W: bufio.NewWriterSize(dw, serverBufSize), dw: dw,
+		PID: hj.PID, Secret: hj.SecretKey, CancelAddr: cancelAddrOf(hj), Params: params, Cred: cred,
+		Created: now, lastUsed: now, ID: serverIDs.Add(1),
 	}
 	if v, ok := params["application_name"]; ok {
-		sc.appName.Store(&v)
+		sc.AppName.Store(&v)
 	}
 	return sc, nil
 }
@@ -138,18 +162,18 @@ func dialServer(ctx context.Context, tmpl *pgconn.Config, cred *broker.Credentia
 // cancels on the host it landed on). For a unix socket the peer name is the
 // path the server bound, which PostgreSQL makes relative; the configured
 // socket is used then, as pgconn's own CancelRequest does.
-func cancelAddrOf(hj *pgconn.HijackedConn) cancelAddr {
-	a := cancelAddr{network: hj.Conn.RemoteAddr().Network(), address: hj.Conn.RemoteAddr().String(), tls: hj.TLSConfig}
-	if a.network == "unix" && !strings.HasPrefix(a.address, "/") {
-		a.network, a.address = pgconn.NetworkAddress(hj.Config.Host, hj.Config.Port)
+func cancelAddrOf(hj *pgconn.HijackedConn) CancelAddr {
+	a := CancelAddr{Network: hj.Conn.RemoteAddr().Network(), Address: hj.Conn.RemoteAddr().String(), TLS: hj.TLSConfig}
+	if a.Network == "unix" && !strings.HasPrefix(a.Address, "/") {
+		a.Network, a.Address = pgconn.NetworkAddress(hj.Config.Host, hj.Config.Port)
 	}
 	return a
 }
 
-// upstreamFailure passes a PostgreSQL error through with its own code and
+// UpstreamFailure passes a PostgreSQL error through with its own code and
 // turns anything else (dial, TLS, timeout, an authentication method pgwarden
 // will not use) into 08006. pgconn's errors never include the password.
-func upstreamFailure(err error) error {
+func UpstreamFailure(err error) error {
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
 		return err
@@ -282,27 +306,27 @@ func withDefaultSSLMode(conn, mode string) string {
 	return "sslmode=" + mode + " " + conn
 }
 
-// simpleQuery runs sql with the simple protocol and reads through
+// SimpleQuery runs sql with the simple protocol and reads through
 // ReadyForQuery, within ctx's deadline, recording ParameterStatus changes and
 // handing each DataRow's values to row (when not nil; they alias a buffer
 // reused by the next message). It returns the first ErrorResponse as a
 // *pgconn.PgError, and the final transaction status. It is for pgwarden's own
 // statements, never a client's.
-func (sc *serverConn) simpleQuery(ctx context.Context, sql string, row func(values [][]byte)) (txStatus byte, err error) {
+func (sc *Server) SimpleQuery(ctx context.Context, sql string, row func(values [][]byte)) (txStatus byte, err error) {
 	defer sc.within(ctx)()
 	q := pgproto3.Query{String: sql}
 	if sc.buf, err = q.Encode(sc.buf[:0]); err != nil {
 		return 0, err
 	}
-	if _, err := sc.w.Write(sc.buf); err != nil {
+	if _, err := sc.W.Write(sc.buf); err != nil {
 		return 0, err
 	}
-	if err := sc.w.Flush(); err != nil {
+	if err := sc.W.Flush(); err != nil {
 		return 0, err
 	}
 	var firstErr error
 	for {
-		typ, body, buf, err := readMessage(sc.r, sc.buf, 1<<30)
+		typ, body, buf, err := wire.ReadMessage(sc.R, sc.buf, 1<<30)
 		sc.buf = buf
 		if err != nil {
 			return 0, err
@@ -311,7 +335,7 @@ func (sc *serverConn) simpleQuery(ctx context.Context, sql string, row func(valu
 		case 'S':
 			var ps pgproto3.ParameterStatus
 			if err := ps.Decode(body); err == nil {
-				sc.setParam(ps.Name, ps.Value)
+				sc.SetParam(ps.Name, ps.Value)
 			}
 		case 'D':
 			var dr pgproto3.DataRow
@@ -332,30 +356,30 @@ func (sc *serverConn) simpleQuery(ctx context.Context, sql string, row func(valu
 	}
 }
 
-// reset returns the session to its startup state (DISCARD ALL) so the next
+// Reset returns the session to its startup state (DISCARD ALL) so the next
 // client inherits nothing. It fails if the session is not idle afterwards.
-func (sc *serverConn) reset(ctx context.Context) error {
-	st, err := sc.simpleQuery(ctx, "DISCARD ALL", nil)
+func (sc *Server) Reset(ctx context.Context) error {
+	st, err := sc.SimpleQuery(ctx, "DISCARD ALL", nil)
 	if err != nil {
 		return err
 	}
 	if st != 'I' {
 		return fmt.Errorf("session not idle after DISCARD ALL (status %q)", st)
 	}
-	sc.applied, sc.identity = nil, ""
+	sc.Applied, sc.Identity = nil, ""
 	if sc.stmtCache != nil {
-		sc.stmtCache.clear()
+		sc.stmtCache.Clear()
 	}
 	return nil
 }
 
-// applySettings sets the client's startup parameters that differ from the
+// ApplySettings sets the client's startup parameters that differ from the
 // session's, in one round trip. Names and values are sent as quoted literals
 // to set_config, so no client input is ever parsed as SQL.
-func (sc *serverConn) applySettings(ctx context.Context, settings [][2]string) error {
+func (sc *Server) ApplySettings(ctx context.Context, settings [][2]string) error {
 	var b strings.Builder
 	for _, kv := range settings {
-		if v, ok := sc.params[kv[0]]; ok && v == kv[1] {
+		if v, ok := sc.Params[kv[0]]; ok && v == kv[1] {
 			continue
 		}
 		if b.Len() == 0 {
@@ -364,15 +388,15 @@ func (sc *serverConn) applySettings(ctx context.Context, settings [][2]string) e
 			b.WriteString(", ")
 		}
 		b.WriteString("pg_catalog.set_config(")
-		b.WriteString(quoteLiteral(kv[0]))
+		b.WriteString(QuoteLiteral(kv[0]))
 		b.WriteString(", ")
-		b.WriteString(quoteLiteral(kv[1]))
+		b.WriteString(QuoteLiteral(kv[1]))
 		b.WriteString(", false)")
 	}
 	if b.Len() == 0 {
 		return nil
 	}
-	st, err := sc.simpleQuery(ctx, b.String(), nil)
+	st, err := sc.SimpleQuery(ctx, b.String(), nil)
 	if err != nil {
 		return err
 	}
@@ -382,25 +406,27 @@ func (sc *serverConn) applySettings(ctx context.Context, settings [][2]string) e
 	return nil
 }
 
-// quoteLiteral quotes s as an escape-string literal, safe whatever
+// QuoteLiteral quotes s as an escape-string literal, safe whatever
 // standard_conforming_strings is.
-func quoteLiteral(s string) string {
+func QuoteLiteral(s string) string {
 	s = strings.ReplaceAll(s, `\`, `\\`)
 	s = strings.ReplaceAll(s, `'`, `''`)
 	return `E'` + s + `'`
 }
 
-// quoteIdent quotes s as an SQL identifier.
-func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
+// QuoteIdent quotes s as an SQL identifier.
+func QuoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
 
-// close closes the session and releases its credential; only the first call
-// does anything.
-func (sc *serverConn) close() {
+// Close closes the session and releases its credential; only the first call
+// does anything. The Set closes the servers it lets go of; a borrower
+// closes one only to stop its own goroutines on a session it is ending,
+// and gives it back with Discard afterwards, which frees its slot.
+func (sc *Server) Close() {
 	if sc.closed.Swap(true) {
 		return
 	}
-	_ = sc.conn.Close()
-	sc.cred.Release()
+	_ = sc.Conn.Close()
+	sc.Cred.Release()
 	if sc.onClose != nil {
 		sc.onClose(sc)
 	}
@@ -419,18 +445,21 @@ var errUnexpectedData = errors.New("idle upstream session sent data: the server 
 // answers, and fails every privilege check) only in a question about it, so
 // after an idle period (ping) the session must also show, within ctx, that
 // its own role still exists.
-func (sc *serverConn) alive(ctx context.Context, ping bool) error {
-	if sc.r.Buffered() > 0 {
+func (sc *Server) alive(ctx context.Context, ping bool) error {
+	if sc.R.Buffered() > 0 {
 		return errUnexpectedData
 	}
-	if err := peekClosed(sc.conn); err != nil {
+	if err := wire.PeekClosed(sc.Conn); err != nil {
+		if errors.Is(err, wire.ErrUnexpectedData) {
+			return errUnexpectedData
+		}
 		return err
 	}
 	if !ping {
 		return nil
 	}
 	rows := 0
-	st, err := sc.simpleQuery(ctx, "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = session_user", func([][]byte) { rows++ })
+	st, err := sc.SimpleQuery(ctx, "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = session_user", func([][]byte) { rows++ })
 	switch {
 	case err != nil:
 		return fmt.Errorf("no good answer to a ping: %w", err)
@@ -447,15 +476,84 @@ var errRoleGone = errors.New("the session's database role no longer exists (its 
 
 // within bounds reads and writes on the session by ctx's deadline, for one of
 // pgwarden's own exchanges; the returned func lifts the bound.
-func (sc *serverConn) within(ctx context.Context) (undo func()) {
+func (sc *Server) within(ctx context.Context) (undo func()) {
 	dl, ok := ctx.Deadline()
 	if !ok {
 		return func() {}
 	}
-	_ = sc.conn.SetReadDeadline(dl)
-	sc.dw.setLimit(dl)
+	_ = sc.Conn.SetReadDeadline(dl)
+	sc.dw.SetLimit(dl)
 	return func() {
-		_ = sc.conn.SetReadDeadline(time.Time{})
-		sc.dw.setLimit(time.Time{})
+		_ = sc.Conn.SetReadDeadline(time.Time{})
+		sc.dw.SetLimit(time.Time{})
 	}
+}
+
+// NoteApplied records that sc carries settings (lower-cased names) and the
+// identity idKey: transaction mode's bookkeeping, so the next client that
+// attaches sets only what differs.
+func (sc *Server) NoteApplied(settings map[string]string, idKey string) {
+	if sc.Applied == nil {
+		sc.Applied = make(map[string]string, len(settings))
+	}
+	for k, v := range settings {
+		sc.Applied[k] = v
+	}
+	sc.Identity = idKey
+}
+
+// Stmts is the server's cache of prepared statements, made on first use.
+// It is the holder's, as the server is.
+func (sc *Server) Stmts() *StmtCache {
+	if sc.stmtCache == nil {
+		sc.stmtCache = NewStmtCache(sc.maxStmts)
+	}
+	return sc.stmtCache
+}
+
+// Cancel asks PostgreSQL to cancel what the session's backend is running:
+// it opens a connection to the postmaster at CancelAddr — on the network
+// and address the session itself uses, encrypted when it is — sends a
+// CancelRequest for (PID, Secret), and waits, within ctx, for the server to
+// close the connection, which it does once it has signalled the backend.
+// Like PostgreSQL's, the answer says nothing about whether a query was
+// cancelled; an error means the request may not have arrived.
+func (sc *Server) Cancel(ctx context.Context) error {
+	addr := sc.CancelAddr
+	msg, err := (&pgproto3.CancelRequest{ProcessID: sc.PID, SecretKey: sc.Secret}).Encode(nil)
+	if err != nil {
+		return err
+	}
+	var d net.Dialer
+	nc, err := d.DialContext(ctx, addr.Network, addr.Address)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = nc.SetDeadline(dl)
+	}
+	if addr.TLS != nil {
+		req, _ := (&pgproto3.SSLRequest{}).Encode(nil)
+		if _, err := nc.Write(req); err != nil {
+			return err
+		}
+		var answer [1]byte
+		if _, err := io.ReadFull(nc, answer[:]); err != nil {
+			return err
+		}
+		if answer[0] != 'S' {
+			return fmt.Errorf("upstream refused TLS for a cancel request (%q)", answer[0])
+		}
+		tc := tls.Client(nc, addr.TLS)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return err
+		}
+		nc = tc
+	}
+	if _, err := nc.Write(msg); err != nil {
+		return err
+	}
+	_, _ = nc.Read(make([]byte, 1))
+	return nil
 }

@@ -56,7 +56,7 @@ FUZZFLAGS = -run '^$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 fuzz:
 	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzStartup$$' ./proxy
 	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzStartupSettings$$' ./proxy
-	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzCopyFrame$$' ./internal/wire
+	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzCopyFrame$$' ./wire
 
 clean:
 	rm -rf bin/pgwarden bin/devtoken bin/devstack $(DEV_DIR)

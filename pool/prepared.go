@@ -6,7 +6,7 @@ import (
 	"strconv"
 	"sync"
 
-	"github.com/pgwarden/pgwarden/internal/wire"
+	"github.com/pgwarden/pgwarden/wire"
 )
 
 // Named prepared statements in transaction mode.

@@ -15,9 +15,9 @@ import (
 	"github.com/pgwarden/pgwarden/authn"
 	"github.com/pgwarden/pgwarden/broker"
 	"github.com/pgwarden/pgwarden/console"
-	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
 	"github.com/pgwarden/pgwarden/pool"
+	"github.com/pgwarden/pgwarden/wire"
 )
 
 // ConsoleDatabase is the admin console's virtual database.

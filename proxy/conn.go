@@ -19,9 +19,9 @@ import (
 
 	"github.com/pgwarden/pgwarden/authn"
 	"github.com/pgwarden/pgwarden/broker"
-	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
 	"github.com/pgwarden/pgwarden/pool"
+	"github.com/pgwarden/pgwarden/wire"
 )
 
 // errAbandoned is a client that hung up while asked for its token.

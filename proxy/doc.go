@@ -11,7 +11,7 @@
 // opening them with pgconn, lending them, resetting them, prepared
 // statements per server, limits and the wait queue, cancel requests to the
 // postmaster, the upstream connection-string policy); package
-// internal/wire has the framing and socket plumbing both sides use (the
+// Package wire has the framing and socket plumbing both sides use (the
 // frame copier, the write deadline, raw socket I/O). proxy imports both;
 // neither imports proxy.
 //
@@ -74,7 +74,7 @@
 // (wire.WithRawIO): a relay sits idle between every two messages, and the first
 // ordinary system call after an idle moment wakes the Go runtime's monitor
 // thread, two context switches per round trip. The steady state allocates
-// nothing per message (internal/wire's TestCopyFrameDoesNotAllocate and
+// nothing per message (wire's TestCopyFrameDoesNotAllocate and
 // TestRawIODoesNotAllocate).
 //
 // An upstream session never outlives its credential: when the credential

@@ -9,9 +9,9 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgwarden/pgwarden/authn"
-	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
 	"github.com/pgwarden/pgwarden/pool"
+	"github.com/pgwarden/pgwarden/wire"
 )
 
 // Identity in the session, for row-level security.

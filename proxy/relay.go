@@ -11,9 +11,9 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
-	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
 	"github.com/pgwarden/pgwarden/pool"
+	"github.com/pgwarden/pgwarden/wire"
 )
 
 // cutGrace is how long a session cut at its lease's end has to send the

@@ -18,9 +18,9 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgwarden/pgwarden/broker"
-	"github.com/pgwarden/pgwarden/internal/wire"
 	"github.com/pgwarden/pgwarden/pgerror"
 	"github.com/pgwarden/pgwarden/pool"
+	"github.com/pgwarden/pgwarden/wire"
 )
 
 // Transaction mode.

@@ -152,8 +152,33 @@ type pool struct {
 // credential is handed to it directly (already counted active), so a busy
 // pool serves its queue in order without waking everyone.
 type waiter struct {
-	cred *broker.Credential
-	ch   chan *Server // buffered: the hand-off never blocks
+	cred  *broker.Credential
+	ch    chan *Server // buffered: the hand-off never blocks
+	timer *time.Timer  // AcquireTimeout; reused with the waiter
+}
+
+// waiters are reused: in transaction mode many clients wait for few servers
+// at every transaction, and a waiter, its channel and its timer would
+// otherwise be garbage each time.
+var waiters = sync.Pool{New: func() any { return &waiter{ch: make(chan *Server, 1)} }}
+
+// newWaiter is a waiter for cred whose timer fires after d.
+func newWaiter(cred *broker.Credential, d time.Duration) *waiter {
+	w := waiters.Get().(*waiter)
+	w.cred = cred
+	if w.timer == nil {
+		w.timer = time.NewTimer(d)
+	} else {
+		w.timer.Reset(d)
+	}
+	return w
+}
+
+// free gives w back: out of every queue, its channel empty.
+func (w *waiter) free() {
+	w.timer.Stop()
+	w.cred = nil
+	waiters.Put(w)
 }
 
 // changedLocked wakes everyone waiting for room.
@@ -203,13 +228,14 @@ func (ps *Set) Acquire(ctx context.Context, database, level string, cred *broker
 	if err != nil {
 		return nil, err
 	}
-	var wait context.Context
-	var w *waiter // in p's queue while set
+	var wait <-chan time.Time // the acquire timeout, once waiting
+	var w *waiter              // in p's queue while set
 	defer func() {
 		if w != nil {
 			if sc := ps.leaveQueue(p, w); sc != nil {
 				ps.Checkin(sc, false) // handed over after this Acquire returned otherwise
 			}
+			w.free()
 		}
 	}()
 	for {
@@ -221,15 +247,16 @@ func (ps *Set) Acquire(ctx context.Context, database, level string, cred *broker
 		if ps.paused[database] {
 			resumed := ps.resumed
 			ps.mu.Unlock()
-			if wait == nil {
-				var cancel context.CancelFunc
-				wait, cancel = context.WithTimeout(ctx, ps.lim().AcquireTimeout)
-				defer cancel()
+			if w == nil {
+				w = newWaiter(cred, ps.lim().AcquireTimeout) // queued only for its timer while paused
+				wait = w.timer.C
 			}
 			select {
 			case <-resumed:
 				continue
-			case <-wait.Done():
+			case <-ctx.Done():
+				return nil, pgerror.Wrap(ctx.Err(), pgerror.ConnectionFailure, "timed out waiting for an upstream connection")
+			case <-wait:
 				return nil, pgerror.Newf(pgerror.TooManyConnections, "database %q is paused", database).
 					WithHint(fmt.Sprintf("Waited %v; an operator paused it (PAUSE in the pgwarden console). Try again later.", ps.lim().AcquireTimeout))
 			}
@@ -291,28 +318,23 @@ func (ps *Set) Acquire(ctx context.Context, database, level string, cred *broker
 			}
 		}
 		if w == nil {
-			w = &waiter{cred: cred, ch: make(chan *Server, 1)}
+			w = newWaiter(cred, ps.lim().AcquireTimeout)
+			wait = w.timer.C
+		}
+		if !slices.Contains(p.waiters, w) {
 			p.waiters = append(p.waiters, w)
 		}
 		ch := ps.changed
 		ps.mu.Unlock()
-		if wait == nil {
-			var cancel context.CancelFunc
-			wait, cancel = context.WithTimeout(ctx, ps.lim().AcquireTimeout)
-			defer cancel()
-		}
 		select {
 		case sc := <-w.ch:
+			w.free() // out of the queue: the hand-off took it out
+			w = nil
 			return sc, nil
 		case <-ch:
-		case <-wait.Done():
-			if sc := ps.leaveQueue(p, w); sc != nil {
-				return sc, nil // handed over as the wait ended
-			}
-			w = nil
-			if ctx.Err() != nil {
-				return nil, pgerror.Wrap(ctx.Err(), pgerror.ConnectionFailure, "timed out waiting for an upstream connection")
-			}
+		case <-ctx.Done():
+			return nil, pgerror.Wrap(ctx.Err(), pgerror.ConnectionFailure, "timed out waiting for an upstream connection")
+		case <-wait:
 			return nil, pgerror.Newf(pgerror.TooManyConnections,
 				"too many upstream connections for database %q at level %q", p.key.Database, p.key.Level).
 				WithHint(fmt.Sprintf("Waited %v for a free connection; try again, or raise the pool limits.", ps.lim().AcquireTimeout))
@@ -513,7 +535,12 @@ func (ps *Set) open(ctx context.Context, p *pool, cred *broker.Credential) (*Ser
 			return nil, err
 		}
 		sc.maxStmts = ps.lim().MaxPreparedStatements
-		got, err := sc.readRoleSettings(ctx)
+		rctx, cancel := ctx, context.CancelFunc(func() {})
+		if _, ok := ctx.Deadline(); !ok {
+			rctx, cancel = context.WithTimeout(ctx, ps.lim().DialTimeout) // a server that answers nothing holds no slot for ever
+		}
+		got, err := sc.readRoleSettings(rctx)
+		cancel()
 		if err != nil {
 			sc.Close()
 			return nil, UpstreamFailure(err)

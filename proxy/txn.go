@@ -574,9 +574,9 @@ func (t *txnSession) attach() error {
 	}
 	c := t.c
 	ps := c.srv.pools
-	// Bounded as a login is: waiting for a server, opening one, Vault.
-	ctx, cancel := context.WithTimeout(context.Background(), c.srv.cfg.AuthTimeout+ps.Limits().AcquireTimeout)
-	defer cancel()
+	// Each step bounds itself: the wait (AcquireTimeout), opening a server
+	// (DialTimeout), Vault (AuthTimeout, below), the settings (setup).
+	ctx := context.Background()
 	var sc *pool.Server
 	for attempt := 0; ; attempt++ {
 		if t.cred.Stale() {
@@ -589,13 +589,13 @@ func (t *txnSession) attach() error {
 			t.cred = cred
 			t.followCred()
 		}
-		t.cred.Hold()
+		// Not held meanwhile: a lease revoked under the dial answers 28P01,
+		// which the retry below handles.
 		waitFrom := time.Now()
 		c.waitSince.Store(waitFrom.UnixNano())
 		s, err := ps.Acquire(ctx, c.database, c.level, t.cred)
 		c.waitSince.Store(0)
 		t.stats.waitTime.Add(int64(time.Since(waitFrom)))
-		t.cred.Release()
 		var pgErr *pgconn.PgError
 		if err != nil && attempt == 0 && errors.As(err, &pgErr) && strings.HasPrefix(pgErr.Code, "28") {
 			// PostgreSQL refused the credential (revoked early, or its

@@ -229,7 +229,7 @@ func (ps *Set) Acquire(ctx context.Context, database, level string, cred *broker
 		return nil, err
 	}
 	var wait <-chan time.Time // the acquire timeout, once waiting
-	var w *waiter              // in p's queue while set
+	var w *waiter             // in p's queue while set
 	defer func() {
 		if w != nil {
 			if sc := ps.leaveQueue(p, w); sc != nil {

@@ -222,6 +222,8 @@ func TestForgedIdentityIsRefused(t *testing.T) {
 				"SELECT set_config('pgwarden.subject', 'bob', false)",
 				"BEGIN; SET LOCAL pgwarden.subject = 'bob'; SELECT count(*) FROM rls_notes; COMMIT",
 				"DO $$BEGIN PERFORM set_config('pgwarden.subject', 'bob', false); END$$",
+				"EXPLAIN ANALYZE UPDATE pg_settings SET setting = 'bob' WHERE name = 'pgwarden.subject'",
+				"SELECT set_config('pgwar' || 'den.subject', 'bob', false)",
 			} {
 				_, err := alice.Exec(ctx, q, pgx.QueryExecModeSimpleProtocol)
 				if pgErrCode(err) != "42501" {
@@ -592,17 +594,130 @@ func TestTxnReviewFindings(t *testing.T) {
 	})
 
 	t.Run("FunctionCall of set_config is refused", func(t *testing.T) {
+		for _, pad := range []int{0, 20 << 10} { // small, and larger than the read buffer
+			_, addr := txnProxy(t, proxy.PoolTransaction, 1)
+			nc, fe := rawLogin(t, addr, "reader", "fay")
+			fe.Send(&pgproto3.FunctionCall{Function: 2078, ArgFormatCodes: []uint16{0},
+				Arguments: [][]byte{[]byte("pgwarden.subject"), []byte("bob"), []byte("false" + strings.Repeat(" ", pad))}, ResultFormatCode: 0})
+			if err := fe.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			_ = nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+			m, err := fe.Receive()
+			if e, ok := m.(*pgproto3.ErrorResponse); err != nil || !ok || e.Code != "42501" {
+				t.Fatalf("FunctionCall set_config (%d bytes of padding): %T %v %v, want ErrorResponse 42501", pad, m, m, err)
+			}
+		}
+	})
+
+	t.Run("the identity query's replies never reach the client", func(t *testing.T) {
+		for _, mode := range []string{proxy.PoolTransaction, proxy.PoolSession} {
+			_, addr := txnProxy(t, mode, 1)
+			_, fe := rawLogin(t, addr, "reader", "gus")
+			for _, reset := range []string{"RESET ALL", "DISCARD ALL"} {
+				fe.Send(&pgproto3.Query{String: reset})
+				if err := fe.Flush(); err != nil {
+					t.Fatal(err)
+				}
+				readUntilReady(t, fe)
+				fe.Send(&pgproto3.Query{String: "SELECT current_setting('pgwarden.subject') AS who"})
+				if err := fe.Flush(); err != nil {
+					t.Fatal(err)
+				}
+				var got []string
+				for {
+					m, err := fe.Receive()
+					if err != nil {
+						t.Fatal(err)
+					}
+					switch m := m.(type) {
+					case *pgproto3.RowDescription:
+						got = append(got, "T:"+string(m.Fields[0].Name))
+					case *pgproto3.DataRow:
+						got = append(got, "D:"+string(m.Values[0]))
+					case *pgproto3.CommandComplete:
+						got = append(got, "C")
+					}
+					if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+						break
+					}
+				}
+				if strings.Join(got, " ") != "T:who D:gus C" {
+					t.Fatalf("%s mode, after %s: the client got %v, want one row: gus", mode, reset, got)
+				}
+			}
+		}
+	})
+
+	t.Run("DISCARD ALL through the extended protocol keeps the identity", func(t *testing.T) {
+		for _, mode := range []string{proxy.PoolTransaction, proxy.PoolSession} {
+			_, addr := txnProxy(t, mode, 1)
+			_, fe := rawLogin(t, addr, "reader", "hal")
+			fe.Send(&pgproto3.Parse{Query: "DISCARD ALL"})
+			fe.Send(&pgproto3.Bind{})
+			fe.Send(&pgproto3.Execute{})
+			fe.Send(&pgproto3.Sync{})
+			if err := fe.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			readUntilReady(t, fe)
+			fe.Send(&pgproto3.Query{String: "SELECT current_setting('pgwarden.subject')"})
+			if err := fe.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			var who string
+			for {
+				m, err := fe.Receive()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if d, ok := m.(*pgproto3.DataRow); ok {
+					who = string(d.Values[0])
+				}
+				if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+					break
+				}
+			}
+			if who != "hal" {
+				t.Fatalf("%s mode, after an extended DISCARD ALL: pgwarden.subject %q, want hal", mode, who)
+			}
+		}
+	})
+
+	t.Run("a COPY after a query in one write keeps its server", func(t *testing.T) {
 		_, addr := txnProxy(t, proxy.PoolTransaction, 1)
-		nc, fe := rawLogin(t, addr, "reader", "fay")
-		fe.Send(&pgproto3.FunctionCall{Function: 2078, ArgFormatCodes: []uint16{0},
-			Arguments: [][]byte{[]byte("pgwarden.subject"), []byte("bob"), []byte("false")}, ResultFormatCode: 0})
+		_, fe := rawLogin(t, addr, "reader", "ida")
+		fe.Send(&pgproto3.Query{String: "SELECT 1"})
+		fe.Send(&pgproto3.Parse{Query: "COPY copy_sink (a, tag) FROM STDIN"})
+		fe.Send(&pgproto3.Bind{})
+		fe.Send(&pgproto3.Execute{})
+		fe.Send(&pgproto3.Sync{})
 		if err := fe.Flush(); err != nil {
 			t.Fatal(err)
 		}
-		_ = nc.SetReadDeadline(time.Now().Add(10 * time.Second))
-		m, err := fe.Receive()
-		if e, ok := m.(*pgproto3.ErrorResponse); err != nil || !ok || e.Code != "42501" {
-			t.Fatalf("FunctionCall set_config: %T %v %v, want ErrorResponse 42501", m, m, err)
+		readUntilReady(t, fe)              // the SELECT's
+		time.Sleep(100 * time.Millisecond) // let the CopyInResponse arrive first: the order the review found
+		fe.Send(&pgproto3.CopyData{Data: []byte("3\tcopy-after-query\n")})
+		fe.Send(&pgproto3.CopyDone{})
+		fe.Send(&pgproto3.Sync{})
+		if err := fe.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		for { // through the CopyInResponse to the COPY's ReadyForQuery
+			m, err := fe.Receive()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if e, ok := m.(*pgproto3.ErrorResponse); ok {
+				t.Fatalf("%s: %s", e.Code, e.Message)
+			}
+			if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+				break
+			}
+		}
+		var n int
+		if err := superuserQuery(ctx, st, "select count(*) from copy_sink where tag = 'copy-after-query'", &n); err != nil || n != 1 {
+			t.Fatalf("the COPY's row: %d (%v), want 1", n, err)
 		}
 	})
 }
@@ -619,6 +734,8 @@ func readUntilReady(t *testing.T, fe *pgproto3.Frontend) {
 		switch m := m.(type) {
 		case *pgproto3.ErrorResponse:
 			t.Fatalf("%s: %s", m.Code, m.Message)
+		case *pgproto3.CopyInResponse:
+			return // the caller sends the data
 		case *pgproto3.ReadyForQuery:
 			return
 		}

@@ -174,10 +174,18 @@ func newWaiter(cred *broker.Credential, d time.Duration) *waiter {
 	return w
 }
 
-// free gives w back: out of every queue, its channel empty.
-func (w *waiter) free() {
+// freeWaiter gives w back: out of every queue, its channel empty.
+func (ps *Set) freeWaiter(w *waiter) {
 	w.timer.Stop()
 	w.cred = nil
+	select {
+	case sc := <-w.ch:
+		// Never expected; but a server left here would go to whoever
+		// reuses the waiter, under another credential.
+		ps.opts.Logger.Error("pool: a waiter was freed holding a server; checking it in")
+		ps.Checkin(sc, false)
+	default:
+	}
 	waiters.Put(w)
 }
 
@@ -235,11 +243,24 @@ func (ps *Set) Acquire(ctx context.Context, database, level string, cred *broker
 			if sc := ps.leaveQueue(p, w); sc != nil {
 				ps.Checkin(sc, false) // handed over after this Acquire returned otherwise
 			}
-			w.free()
+			ps.freeWaiter(w)
 		}
 	}()
 	for {
 		ps.mu.Lock()
+		if w != nil {
+			// A hand-off may have come with another wake-up, and the select
+			// below took the other: it is ours (counted active, w out of the
+			// queue), before anything else.
+			select {
+			case sc := <-w.ch:
+				ps.mu.Unlock()
+				ps.freeWaiter(w)
+				w = nil
+				return sc, nil
+			default:
+			}
+		}
 		if ps.closed {
 			ps.mu.Unlock()
 			return nil, errShuttingDown
@@ -328,7 +349,7 @@ func (ps *Set) Acquire(ctx context.Context, database, level string, cred *broker
 		ps.mu.Unlock()
 		select {
 		case sc := <-w.ch:
-			w.free() // out of the queue: the hand-off took it out
+			ps.freeWaiter(w) // out of the queue: the hand-off took it out
 			w = nil
 			return sc, nil
 		case <-ch:
@@ -529,18 +550,20 @@ func (ps *Set) takeIdleLocked(p *pool, drop func(*Server) bool) []*Server {
 // changed (by some session of that shared user) restores them and is
 // replaced by a clean session (see rolesettings.go).
 func (ps *Set) open(ctx context.Context, p *pool, cred *broker.Credential) (*Server, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		// Opening, checking and restoring role settings, all of it: a
+		// server that answers nothing holds no slot for ever.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 2*ps.lim().DialTimeout)
+		defer cancel()
+	}
 	for attempt := 0; ; attempt++ {
 		sc, err := dialServer(ctx, p.tmpl, cred, ps.lim().DialTimeout, ps.opts.WriteTimeout)
 		if err != nil {
 			return nil, err
 		}
 		sc.maxStmts = ps.lim().MaxPreparedStatements
-		rctx, cancel := ctx, context.CancelFunc(func() {})
-		if _, ok := ctx.Deadline(); !ok {
-			rctx, cancel = context.WithTimeout(ctx, ps.lim().DialTimeout) // a server that answers nothing holds no slot for ever
-		}
-		got, err := sc.readRoleSettings(rctx)
-		cancel()
+		got, err := sc.readRoleSettings(ctx)
 		if err != nil {
 			sc.Close()
 			return nil, UpstreamFailure(err)

@@ -26,9 +26,12 @@ import (
 type roleSetting struct{ database, name, value string }
 
 // safeTx starts pgwarden's own transactions on a session whose role settings
-// may have been tampered with: writable, no timeouts, pg_catalog first, and
-// acting as the session user (a role default may say SET ROLE).
-const safeTx = "BEGIN READ WRITE; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; " +
+// may have been tampered with: writable, no statement timeout a role default
+// could shorten, a lock timeout of pgwarden's own (a session of the shared
+// user holding its role row locked must not hold a new server's opening for
+// ever), pg_catalog first, and acting as the session user (a role default
+// may say SET ROLE).
+const safeTx = "BEGIN READ WRITE; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '5s'; " +
 	"SET LOCAL idle_in_transaction_session_timeout = 0; SET LOCAL search_path = pg_catalog; SET LOCAL ROLE NONE; "
 
 // roleSettingsQuery lists the session user's role-level defaults.

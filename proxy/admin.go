@@ -459,6 +459,10 @@ func (c *clientConn) serveConsole(ctx context.Context, sm *pgproto3.StartupMessa
 	_ = c.raw.SetDeadline(time.Time{})
 	c.info.Store(&clientInfo{subject: c.id.Subject, database: ConsoleDatabase, level: "admin", mode: PoolSession,
 		appName: sm.Parameters["application_name"], tls: c.tls})
+	if c.srv.deniedToken(c.id) {
+		_ = sendFatal(c.w, errKilled) // KILL SUBJECT ran while this login was under way
+		return "killed", nil
+	}
 	// The session ends when the admin's token does.
 	ctx, cancel := context.WithCancel(context.Background())
 	if !c.id.Expiry.IsZero() {

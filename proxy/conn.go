@@ -149,6 +149,14 @@ func (c *clientConn) serve() {
 	c.info.Store(&clientInfo{subject: c.id.Subject, database: c.database, level: c.level, mode: c.mode,
 		appName: sm.Parameters["application_name"], tls: c.tls})
 	stats := c.srv.statsFor(c.database)
+	if c.srv.deniedToken(c.id) {
+		// KILL SUBJECT ran while this login was under way: listed now, it
+		// is refused as the ones it killed were.
+		target.set(nil)
+		c.srv.pools.Release(up)
+		_ = sendFatal(c.w, errKilled)
+		return
+	}
 
 	if c.mode == PoolTransaction {
 		dbUser := up.Cred.Username

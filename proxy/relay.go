@@ -44,12 +44,13 @@ type relayState struct {
 	// After the client's RESET ALL or DISCARD ALL, pgwarden sets the
 	// identity again before the client's next message (reapply); the
 	// replies to that query, the swallow-th sync point, are not forwarded.
-	reapply    bool // the client-to-server goroutine's own
-	swallow    atomic.Int64
-	statements atomic.Int64
-	xacts      atomic.Int64 // ReadyForQuery 'I': transactions ended
-	bytesIn    atomic.Int64
-	bytesOut   atomic.Int64
+	reapply       bool // the client-to-server goroutine's own
+	reapplyAtSync bool // ditto: an extended-protocol RESET ALL or DISCARD ALL awaits its Sync
+	swallow       atomic.Int64
+	statements    atomic.Int64
+	xacts         atomic.Int64 // ReadyForQuery 'I': transactions ended
+	bytesIn       atomic.Int64
+	bytesOut      atomic.Int64
 }
 
 // idle reports whether the upstream has answered everything and sits outside
@@ -204,7 +205,9 @@ func (c *clientConn) clientToServer(up *pool.Server, st *relayState) end {
 			if err != nil {
 				return end{why: "client disconnected", clean: c.r.Buffered() == 0 && len(hdr) == 0}
 			}
-			if st.reapply && hdr[0] != 'X' {
+			// Not inside a COPY's data, and not while the last such query
+			// is unanswered (one is swallowed at a time).
+			if st.reapply && hdr[0] != 'X' && hdr[0] != 'd' && hdr[0] != 'c' && hdr[0] != 'f' && st.swallow.Load() <= st.readyRecv.Load() {
 				st.reapply = false
 				if _, err := up.W.Write(c.identityQuery()); err != nil {
 					return upstreamWriteFailed(err)
@@ -251,6 +254,9 @@ func (c *clientConn) clientToServer(up *pool.Server, st *relayState) end {
 		case 'S':
 			st.syncsSent.Add(1)
 			st.unsynced.Store(false)
+			if st.reapplyAtSync {
+				st.reapplyAtSync, st.reapply = false, true
+			}
 		case 'E':
 			st.statements.Add(1)
 			st.unsynced.Store(true)
@@ -296,8 +302,12 @@ func (c *clientConn) screenToServer(up *pool.Server, st *relayState) (end, bool)
 	if err != nil {
 		return end{why: "client protocol violation"}, true
 	}
-	if msg[0] == 'Q' && flags&sqlResetAll != 0 {
+	switch {
+	case flags&sqlResetAll == 0:
+	case msg[0] == 'Q':
 		st.reapply = true
+	default:
+		st.reapplyAtSync = true // a Parse of it: runs at the pipeline's Sync
 	}
 	if out == nil {
 		out = msg
@@ -337,8 +347,13 @@ func (c *clientConn) serverToClient(up *pool.Server, st *relayState) end {
 		return e
 	}
 	for {
-		if fc.AtBoundary() && st.swallow.Load() == st.readyRecv.Load()+1 {
-			fc.Skip = true // a reply to pgwarden's own identity query
+		if fc.AtBoundary() {
+			// The decision waits for the reply's first bytes: the query
+			// may be sent while this goroutine is waiting. (Errors here
+			// come again from Next, which handles them.)
+			if _, err := up.R.Peek(wire.HeaderLen); err == nil && st.swallow.Load() == st.readyRecv.Load()+1 {
+				fc.Skip = true // a reply to pgwarden's own identity query
+			}
 		}
 		if fc.AtBoundary() && !fc.Skip {
 			// Errors here come again from next, which handles them.

@@ -114,13 +114,19 @@ func (s *sqlScanner) run(depth int) {
 	var prev sqlToken
 	var first sqlToken // the statement's first token
 	setConfig := 0     // where a set_config call's arguments are: 1 name seen, 2 "(" seen, 3 a plain literal seen
+	// UPDATE pg_settings sets any setting, wherever the UPDATE sits
+	// (EXPLAIN ANALYZE, PREPARE … AS, a CTE).
+	var sawUpdate, sawSettings bool
 	endStmt := func() {
 		if len(stmt) > 0 {
 			s.stmts++
 			s.classify(stmt)
 		}
+		if sawUpdate && sawSettings {
+			s.flags |= sqlForge
+		}
 		stmt = buf[:0]
-		prev, first, setConfig = sqlToken{}, sqlToken{}, 0
+		prev, first, setConfig, sawUpdate, sawSettings = sqlToken{}, sqlToken{}, 0, false, false
 	}
 	for {
 		tok, body, ok := s.next()
@@ -175,12 +181,14 @@ func (s *sqlScanner) run(depth int) {
 			setConfig = 1
 		case tok.is("execute") && depth > 0:
 			s.dynamic = true
+		case tok.is("update"):
+			sawUpdate = true
 		case tok.is("temp") || tok.is("temporary") || tok.is("pg_temp"):
 			s.flags |= sqlSession // a temporary object outlives the transaction
 		case tok.is("hold") && prev.is("with") && first.is("declare"):
 			s.flags |= sqlSession // a WITH HOLD cursor
-		case tok.is("pg_settings") && first.is("update"):
-			s.flags |= sqlForge // UPDATE pg_settings sets any setting
+		case tok.is("pg_settings"):
+			sawSettings = true
 		case (prev.is("set") || prev.is("reset") || prev.is("local") || prev.is("session")) && s.identityName(tok):
 			s.flags |= sqlForge // SET [LOCAL|SESSION] pgwarden.…, RESET, ALTER … SET
 		case (prev.is("set") || prev.is("reset") || prev.is("local") || prev.is("session")) && tok.is("u"):

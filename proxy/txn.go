@@ -78,19 +78,20 @@ type txnSession struct {
 
 	mu sync.Mutex
 	// Guarded by mu.
-	sc        *pool.Server // attached server, or nil
-	syncsSent int64        // Query, Sync and FunctionCall sent: each earns one ReadyForQuery
-	readyRecv int64
-	unsynced  bool // extended-protocol messages sent since the last Sync
-	txStatus  byte
-	errEpoch  int64 // the sync epoch of the last ErrorResponse to extended messages, or -1
-	parseQ    []pendingReply
-	closeQ    []pendingReply
-	srvDirty  bool     // the attached server's session state changed: reset before reuse
-	bound     []uint64 // statements bound in this attachment
-	syncKinds []byte   // Q, S or F of each sync point not yet answered, oldest first
-	copyIn    bool     // COPY FROM STDIN under way
-	copyEnded bool     // the client's last Query/Execute/CopyDone/CopyFail was a CopyDone or CopyFail
+	sc          *pool.Server // attached server, or nil
+	syncsSent   int64        // Query, Sync and FunctionCall sent: each earns one ReadyForQuery
+	readyRecv   int64
+	unsynced    bool // extended-protocol messages sent since the last Sync
+	txStatus    byte
+	errEpoch    int64 // the sync epoch of the last ErrorResponse to extended messages, or -1
+	parseQ      []pendingReply
+	closeQ      []pendingReply
+	srvDirty    bool     // the attached server's session state changed: reset before reuse
+	bound       []uint64 // statements bound in this attachment
+	syncKinds   []byte   // Q, S or F of each sync point not yet answered, oldest first
+	copyIn      bool     // COPY FROM STDIN under way
+	copyEnded   bool     // the client's last Query/Execute/CopyDone/CopyFail was a CopyDone or CopyFail
+	resetAtSync bool     // an extended-protocol RESET ALL or DISCARD ALL is in this pipeline
 	// The client's unnamed statement: its last unnamed Parse, its scan,
 	// and whether the attached server has it.
 	unnamed      []byte
@@ -101,7 +102,7 @@ type txnSession struct {
 	attachedAt   time.Time
 	busyFrom     time.Time // since when a reply has been outstanding
 
-	swallowAt    atomic.Int64 // the sync point whose replies answer pgwarden's identity query: not forwarded
+	swallowing   atomic.Int32 // identity queries of pgwarden's not yet answered (kind 'I' in syncKinds)
 	cut          atomic.Bool  // the lease ended, or the token's grace: end now
 	tokenExpired atomic.Bool
 	noticeDue    atomic.Bool
@@ -315,24 +316,29 @@ func (t *txnSession) step() (why string, done bool) {
 	// A message that fits the large buffer arrives whole before a
 	// server is taken for it: a client that trickles a message holds
 	// no server meanwhile.
-	if size := n + wire.HeaderLen; size <= clientBufSize {
-		msg, err := t.peekWhole(size)
-		if err != nil {
-			if why, done := t.readFailed(err); done {
-				return why, true
-			}
-			return "", false
+	size := n + wire.HeaderLen
+	if size > clientBufSize {
+		size = wire.HeaderLen + min(n, 4) // enough for a FunctionCall's function
+	}
+	msg, err := t.peekWhole(size)
+	if err != nil {
+		if why, done := t.readFailed(err); done {
+			return why, true
 		}
-		if typ == 'F' && forgedCall(msg) {
-			if t.upstream() != nil {
-				return t.forwardFailed(errForged), true
-			}
-			t.refuse(errForged)
-			return "client protocol violation", true
+		return "", false
+	}
+	if typ == 'F' && forgedCall(msg) {
+		if t.upstream() != nil {
+			return t.forwardFailed(errForged), true
 		}
+		t.refuse(errForged)
+		return "client protocol violation", true
 	}
 	sc, err := t.count(typ)
 	if err != nil {
+		if t.upstream() != nil {
+			return t.forwardFailed(err), true // the server goroutine writes to the client
+		}
 		t.refuse(err)
 		return reasonOf(err), true
 	}
@@ -484,7 +490,7 @@ func (t *txnSession) refuse(err error) {
 func (t *txnSession) count(typ byte) (*pool.Server, error) {
 	copyMsg := typ == 'd' || typ == 'c' || typ == 'f'
 	t.mu.Lock()
-	if copyMsg && (t.sc == nil || t.syncsSent == t.readyRecv && !t.unsynced) {
+	if copyMsg && (t.sc == nil || !t.copyIn && t.syncsSent == t.readyRecv && !t.unsynced) {
 		t.mu.Unlock()
 		return nil, nil
 	}
@@ -495,16 +501,18 @@ func (t *txnSession) count(typ byte) (*pool.Server, error) {
 		}
 		t.mu.Lock()
 	}
-	if t.sc.Identity != t.idKey {
+	if t.sc.Identity != t.idKey && !copyMsg && !t.copyIn {
 		// The client's RESET ALL or DISCARD ALL cleared the identity
-		// settings: set again before its next message; the replies are
-		// not forwarded.
+		// settings: set again before its next message (never inside a
+		// COPY's data); its replies, a sync point of kind 'I', are not
+		// forwarded.
 		if _, err := t.sc.W.Write(t.c.identityQuery()); err != nil {
 			t.mu.Unlock()
 			return nil, pool.UpstreamFailure(err)
 		}
 		t.syncsSent++
-		t.swallowAt.Store(t.syncsSent)
+		t.syncKinds = append(t.syncKinds, 'I')
+		t.swallowing.Add(1)
 		t.sc.Identity = t.idKey
 	}
 	switch typ {
@@ -544,6 +552,10 @@ func (t *txnSession) count(typ byte) (*pool.Server, error) {
 	case 'S':
 		t.syncsSent++
 		t.unsynced = false
+		if t.resetAtSync {
+			t.resetAtSync = false
+			t.sc.Applied, t.sc.Identity = nil, "" // set again before the next message
+		}
 	case 'E':
 		t.statements.Add(1)
 		t.unsynced = true
@@ -626,7 +638,7 @@ func (t *txnSession) attach() error {
 	t.syncKinds, t.copyIn = t.syncKinds[:0], false
 	t.srvDirty, t.attachedAt = false, time.Now()
 	t.cut.Store(false)
-	t.swallowAt.Store(0)
+	t.swallowing.Store(0)
 	t.mu.Unlock()
 	t.target.set(sc)
 	sc.Client.Store(c.cid)
@@ -908,6 +920,9 @@ func (t *txnSession) parse(n int) error {
 	if flags&sqlSession != 0 {
 		t.srvDirty = true
 	}
+	if flags&sqlResetAll != 0 {
+		t.resetAtSync = true // the identity is set again after the Sync that runs it
+	}
 	epoch := t.syncsSent
 	if len(name) == 0 {
 		// The unnamed statement is the client's until its next unnamed
@@ -1016,6 +1031,9 @@ func (t *txnSession) droppedLocked(p pendingReply) {
 // ensureLocked puts a Parse for e in front of the next message when the
 // server lacks it, its reply not forwarded.
 func (t *txnSession) ensureLocked(out []byte, e *pool.StmtEntry) []byte {
+	if sqlFlags(e.Flags)&sqlResetAll != 0 {
+		t.resetAtSync = true
+	}
 	if sqlFlags(e.Flags)&sqlSession != 0 {
 		t.srvDirty = true // it changes session state each time it runs
 	}
@@ -1262,7 +1280,7 @@ func (t *txnSession) serverLoop(sc *pool.Server, w *bufio.Writer) srvEnd {
 	fc := wire.FrameCopier{Src: sc.R, Dst: w}
 	lastError := false
 	for {
-		if sa := t.swallowAt.Load(); fc.AtBoundary() && sa != 0 && sa == t.readyRecvNow()+1 {
+		if fc.AtBoundary() && t.swallowing.Load() > 0 && t.answeringIdentity(sc) {
 			fc.Skip = true
 		} else if fc.AtBoundary() {
 			skip, replaced, err := t.inspect(sc, w)
@@ -1297,7 +1315,11 @@ func (t *txnSession) serverLoop(sc *pool.Server, w *bufio.Writer) srvEnd {
 			t.mu.Lock()
 			t.readyRecv++
 			t.txStatus = status
+			t.copyIn = false // no COPY goes on past a ReadyForQuery
 			if n := len(t.syncKinds); n > 0 {
+				if t.syncKinds[0] == 'I' {
+					t.swallowing.Add(-1)
+				}
 				copy(t.syncKinds, t.syncKinds[1:]) // a few at most: no ring needed
 				t.syncKinds = t.syncKinds[:n-1]
 			}
@@ -1314,7 +1336,7 @@ func (t *txnSession) serverLoop(sc *pool.Server, w *bufio.Writer) srvEnd {
 				return srvEnd{why: "client write failed"}
 			}
 			t.mu.Lock()
-			if !t.stopping && !t.cut.Load() && t.syncsSent > 0 && t.syncsSent == t.readyRecv && !t.unsynced && t.txStatus == 'I' {
+			if !t.stopping && !t.cut.Load() && !t.copyIn && t.syncsSent > 0 && t.syncsSent == t.readyRecv && !t.unsynced && t.txStatus == 'I' {
 				t.sc = nil
 				dirty := t.srvDirty
 				t.mu.Unlock()
@@ -1325,11 +1347,16 @@ func (t *txnSession) serverLoop(sc *pool.Server, w *bufio.Writer) srvEnd {
 	}
 }
 
-// readyRecvNow is readyRecv, for the server goroutine, which alone writes it.
-func (t *txnSession) readyRecvNow() int64 {
+// answeringIdentity waits for the server's next message and reports whether
+// it answers pgwarden's identity query: the oldest sync point outstanding is
+// one. (A read error is left for the copier to meet again.)
+func (t *txnSession) answeringIdentity(sc *pool.Server) bool {
+	if _, err := sc.R.Peek(wire.HeaderLen); err != nil {
+		return false
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.readyRecv
+	return len(t.syncKinds) > 0 && t.syncKinds[0] == 'I'
 }
 
 // inspect looks at the next server message before it is copied: replies to

@@ -27,32 +27,36 @@ import (
 //
 // A client in transaction mode holds a server only from the first message of
 // a transaction to the ReadyForQuery 'I' that ends it, with nothing left to
-// answer. Two goroutines share it while it is attached:
+// answer. Its own goroutine (run) reads its messages, attaches a server when
+// one arrives and none is held, writes them upstream — rewritten where
+// prepared statements, refused SQL or the identity settings need it — and,
+// once a request is complete (through a Sync or a Query) and the client has
+// sent nothing more, reads the replies itself (drain): it copies them to the
+// client, drops those to messages pgwarden sent of its own, and gives the
+// server back at the ReadyForQuery that leaves nothing outstanding, or, inside
+// a transaction, keeps it and goes back to the client. No goroutine is made
+// per transaction.
 //
-//   - the client's own goroutine (run) reads its messages, attaches a server
-//     when one arrives and none is held, and writes them upstream —
-//     rewritten where prepared statements, refused SQL or the identity
-//     settings need it;
-//   - a server goroutine per attachment (serverSide) copies replies to the
-//     client, drops those to messages pgwarden sent of its own, and detaches
-//     at the ReadyForQuery that leaves nothing outstanding: it gives the
-//     server back to the pool and exits.
+// Two cases need the server read while the client is: a COPY FROM STDIN
+// (the client sends data while the server may answer), and a pipeline the
+// client stopped sending without a Sync (a Flush: how many replies come is
+// not known). Then a server goroutine (serverSide) reads the replies for the
+// rest of the attachment and detaches itself. What both goroutines look at —
+// the attached server, the counts of sync points sent and ReadyForQuery
+// received, the reply queues, the client's statement names — is guarded by
+// txnSession.mu; a message is counted before it is written, under the lock
+// the server goroutine takes to decide a detach, and the server goroutine
+// waits for the client goroutine to be out of the server's writer (wmu)
+// before it gives the server back.
 //
-// What both look at — the attached server, the counts of sync points sent
-// and ReadyForQuery received, the reply queues, the client's statement
-// names — is guarded by txnSession.mu. A message is counted before it is
-// written, under the same lock the server goroutine takes to decide a
-// detach, so a server is never given back with a request of this client's
-// in flight.
-//
-// Ownership: the server goroutine owns the attached server — it checks it
-// in, resets it first when the client changed its session state, or
-// discards it when the client left mid-transaction or it failed. The cancel
-// target points at the server only while attached, and is cleared before
-// the server goes back, so a late cancel never reaches another client's
-// query. Idle clients hold no server, no large buffer and no goroutine but
-// their own, blocked reading a 512-byte buffer; a large one is borrowed only
-// while a message bigger than that is copied.
+// Ownership: whoever reads the attached server owns it — it checks it in,
+// resets it first when the client changed its session state, or discards it
+// when the client left mid-transaction or it failed (giveBack, letGo). The
+// cancel target points at the server only while attached, and is cleared
+// before the server goes back, so a late cancel never reaches another
+// client's query. Idle clients hold no server, no large buffer and no
+// goroutine but their own, blocked reading a 512-byte buffer; a large one is
+// borrowed only while a message bigger than that is copied.
 type txnSession struct {
 	c      *clientConn
 	stats  *dbStats
@@ -92,6 +96,7 @@ type txnSession struct {
 	copyIn      bool     // COPY FROM STDIN under way
 	copyEnded   bool     // the client's last Query/Execute/CopyDone/CopyFail was a CopyDone or CopyFail
 	resetAtSync bool     // an extended-protocol RESET ALL or DISCARD ALL is in this pipeline
+	async       bool     // a server goroutine reads the attached server (a COPY); else drain does, inline
 	// The client's unnamed statement: its last unnamed Parse, its scan,
 	// and whether the attached server has it.
 	unnamed      []byte
@@ -216,8 +221,8 @@ func (t *txnSession) cutNow() {
 		_ = sc.Conn.SetReadDeadline(time.Now())
 	}
 	t.mu.Unlock()
+	_ = t.c.nc.SetReadDeadline(time.Now()) // the client goroutine looks at the flags (it may hold the server, waiting for the client)
 	if sc == nil {
-		_ = t.c.nc.SetReadDeadline(time.Now()) // the client goroutine looks at the flags
 		return
 	}
 	time.AfterFunc(cutGrace, func() {
@@ -365,7 +370,85 @@ func (t *txnSession) step() (why string, done bool) {
 	if err != nil {
 		return t.forwardFailed(err), true
 	}
+	if t.in().Buffered() == 0 {
+		switch t.pending() {
+		case pendingComplete:
+			return t.drain(sc)
+		case pendingOpen:
+			// A pipeline the client stopped sending without a Sync (a
+			// Flush, say): how many replies come is not known, so a
+			// server goroutine reads them for the rest of the attachment.
+			t.goAsync(sc)
+		}
+	}
 	return "", false
+}
+
+// What the attached server owes, for step.
+const (
+	pendingNone     = iota
+	pendingComplete // replies to requests that end with a Sync or a Query
+	pendingOpen     // extended-protocol messages with no Sync yet
+)
+
+// pending says what the attached server owes when no server goroutine
+// reads it.
+func (t *txnSession) pending() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	switch {
+	case t.sc == nil || t.async:
+		return pendingNone
+	case t.unsynced:
+		return pendingOpen
+	case t.syncsSent > t.readyRecv:
+		return pendingComplete
+	}
+	return pendingNone
+}
+
+// goAsync hands the attached server's replies to a goroutine of their own
+// until the server is given back.
+func (t *txnSession) goAsync(sc *pool.Server) {
+	t.mu.Lock()
+	t.async = true
+	t.mu.Unlock()
+	done := make(chan struct{})
+	t.srvDone = done
+	go t.serverSide(sc, done)
+}
+
+// drain reads the attached server's replies in the client's goroutine
+// (no goroutine per transaction) until they are all in: then the server is
+// given back, or, inside a transaction, kept for the client's next message.
+// A COPY that needs the client's data hands the server side to a goroutine
+// of its own (serverSide) for the rest of the attachment.
+func (t *txnSession) drain(sc *pool.Server) (string, bool) {
+	w := relayWriters.Get().(*bufio.Writer)
+	w.Reset(t.c.dw)
+	defer func() {
+		w.Reset(nil)
+		relayWriters.Put(w)
+	}()
+	e := t.serverLoop(sc, w, true)
+	switch {
+	case e.copyStarted:
+		t.goAsync(sc)
+		return "", false
+	case e.pause:
+		return "", false
+	case e.detached:
+		t.giveBack(sc, e.dirty)
+		if t.tokenExpired.Load() || t.noticeDue.Load() {
+			return t.poked()
+		}
+		return "", false
+	}
+	t.letGo(sc, e, w)
+	if e.why == "" {
+		e.why = "ended"
+	}
+	return e.why, true
 }
 
 // frontendMessage reports whether typ is a message a client may send after
@@ -434,8 +517,21 @@ func (t *txnSession) forwardFailed(err error) string {
 	} else if errors.As(err, &pe) {
 		notify, why = pe, "client protocol violation"
 	}
+	t.mu.Lock()
+	sc, async := t.sc, t.async
+	t.mu.Unlock()
+	if sc != nil && !async {
+		// No server goroutine: this one tells the client, between its
+		// messages as it is.
+		w := relayWriters.Get().(*bufio.Writer)
+		w.Reset(t.c.dw)
+		t.letGo(sc, srvEnd{why: why, notify: notify, boundary: true}, w)
+		w.Reset(nil)
+		relayWriters.Put(w)
+		return why
+	}
 	t.failure.Store(&notify)
-	if sc := t.upstream(); sc != nil {
+	if sc != nil {
 		_ = sc.Conn.SetReadDeadline(time.Now())
 	}
 	return why
@@ -463,8 +559,34 @@ func (t *txnSession) upstream() *pool.Server {
 // expired, the lease cut. It returns done when the session must end.
 func (t *txnSession) poked() (string, bool) {
 	_ = t.c.nc.SetReadDeadline(time.Time{})
-	if t.upstream() != nil {
+	t.mu.Lock()
+	sc, async := t.sc, t.async
+	t.mu.Unlock()
+	if sc != nil && async {
 		return "", false // the server goroutine pokes again when it detaches
+	}
+	if sc != nil {
+		// Inside a transaction, waiting for the client: nothing is in
+		// flight. A cut ends it now; an expired token waits for the grace.
+		if t.cut.Load() {
+			e := srvEnd{why: "credential lease ended", notify: errLeaseEnded, boundary: true}
+			if t.tokenExpired.Load() {
+				e = srvEnd{why: "token expired", notify: errTokenExpiredCut, boundary: true}
+			}
+			w := relayWriters.Get().(*bufio.Writer)
+			w.Reset(t.c.dw)
+			t.letGo(sc, e, w)
+			w.Reset(nil)
+			relayWriters.Put(w)
+			return e.why, true
+		}
+		if t.noticeDue.CompareAndSwap(true, false) {
+			t.c.tokenNotice()
+			if err := t.c.w.Flush(); err != nil {
+				return "client write failed", true
+			}
+		}
+		return "", false
 	}
 	if t.tokenExpired.Load() {
 		t.refuse(errTokenExpired)
@@ -639,15 +761,13 @@ func (t *txnSession) attach() error {
 	t.srvDirty, t.attachedAt = false, time.Now()
 	t.cut.Store(false)
 	t.swallowing.Store(0)
+	t.async = false
 	t.mu.Unlock()
 	t.target.set(sc)
 	sc.Client.Store(c.cid)
 	c.attached.Store(sc)
 	c.lastReq.Store(t.attachedAt.UnixNano())
-	done := make(chan struct{})
-	t.srvDone = done
-	go t.serverSide(sc, done)
-	return nil
+	return nil // the replies are read by drain, in this goroutine, until a COPY needs one of its own
 }
 
 // setup applies the client's settings and identity where the server's
@@ -1200,8 +1320,18 @@ func appendClose(b []byte, kind byte, name string) []byte {
 func (t *txnSession) end() {
 	t.mu.Lock()
 	t.stopping = true
-	sc := t.sc
+	sc, async := t.sc, t.async
 	t.mu.Unlock()
+	if sc != nil && !async {
+		// Held by this goroutine, inside a transaction or with replies
+		// outstanding: closed, never pooled.
+		w := relayWriters.Get().(*bufio.Writer)
+		w.Reset(t.c.dw)
+		t.letGo(sc, srvEnd{clientStopped: true}, w)
+		w.Reset(nil)
+		relayWriters.Put(w)
+		return
+	}
 	if sc != nil {
 		_ = sc.Conn.SetReadDeadline(time.Now())
 	}
@@ -1220,32 +1350,47 @@ func (t *txnSession) serverSide(sc *pool.Server, done chan struct{}) {
 		w.Reset(nil)
 		relayWriters.Put(w)
 	}()
-	e := t.serverLoop(sc, w)
-	ps := t.c.srv.pools
-	t.c.attached.Store(nil)
-	sc.Client.Store(0)
+	e := t.serverLoop(sc, w, false)
 	if e.detached {
 		t.wmu.Lock() // the client goroutine is out of sc's writer
 		t.wmu.Unlock()
-		t.stats.xacts.Add(1)
-		t.stats.xactTime.Add(int64(time.Since(t.attachedAt)))
-		t.target.set(nil) // waits for a cancel in flight to land first
-		if e.dirty {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			err := sc.Reset(ctx)
-			cancel()
-			if err != nil {
-				ps.Discard(sc)
-				return
-			}
-		}
-		ps.Checkin(sc, false)
+		t.giveBack(sc, e.dirty)
 		if t.tokenExpired.Load() || t.noticeDue.Load() {
 			_ = t.c.nc.SetReadDeadline(time.Now()) // the client goroutine acts on it
 		}
 		return
 	}
-	// The session ends.
+	t.letGo(sc, e, w)
+}
+
+// giveBack returns a detached server to the pool (reset first when the
+// client changed its session state). The holder calls it, once.
+func (t *txnSession) giveBack(sc *pool.Server, dirty bool) {
+	ps := t.c.srv.pools
+	t.c.attached.Store(nil)
+	sc.Client.Store(0)
+	t.stats.xacts.Add(1)
+	t.stats.xactTime.Add(int64(time.Since(t.attachedAt)))
+	t.target.set(nil) // waits for a cancel in flight to land first
+	if dirty {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := sc.Reset(ctx)
+		cancel()
+		if err != nil {
+			ps.Discard(sc)
+			return
+		}
+	}
+	ps.Checkin(sc, false)
+}
+
+// letGo ends the session's hold on sc for good: the client is told why
+// (when e says so and its stream is between messages), the server closed,
+// the client's connection too unless the client side ended first.
+func (t *txnSession) letGo(sc *pool.Server, e srvEnd, w *bufio.Writer) {
+	ps := t.c.srv.pools
+	t.c.attached.Store(nil)
+	sc.Client.Store(0)
 	t.mu.Lock()
 	t.sc = nil
 	t.mu.Unlock()
@@ -1266,6 +1411,8 @@ func (t *txnSession) serverSide(sc *pool.Server, done chan struct{}) {
 
 // srvEnd is how an attachment ended.
 type srvEnd struct {
+	pause         bool // inline: answered, the server stays attached (a transaction is open), back to the client
+	copyStarted   bool // inline: a COPY wants the client's data: a server goroutine carries on
 	detached      bool // the server is idle and clean: back to the pool
 	dirty         bool // ... after a reset
 	clientStopped bool // the client side ended first
@@ -1276,7 +1423,7 @@ type srvEnd struct {
 
 // serverLoop copies the attached server's replies to w until a detach point
 // or the end.
-func (t *txnSession) serverLoop(sc *pool.Server, w *bufio.Writer) srvEnd {
+func (t *txnSession) serverLoop(sc *pool.Server, w *bufio.Writer, inline bool) srvEnd {
 	fc := wire.FrameCopier{Src: sc.R, Dst: w}
 	lastError := false
 	for {
@@ -1331,18 +1478,30 @@ func (t *txnSession) serverLoop(sc *pool.Server, w *bufio.Writer) srvEnd {
 			}
 			t.mu.Unlock()
 		}
+		if inline && (typ == 'G' || typ == 'W') && !skipping {
+			// COPY FROM STDIN (or both ways): the client must be read
+			// while the server is; a goroutine of its own takes over.
+			if err := w.Flush(); err != nil {
+				return srvEnd{why: "client write failed"}
+			}
+			return srvEnd{pause: true, copyStarted: true}
+		}
 		if sc.R.Buffered() == 0 {
 			if err := w.Flush(); err != nil {
 				return srvEnd{why: "client write failed"}
 			}
 			t.mu.Lock()
-			if !t.stopping && !t.cut.Load() && !t.copyIn && t.syncsSent > 0 && t.syncsSent == t.readyRecv && !t.unsynced && t.txStatus == 'I' {
+			answered := t.syncsSent > 0 && t.syncsSent == t.readyRecv && !t.unsynced && !t.copyIn
+			if !t.stopping && !t.cut.Load() && answered && t.txStatus == 'I' {
 				t.sc = nil
 				dirty := t.srvDirty
 				t.mu.Unlock()
 				return srvEnd{detached: true, dirty: dirty}
 			}
 			t.mu.Unlock()
+			if inline && answered {
+				return srvEnd{pause: true} // inside a transaction: its next message comes from the client
+			}
 		}
 	}
 }

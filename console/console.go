@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgwarden/pgwarden/pgerror"
@@ -302,23 +301,9 @@ func typeSize(oid uint32) int16 {
 	return -1
 }
 
-// errorResponse builds the ErrorResponse for err: a PostgreSQL error passes
-// through with its code, a *pgerror.Error in the chain gives its code and
-// client-facing text, and anything else is XX000 with a generic message (its
-// text goes to the log only).
+// errorResponse is pgerror.Response.
 func errorResponse(severity string, err error) *pgproto3.ErrorResponse {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		return &pgproto3.ErrorResponse{
-			Severity: severity, SeverityUnlocalized: severity, Code: pgErr.Code,
-			Message: pgErr.Message, Detail: pgErr.Detail, Hint: pgErr.Hint,
-		}
-	}
-	pe := pgerror.From(err)
-	return &pgproto3.ErrorResponse{
-		Severity: severity, SeverityUnlocalized: severity, Code: pe.Code,
-		Message: pe.Message, Detail: pe.Detail, Hint: pe.Hint,
-	}
+	return pgerror.Response(severity, err)
 }
 
 // interrupt makes blocked reads of r and writes to w return when ctx ends,

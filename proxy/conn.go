@@ -59,6 +59,7 @@ type clientConn struct {
 	attached  atomic.Pointer[pool.Server] // the server it holds, if any
 	waitSince atomic.Int64                // unix ns it started waiting for a server; 0 when not
 	lastReq   atomic.Int64                // unix ns it last took a server
+	onKill    atomic.Pointer[func()]      // what else kill interrupts (transaction mode)
 }
 
 // Buffer sizes. A connection that is still authenticating gets small buffers
@@ -78,7 +79,14 @@ func newClientConn(s *Server, nc net.Conn) *clientConn {
 }
 
 // kill closes the client socket; the goroutines blocked on it return.
-func (c *clientConn) kill() { c.killOnce.Do(func() { c.raw.Close() }) }
+func (c *clientConn) kill() {
+	c.killOnce.Do(func() {
+		c.raw.Close()
+		if f := c.onKill.Load(); f != nil {
+			(*f)()
+		}
+	})
+}
 
 // endHandshake counts the connection out of MaxHandshakes, once.
 func (c *clientConn) endHandshake() {

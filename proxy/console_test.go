@@ -211,3 +211,30 @@ func TestConsoleKillSubjectEndsOnlyThatPerson(t *testing.T) {
 	}
 	_ = errors.New
 }
+
+// TestConsoleKillReachesAClientWaitingForAQuery: in transaction mode the
+// client's goroutine waits for the server's replies itself; KILL must still
+// end the session then, and let go of its server.
+func TestConsoleKillReachesAClientWaitingForAQuery(t *testing.T) {
+	needStack(t)
+	admin := token(t, "root", "dba")
+	x := connect(t, "txn", token(t, "quinn", "analyst"))
+	done := make(chan error, 1)
+	go func() {
+		_, err := x.Exec(context.Background(), "select pg_sleep(30)")
+		done <- err
+	}()
+	eventually(t, 10*time.Second, func() bool {
+		out, _ := psqlConsole(t, admin, "SHOW CLIENTS")
+		return strings.Contains(out, "|quinn|") && strings.Contains(out, "|active|")
+	}, "the client never showed as active")
+	mustConsole(t, admin, "KILL "+clientID(t, admin, "quinn", "txn"), "KILL")
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("the killed client's query succeeded")
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("KILL did not end a client waiting for its query")
+	}
+}

@@ -112,6 +112,7 @@ type txnSession struct {
 	tokenExpired atomic.Bool
 	noticeDue    atomic.Bool
 	failure      atomic.Pointer[error] // why the client side failed, for the server goroutine to tell the client
+	killed       atomic.Bool           // KILL, shutdown: a server read by drain is let go at once
 
 	statements, bytesIn, bytesOut, xacts atomic.Int64
 	why                                  atomic.Pointer[string]
@@ -159,6 +160,17 @@ func (c *clientConn) startTxn(up *pool.Server, req broker.Request, settings [][2
 	c.w.Reset(c.dw)
 
 	t.followCred()
+	// KILL closes the client's socket, which nobody reads while drain waits
+	// for a long query: the server read is interrupted too.
+	onKill := func() {
+		t.killed.Store(true)
+		t.mu.Lock()
+		if t.sc != nil {
+			_ = t.sc.Conn.SetReadDeadline(time.Now())
+		}
+		t.mu.Unlock()
+	}
+	c.onKill.Store(&onKill)
 	// The token bounds the session: a NOTICE a while before it expires, the
 	// end at the first moment after it with no server held, a cut when the
 	// grace for an open transaction is over.
@@ -339,6 +351,14 @@ func (t *txnSession) step() (why string, done bool) {
 		t.refuse(errForged)
 		return "client protocol violation", true
 	}
+	if t.owedInline() {
+		// The client sends more while replies are owed: it pipelines.
+		// Forwarding while nobody reads the server could fill both
+		// sockets; a goroutine reads it from here on.
+		if sc := t.upstream(); sc != nil {
+			t.goAsync(sc)
+		}
+	}
 	sc, err := t.count(typ)
 	if err != nil {
 		if t.upstream() != nil {
@@ -407,6 +427,14 @@ func (t *txnSession) pending() int {
 	return pendingNone
 }
 
+// owedInline reports whether the attached server owes replies and no
+// server goroutine reads it.
+func (t *txnSession) owedInline() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.sc != nil && !t.async && t.syncsSent > t.readyRecv
+}
+
 // goAsync hands the attached server's replies to a goroutine of their own
 // until the server is given back.
 func (t *txnSession) goAsync(sc *pool.Server) {
@@ -436,6 +464,11 @@ func (t *txnSession) drain(sc *pool.Server) (string, bool) {
 		t.goAsync(sc)
 		return "", false
 	case e.pause:
+		// Inside a transaction: the client may think for a while, and
+		// the server must still be watched (it may end the session:
+		// idle_in_transaction_session_timeout, a shutdown; the lease may
+		// be cut). A goroutine reads it until the transaction ends.
+		t.goAsync(sc)
 		return "", false
 	case e.detached:
 		t.giveBack(sc, e.dirty)
@@ -1391,17 +1424,19 @@ func (t *txnSession) letGo(sc *pool.Server, e srvEnd, w *bufio.Writer) {
 	ps := t.c.srv.pools
 	t.c.attached.Store(nil)
 	sc.Client.Store(0)
+	if e.notify != nil && e.boundary {
+		// Before t.sc is cleared: until then the client goroutine writes
+		// nothing to the client of its own.
+		w.Flush()
+		t.c.dw.SetLimit(time.Now().Add(finalWriteTimeout))
+		_ = sendFatal(w, e.notify)
+	}
 	t.mu.Lock()
 	t.sc = nil
 	t.mu.Unlock()
 	t.target.set(nil)
 	if e.why != "" {
 		t.why.Store(&e.why)
-	}
-	if e.notify != nil && e.boundary {
-		w.Flush()
-		t.c.dw.SetLimit(time.Now().Add(finalWriteTimeout))
-		_ = sendFatal(w, e.notify)
 	}
 	ps.Discard(sc)
 	if !e.clientStopped {
@@ -1674,7 +1709,7 @@ func (t *txnSession) serverReadFailed(sc *pool.Server, fc *wire.FrameCopier, err
 		switch {
 		case t.failure.Load() != nil:
 			return srvEnd{notify: *t.failure.Load(), boundary: fc.AtBoundary()}, true
-		case stopping:
+		case stopping || t.killed.Load():
 			return srvEnd{clientStopped: true}, true
 		case t.cut.Load() && !inFlight && fc.AtBoundary():
 			if t.tokenExpired.Load() {

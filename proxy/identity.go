@@ -153,7 +153,18 @@ func forgedCall(msg []byte) bool {
 
 // refusalMarkers are the SQL a refused Parse is replaced with; PostgreSQL's
 // answer is `syntax error at or near "<marker>"`.
-var refusalMarkers = map[*pgerror.Error]string{errForged: "pgwarden_refused_identity", errListen: "pgwarden_refused_listen"}
+var refusalMarkers = map[*pgerror.Error]string{errForged: "pgwarden_refused_identity", errListen: "pgwarden_refused_listen",
+	errTooManyStatements: "pgwarden_refused_statements"}
+
+// maxClientStatements bounds one client's named statements in transaction
+// mode: each costs pgwarden memory (its Parse is kept to prepare it on other
+// servers). Drivers' caches hold far fewer (pgx 512, pgjdbc 256).
+const maxClientStatements = 10000
+
+// errTooManyStatements refuses a client's Parse past maxClientStatements.
+var errTooManyStatements = pgerror.Newf(pgerror.ProgramLimitExceeded,
+	"too many prepared statements: pgwarden keeps at most %d per client in transaction pooling mode", maxClientStatements).
+	WithHint("Close or DEALLOCATE the statements you no longer use; a driver's statement cache of a few hundred stays well under it.")
 
 // refusedParse turns PostgreSQL's answer to a refused Parse into the
 // refusal: at a message boundary of r, when the next message is such an

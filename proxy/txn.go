@@ -1086,6 +1086,18 @@ func (t *txnSession) parse(n int) error {
 		t.pushLocked(&t.parseQ, pendingReply{epoch: epoch})
 		return t.writeUpLocked(msg)
 	}
+	if t.stmts[string(name)] == nil && len(t.stmts) >= maxClientStatements {
+		// Refused in its place among the replies: an unnamed Parse of the
+		// marker fails, and the server side turns the failure into the
+		// refusal. (The server's unnamed statement goes with it.)
+		var p pgproto3.Parse
+		p.Query = refusalMarkers[errTooManyStatements]
+		out, _ := p.Encode(t.scratch[:0])
+		t.scratch = out
+		t.unnamedHere = false
+		t.pushLocked(&t.parseQ, pendingReply{epoch: epoch})
+		return t.writeUpLocked(out)
+	}
 	cache := t.sc.Stmts()
 	e := t.c.srv.stmts.Acquire(key, uint16(flags))
 	if cache.Has(e) && slices.Contains(t.bound, e.ID) {

@@ -741,3 +741,65 @@ func readUntilReady(t *testing.T, fe *pgproto3.Frontend) {
 		}
 	}
 }
+
+// TestTxnNamedStatementsPerClientAreCapped: a client's named statements
+// cost pgwarden memory (REVIEW class 2): past maxClientStatements a Parse is
+// refused with 54000 in its place, and the session goes on.
+func TestTxnNamedStatementsPerClientAreCapped(t *testing.T) {
+	_, addr := txnProxy(t, proxy.PoolTransaction, 1)
+	nc, fe := rawLogin(t, addr, "reader", "max")
+	const n = 10000
+	for i := range n + 1 {
+		fe.Send(&pgproto3.Parse{Name: fmt.Sprint("s", i), Query: fmt.Sprint("SELECT ", i)})
+	}
+	fe.Send(&pgproto3.Sync{})
+	if err := fe.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	_ = nc.SetReadDeadline(time.Now().Add(60 * time.Second))
+	parsed, code := 0, ""
+	for {
+		m, err := fe.Receive()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch m := m.(type) {
+		case *pgproto3.ParseComplete:
+			parsed++
+		case *pgproto3.ErrorResponse:
+			code = m.Code
+		}
+		if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+			break
+		}
+	}
+	if parsed != n || code != "54000" {
+		t.Fatalf("%d statements parsed, error %q; want %d and 54000", parsed, code, n)
+	}
+	// The statements it has still work, on whatever server.
+	fe.Send(&pgproto3.Bind{PreparedStatement: "s42"})
+	fe.Send(&pgproto3.Execute{})
+	fe.Send(&pgproto3.Sync{})
+	if err := fe.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	var got string
+	for {
+		m, err := fe.Receive()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e, ok := m.(*pgproto3.ErrorResponse); ok {
+			t.Fatalf("%s: %s", e.Code, e.Message)
+		}
+		if d, ok := m.(*pgproto3.DataRow); ok {
+			got = string(d.Values[0])
+		}
+		if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+			break
+		}
+	}
+	if got != "42" {
+		t.Fatalf("s42 gave %q", got)
+	}
+}

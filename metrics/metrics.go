@@ -28,6 +28,7 @@ type Metrics struct {
 	authTotal     *prometheus.CounterVec
 	vaultDuration *prometheus.HistogramVec
 	vaultErrors   *prometheus.CounterVec
+	reloads       *prometheus.CounterVec
 
 	ready atomic.Pointer[func(context.Context) error]
 }
@@ -56,7 +57,10 @@ func New(pools func() []PoolSize) *Metrics {
 	m.vaultErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "pgwarden_vault_request_errors_total", Help: "Failed Vault calls by operation."},
 		[]string{"op"})
-	m.reg.MustRegister(m.clientsOpen, m.clientsTotal, m.authTotal, m.vaultDuration, m.vaultErrors,
+	m.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "pgwarden_config_reloads_total", Help: "Configuration reloads (SIGHUP or the console's RELOAD) by result (ok, rejected)."},
+		[]string{"result"})
+	m.reg.MustRegister(m.clientsOpen, m.clientsTotal, m.authTotal, m.vaultDuration, m.vaultErrors, m.reloads,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if pools != nil {
 		m.reg.MustRegister(&poolCollector{pools: pools})
@@ -90,6 +94,9 @@ func (m *Metrics) ObserveVault(op string, d time.Duration, err error) {
 	}
 }
 
+// ConfigReloaded counts one reload attempt; result is "ok" or "rejected".
+func (m *Metrics) ConfigReloaded(result string) { m.reloads.WithLabelValues(result).Inc() }
+
 // SetReadiness sets the check /readyz runs; until it is set /readyz answers 503.
 func (m *Metrics) SetReadiness(check func(context.Context) error) { m.ready.Store(&check) }
 
@@ -101,20 +108,7 @@ func (m *Metrics) Handler() http.Handler {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		check := m.ready.Load()
-		if check == nil {
-			http.Error(w, "starting", http.StatusServiceUnavailable)
-			return
-		}
-		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		defer cancel()
-		if err := (*check)(ctx); err != nil {
-			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = w.Write([]byte("ready\n"))
-	})
+	mux.HandleFunc("GET /readyz", m.readyz)
 	return mux
 }
 

@@ -208,7 +208,7 @@ func (a admin) Pools() []console.Pool {
 
 // modeOf is a level's pool mode.
 func (s *Server) modeOf(database, level string) string {
-	if m := s.cfg.Routes[database].Modes[level]; m != "" {
+	if m := s.routes()[database].Modes[level]; m != "" {
 		return m
 	}
 	return PoolSession
@@ -255,7 +255,7 @@ func (a admin) Databases() []console.Database {
 	lim := ps.Limits()
 	var out []console.Database
 	for _, db := range a.s.databases() {
-		r := a.s.cfg.Routes[db]
+		r := a.s.routes()[db]
 		row := console.Database{Name: db, PoolSize: lim.MaxPerPool, MaxConnections: lim.MaxTotal}
 		if tmpl, err := pool.ParseUpstream(r.Upstream, r.Policy); err == nil {
 			row.Host, row.Port, row.DBName = tmpl.Host, int(tmpl.Port), tmpl.Database
@@ -301,7 +301,7 @@ func (a admin) Leases() []console.Lease {
 	var out []console.Lease
 	for _, l := range ll.Leases() {
 		level := ""
-		for lv, role := range a.s.cfg.Routes[l.Database].VaultRoles {
+		for lv, role := range a.s.routes()[l.Database].VaultRoles {
 			if role == l.VaultRole {
 				level = lv
 			}

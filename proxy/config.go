@@ -78,14 +78,17 @@ const (
 
 // Config configures a Server.
 type Config struct {
-	// Verifier, Authorizer and Credentials are required.
+	// Verifier, Authorizer and Credentials are required. Reconfigure may
+	// replace Authorizer.
 	Verifier    TokenVerifier
 	Authorizer  Authorizer
 	Credentials CredentialSource
 	// Routes maps database names (as clients ask for them) to upstreams. Required.
+	// The set of databases and their upstreams are fixed for the Server's
+	// life; Reconfigure may replace the rest (levels, roles, scopes, modes).
 	Routes map[string]Route
 	// TLS, when set, is offered to clients (SSLRequest and direct TLS). nil
-	// answers SSLRequest with 'N'.
+	// answers SSLRequest with 'N'. Reconfigure may replace it.
 	TLS *tls.Config
 	// TrustedNetworks are where a client may send its token without TLS.
 	// Default loopback (127.0.0.0/8, ::1). Unix sockets are always trusted.
@@ -177,14 +180,23 @@ func (c *Config) checkAndSetDefaults() error {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
-	if c.TLS != nil {
-		c.TLS = c.TLS.Clone()
-		c.TLS.NextProtos = []string{"postgresql"}
-		if c.TLS.MinVersion == 0 {
-			c.TLS.MinVersion = tls.VersionTLS12
-		}
-	}
+	c.TLS = clientTLS(c.TLS)
 	return nil
+}
+
+// clientTLS is t as offered to clients: a copy, with ALPN "postgresql" (which
+// direct TLS requires) and TLS 1.2 at least unless t says otherwise. nil
+// stays nil (no TLS).
+func clientTLS(t *tls.Config) *tls.Config {
+	if t == nil {
+		return nil
+	}
+	t = t.Clone()
+	t.NextProtos = []string{"postgresql"}
+	if t.MinVersion == 0 {
+		t.MinVersion = tls.VersionTLS12
+	}
+	return t
 }
 
 // trusted reports whether a client at addr may send a token without TLS.

@@ -40,6 +40,7 @@ type clientConn struct {
 	tls    bool
 	start  time.Time
 	remote string
+	rc     *Reloadable // the configuration it was accepted under (Server.Reconfigure)
 
 	killOnce sync.Once
 
@@ -73,7 +74,7 @@ const (
 
 func newClientConn(s *Server, nc net.Conn) *clientConn {
 	return &clientConn{
-		srv: s, raw: nc, nc: nc, start: s.cfg.Now(), remote: nc.RemoteAddr().String(), cid: clientIDs.Add(1),
+		srv: s, raw: nc, nc: nc, start: s.cfg.Now(), remote: nc.RemoteAddr().String(), cid: clientIDs.Add(1), rc: s.reloadable.Load(),
 		r: bufio.NewReaderSize(nc, handshakeBufSize), w: bufio.NewWriterSize(nc, handshakeBufSize),
 	}
 }
@@ -340,12 +341,12 @@ func (c *clientConn) authenticate(ctx context.Context, sm *pgproto3.StartupMessa
 		return nil, nil, err
 	}
 	id, user := c.id, sm.Parameters["user"]
-	level, err := cfg.Authorizer.Decide(id, c.database, user)
+	level, err := c.rc.Authorizer.Decide(id, c.database, user)
 	if err != nil {
 		return nil, nil, err
 	}
 	c.level = level
-	route, ok := cfg.Routes[c.database]
+	route, ok := c.rc.Routes[c.database]
 	role := route.VaultRoles[level]
 	if !ok || role == "" {
 		return nil, nil, pgerror.Newf(pgerror.InvalidCatalogName, "database %q has no route for level %q", c.database, level).

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -29,6 +30,9 @@ type Server struct {
 	started time.Time
 	// consoleGroups may open the console; RELOAD replaces them.
 	consoleGroups atomic.Pointer[[]string]
+	// reloadable is the configuration new connections take (Reconfigure
+	// replaces it whole); never nil after NewServer.
+	reloadable atomic.Pointer[Reloadable]
 
 	inShutdown atomic.Bool
 	handshakes atomic.Int64 // connections between accept and AuthenticationOk (or their end)
@@ -53,6 +57,7 @@ func NewServer(cfg Config) (*Server, error) {
 		s.stats[db] = &dbStats{}
 	}
 	s.SetConsoleGroups(cfg.Console.Groups)
+	s.reloadable.Store(&Reloadable{Authorizer: cfg.Authorizer, Routes: cfg.Routes, TLS: cfg.TLS})
 	ups := make(map[string]pool.Upstream, len(cfg.Routes))
 	for db, r := range cfg.Routes {
 		ups[db] = pool.Upstream{Conn: r.Upstream, Policy: r.Policy}
@@ -252,3 +257,55 @@ func (s *Server) SetPoolConfig(pc pool.Config) error {
 	}
 	return nil
 }
+
+// Reloadable is the part of a Server's configuration that Reconfigure
+// replaces while it runs (SIGHUP, the console's RELOAD). A connection takes
+// one snapshot of it when it is accepted and uses that snapshot from its TLS
+// handshake to the route of its level, so a reload never mixes two
+// configurations in one handshake; a session already running keeps the level
+// and route it logged in with. Nothing in it may be modified once given to
+// NewServer or Reconfigure.
+type Reloadable struct {
+	// Authorizer decides levels; see Config.Authorizer. Required.
+	Authorizer Authorizer
+	// Routes must name exactly the databases the Server started with, each
+	// with the Upstream and Policy it started with: pools and statistics
+	// are per database and upstream, so those need a restart. The levels,
+	// Vault roles, scopes and pool modes may change.
+	Routes map[string]Route
+	// TLS is offered to new connections as Config.TLS is; nil stops
+	// offering TLS (SSLRequest is answered 'N').
+	TLS *tls.Config
+}
+
+// ErrRestartNeeded is returned by Reconfigure for a change only a restart
+// can make.
+var ErrRestartNeeded = errors.New("proxy: this change needs a restart")
+
+// Reconfigure publishes r for connections accepted from now on; those
+// already accepted keep theirs. It returns an error wrapping
+// ErrRestartNeeded, and changes nothing, when r adds or drops a database or
+// changes one's upstream or policy.
+func (s *Server) Reconfigure(r Reloadable) error {
+	if r.Authorizer == nil {
+		return errors.New("proxy: Reconfigure: Authorizer is required")
+	}
+	if len(r.Routes) != len(s.cfg.Routes) {
+		return fmt.Errorf("%w: the set of databases changed", ErrRestartNeeded)
+	}
+	for db, was := range s.cfg.Routes {
+		now, ok := r.Routes[db]
+		if !ok {
+			return fmt.Errorf("%w: database %q is gone", ErrRestartNeeded, db)
+		}
+		if now.Upstream != was.Upstream || now.Policy != was.Policy {
+			return fmt.Errorf("%w: database %q has another upstream", ErrRestartNeeded, db)
+		}
+	}
+	r.TLS = clientTLS(r.TLS)
+	s.reloadable.Store(&r)
+	return nil
+}
+
+// routes are the routes new connections take.
+func (s *Server) routes() map[string]Route { return s.reloadable.Load().Routes }

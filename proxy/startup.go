@@ -56,7 +56,7 @@ func (c *clientConn) readStartup(ctx context.Context) (pgproto3.FrontendMessage,
 		return nil, errNoStartup
 	}
 	for {
-		if !sslDone && !gssDone && c.srv.cfg.TLS != nil {
+		if !sslDone && !gssDone && c.rc.TLS != nil {
 			first, err := c.r.Peek(1)
 			if err != nil {
 				return nil, errSilentClose
@@ -92,7 +92,7 @@ func (c *clientConn) readStartup(ctx context.Context) (pgproto3.FrontendMessage,
 			if c.r.Buffered() > 0 {
 				return nil, fmt.Errorf("%w: data sent behind an encryption request", errSilentClose)
 			}
-			if code == gssEncReqCode || c.srv.cfg.TLS == nil {
+			if code == gssEncReqCode || c.rc.TLS == nil {
 				if code == gssEncReqCode {
 					gssDone = true
 				} else {
@@ -144,7 +144,7 @@ func (c *clientConn) writeRaw(b []byte) error {
 // startTLS runs the server side of a TLS handshake over under and switches
 // the connection's reader and writer to it.
 func (c *clientConn) startTLS(ctx context.Context, under net.Conn, direct bool) error {
-	tc := tls.Server(under, c.srv.cfg.TLS)
+	tc := tls.Server(under, c.rc.TLS)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		return fmt.Errorf("%w: TLS handshake: %v", errSilentClose, err)
 	}

@@ -195,6 +195,17 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 // Close stops the background JWKS refresh. It is idempotent.
 func (v *Verifier) Close() { v.cancel() }
 
+// KeysLoaded returns how many signing keys the verifier holds now, for
+// readiness: with none, no token can be verified. It reads what the last
+// fetch stored and fetches nothing.
+func (v *Verifier) KeysLoaded(ctx context.Context) (int, error) {
+	keys, err := v.keys.Storage().KeyReadAll(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("authn: read the JWKS: %w", err)
+	}
+	return len(keys), nil
+}
+
 // discoverJWKS reads the OIDC discovery document under issuerURL and returns
 // its jwks_uri. The document must name expected (the iss tokens must carry) as
 // its issuer, as OpenID Connect Discovery 1.0 section 4.3 requires, and its

@@ -9,7 +9,6 @@
 package metrics
 
 import (
-	"context"
 	"net/http"
 	"sync/atomic"
 	"time"
@@ -30,7 +29,7 @@ type Metrics struct {
 	vaultErrors   *prometheus.CounterVec
 	reloads       *prometheus.CounterVec
 
-	ready atomic.Pointer[func(context.Context) error]
+	ready atomic.Pointer[[]Check] // see SetReadiness
 }
 
 // PoolSize is one pool's size at scrape time.
@@ -97,11 +96,8 @@ func (m *Metrics) ObserveVault(op string, d time.Duration, err error) {
 // ConfigReloaded counts one reload attempt; result is "ok" or "rejected".
 func (m *Metrics) ConfigReloaded(result string) { m.reloads.WithLabelValues(result).Inc() }
 
-// SetReadiness sets the check /readyz runs; until it is set /readyz answers 503.
-func (m *Metrics) SetReadiness(check func(context.Context) error) { m.ready.Store(&check) }
-
-// Handler serves /metrics, /healthz (the process is up) and /readyz (the
-// readiness check passes).
+// Handler serves /metrics, /healthz (the process is up) and /readyz (every
+// readiness check passes; see SetReadiness).
 func (m *Metrics) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg}))

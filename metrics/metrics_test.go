@@ -65,12 +65,12 @@ func TestReadyzFollowsCheck(t *testing.T) {
 	}
 	var fail atomic.Bool
 	fail.Store(true)
-	m.SetReadiness(func(context.Context) error {
+	m.SetReadiness(Check{Name: "vault", Run: func(context.Context) error {
 		if fail.Load() {
 			return errors.New("vault sealed")
 		}
 		return nil
-	})
+	}})
 	if s := status("/readyz"); s != 503 {
 		t.Fatalf("/readyz failing = %d, want 503", s)
 	}

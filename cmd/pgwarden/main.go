@@ -34,7 +34,8 @@ import (
 const usage = `usage: pgwarden <command> [-config FILE] [flags]
 
 commands:
-  serve       run the proxy until SIGINT or SIGTERM
+  serve       run the proxy until SIGINT or SIGTERM (a second one stops it at once);
+              SIGHUP reloads the config file (grants, TLS pair, log level, pool limits)
               -shutdown-grace D   how long sessions may drain (default 30s)
   vault-init  configure Vault (database engine, JWT auth, connections, roles, policies)
               from the config file; prints one line per object created, updated or
@@ -94,12 +95,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "pgwarden:", err)
 		return 2
 	}
-	log := newLogger(cfg, stderr)
+	log, level := newLogger(cfg, stderr)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	switch cmd {
 	case "serve":
-		err = serve(ctx, cfg, log, *shutdownGrace, func() (*config.Config, error) { return config.Load(*path, environ()) })
+		// Registered before the start, which takes a while (the issuer's
+		// keys, Vault): a SIGHUP sent meanwhile waits for it rather than
+		// ending the process, which is SIGHUP's default.
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		err = serve(ctx, stop, cfg, log, level, *shutdownGrace, hup, func() (*config.Config, error) { return config.Load(*path, environ()) })
 	case "vault-init":
 		err = vaultInit(ctx, cfg, vi, stdout)
 	case "check":
@@ -115,20 +122,34 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func serve(ctx context.Context, cfg *config.Config, log *slog.Logger, grace time.Duration, reload func() (*config.Config, error)) error {
+// serve runs pgwarden until ctx ends (SIGINT, SIGTERM) or a listener fails,
+// reloading the configuration on each signal from hup; then it drains for up
+// to grace. stopSignals hands SIGINT and SIGTERM back to their default, so
+// that a second one during the drain ends the process at once.
+func serve(ctx context.Context, stopSignals func(), cfg *config.Config, log *slog.Logger, level *slog.LevelVar,
+	grace time.Duration, hup <-chan os.Signal, reload func() (*config.Config, error)) error {
 	a, err := app.New(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
 	a.SetReloader(reload)
+	a.SetLogLevel(level)
 	if err := a.Start(); err != nil {
 		return err
 	}
-	select {
-	case <-ctx.Done():
-	case err := <-a.Errors():
-		log.Error("listener stopped", "error", err)
+wait:
+	for {
+		select {
+		case <-ctx.Done():
+			break wait
+		case err := <-a.Errors():
+			log.Error("listener stopped", "error", err)
+			break wait
+		case <-hup:
+			_ = a.Reload(ctx, "SIGHUP") // logged and counted by Reload
+		}
 	}
+	stopSignals()
 	log.Info("shutting down", "grace", grace.String())
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
@@ -213,16 +234,19 @@ func check(ctx context.Context, cfg *config.Config, out io.Writer) error {
 	return nil
 }
 
-func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
-		level = slog.LevelInfo
+// newLogger returns the logger cfg asks for and its level, which a reload
+// may change (config.Load has checked log_level).
+func newLogger(cfg *config.Config, w io.Writer) (*slog.Logger, *slog.LevelVar) {
+	level := new(slog.LevelVar)
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(cfg.LogLevel)); err == nil {
+		level.Set(l)
 	}
 	opts := &slog.HandlerOptions{Level: level}
 	if cfg.LogFormat == "text" {
-		return slog.New(slog.NewTextHandler(w, opts))
+		return slog.New(slog.NewTextHandler(w, opts)), level
 	}
-	return slog.New(slog.NewJSONHandler(w, opts))
+	return slog.New(slog.NewJSONHandler(w, opts)), level
 }
 
 func environ() map[string]string {

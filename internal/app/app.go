@@ -15,12 +15,15 @@ import (
 	"net/http/pprof"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	vault "github.com/hashicorp/vault/api"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgwarden/pgwarden/authn"
 	"github.com/pgwarden/pgwarden/broker"
@@ -46,6 +49,17 @@ type App struct {
 	// configuration in force (RELOAD replaces its pool and console parts).
 	reloader atomic.Pointer[func() (*config.Config, error)]
 	cfgNow   atomic.Pointer[config.Config]
+	// reloadMu serializes reloads: SIGHUP and RELOAD may come together.
+	reloadMu sync.Mutex
+	// modes is every (database, level) routed since start, with the pool
+	// mode it was routed in; guarded by reloadMu. A level keeps its mode
+	// until a restart (see reloadRoutes).
+	modes map[levelKey]string
+	// logLevel, when set (SetLogLevel, before Start), is what a reload of
+	// log_level changes.
+	logLevel *slog.LevelVar
+	// draining is set once Shutdown starts: /readyz reports it.
+	draining atomic.Bool
 
 	listeners []net.Listener
 	httpSrv   *http.Server
@@ -100,23 +114,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 		return nil, err
 	}
 	a.verifier = v
-	dbs := make([]authn.Database, 0, len(cfg.Databases))
-	routes := make(map[string]proxy.Route, len(cfg.Databases))
-	for _, d := range cfg.Databases {
-		ad := authn.Database{Name: d.Name}
-		r := proxy.Route{Upstream: d.Upstream, VaultRoles: map[string]string{}, Scopes: map[string]string{}, Static: map[string]bool{},
-			Modes: map[string]string{}, Policy: pool.UpstreamPolicy{AllowInsecure: d.AllowInsecureUpstream}}
-		for _, l := range d.Levels {
-			ad.Levels = append(ad.Levels, authn.Level{Name: l.Name, Groups: l.Groups})
-			r.VaultRoles[l.Name] = l.VaultRole
-			r.Scopes[l.Name] = l.Scope
-			r.Static[l.Name] = l.Static != nil
-			r.Modes[l.Name] = l.PoolMode
-		}
-		dbs = append(dbs, ad)
-		routes[d.Name] = r
-	}
-	grants, err := authn.NewGrants(dbs)
+	grants, routes, err := routing(cfg.Databases)
 	if err != nil {
 		v.Close()
 		return nil, err
@@ -156,14 +154,10 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 	}
 	a.broker = b
 	var tlsCfg *tls.Config
-	if cfg.TLSCert != "" {
-		cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
-		if err != nil {
-			a.closeSelf()
-			v.Close()
-			return nil, fmt.Errorf("tls: %w", err)
-		}
-		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}}
+	if tlsCfg, err = loadTLS(cfg); err != nil {
+		a.closeSelf()
+		v.Close()
+		return nil, err
 	}
 	srv, err = proxy.NewServer(proxy.Config{
 		Verifier: v, Authorizer: grants, Credentials: b, Routes: routes, TLS: tlsCfg,
@@ -181,7 +175,9 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 		return nil, err
 	}
 	a.server = srv
-	a.metrics.SetReadiness(a.ready)
+	a.modes = map[levelKey]string{}
+	a.noteModesLocked(cfg.Databases)
+	a.metrics.SetReadiness(a.readinessChecks()...)
 	return a, nil
 }
 
@@ -189,18 +185,6 @@ func (a *App) closeSelf() {
 	if a.self != nil {
 		_ = a.self.Close(context.Background(), false)
 	}
-}
-
-// ready passes while Vault answers and is unsealed.
-func (a *App) ready(ctx context.Context) error {
-	h, err := a.vault.Sys().HealthWithContext(ctx)
-	if err != nil {
-		return fmt.Errorf("vault: %w", err)
-	}
-	if h.Sealed {
-		return errors.New("vault is sealed")
-	}
-	return nil
 }
 
 // Start opens the listeners and serves in the background.
@@ -264,7 +248,10 @@ func (a *App) Metrics() *metrics.Metrics { return a.metrics }
 func (a *App) Errors() <-chan error { return a.serveErr }
 
 // Shutdown stops listening and waits for sessions to end until ctx is done.
+// From its start /readyz answers 503 (check "proxy"); the metrics listener
+// serves until the sessions are gone.
 func (a *App) Shutdown(ctx context.Context) error {
+	a.draining.Store(true)
 	err := a.server.Shutdown(ctx)
 	if a.httpSrv != nil {
 		_ = a.httpSrv.Shutdown(context.Background())
@@ -328,4 +315,75 @@ func VaultSpec(cfg *config.Config, password func(envName string) string) vaultin
 		spec.Databases = append(spec.Databases, sd)
 	}
 	return spec
+}
+
+// readinessChecks are what /readyz reports, each run on every request within
+// its 2 s budget, concurrently: the issuer's keys, Vault, each database's
+// upstream (the set is fixed until a restart), and whether pgwarden still
+// accepts connections.
+func (a *App) readinessChecks() []metrics.Check {
+	checks := []metrics.Check{{Name: "issuer", Run: a.issuerReady}, {Name: "vault", Run: a.vaultReady}}
+	dbs := slices.Clone(a.cfg.Databases)
+	slices.SortFunc(dbs, func(x, y config.Database) int { return strings.Compare(x.Name, y.Name) })
+	for _, d := range dbs {
+		tmpl, err := pool.ParseUpstream(d.Upstream, pool.UpstreamPolicy{AllowInsecure: d.AllowInsecureUpstream})
+		if err != nil {
+			continue // New refused it already
+		}
+		checks = append(checks, metrics.Check{Name: "upstream " + d.Name, Run: func(ctx context.Context) error { return dialUpstream(ctx, tmpl) }})
+	}
+	return append(checks, metrics.Check{Name: "proxy", Run: func(context.Context) error {
+		if a.draining.Load() {
+			return errors.New("shutting down: no new connections are accepted")
+		}
+		return nil
+	}})
+}
+
+// issuerReady passes while the verifier holds signing keys: it keeps the
+// last keys it fetched when the issuer is away, and those still verify.
+func (a *App) issuerReady(ctx context.Context) error {
+	n, err := a.verifier.KeysLoaded(ctx)
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		return errors.New("no signing keys loaded from the issuer")
+	}
+	return nil
+}
+
+// vaultReady passes while Vault answers, initialized and unsealed.
+func (a *App) vaultReady(ctx context.Context) error {
+	h, err := a.vault.Sys().HealthWithContext(ctx)
+	if err != nil {
+		return fmt.Errorf("vault %s: %w", a.vault.Address(), err)
+	}
+	switch {
+	case !h.Initialized:
+		return fmt.Errorf("vault %s is not initialized", a.vault.Address())
+	case h.Sealed:
+		return fmt.Errorf("vault %s is sealed", a.vault.Address())
+	}
+	return nil
+}
+
+// dialUpstream opens and closes a connection to the upstream's postmaster
+// (its first host that answers, as a client would try them). It sends
+// nothing, so PostgreSQL logs nothing and no credential is needed; it proves
+// the server is reachable, not that a login would succeed.
+func dialUpstream(ctx context.Context, tmpl *pgconn.Config) error {
+	hosts := []*pgconn.FallbackConfig{{Host: tmpl.Host, Port: tmpl.Port}}
+	hosts = append(hosts, tmpl.Fallbacks...)
+	var errs []error
+	var d net.Dialer
+	for _, h := range hosts {
+		network, addr := pgconn.NetworkAddress(h.Host, h.Port)
+		c, err := d.DialContext(ctx, network, addr)
+		if err == nil {
+			return c.Close()
+		}
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"strings"
@@ -336,6 +337,13 @@ func (c *Config) setDefaultsAndValidate() error {
 	}
 	if c.LogFormat == "" {
 		c.LogFormat = "json"
+	}
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(c.LogLevel)); err != nil {
+		errs.addf("log_level %q is not debug, info, warn or error", c.LogLevel)
+	}
+	if c.LogFormat != "json" && c.LogFormat != "text" {
+		errs.addf("log_format %q is not json or text", c.LogFormat)
 	}
 	if c.Vault.Mode == "" {
 		c.Vault.Mode = "jwt"

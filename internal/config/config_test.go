@@ -86,6 +86,8 @@ func TestRefusesWhatWouldBeUnsafeOrAmbiguous(t *testing.T) {
 		"other mode":      {minimal, env("VAULT_MODE", "token"), []string{"vault.mode", "not supported"}},
 		"half tls":        {minimal, env("TLS_CERT", "/x.crt"), []string{"go together"}},
 		"bad duration":    {minimal, env("AUTH_TIMEOUT", "soon"), []string{`invalid duration "soon"`}},
+		"bad log level":   {top(`"log_level": "loud"`), nil, []string{`log_level "loud" is not debug, info, warn or error`}},
+		"bad log format":  {minimal, env("LOG_FORMAT", "xml"), []string{`log_format "xml" is not json or text`}},
 		"level with none": {strings.Replace(minimal, level, ``, 1), nil, []string{"databases[0].levels[0].name", "has no name"}},
 		"only a jwks url without an issuer": {strings.Replace(minimal, `"issuer_url": "https://idp.example"`, `"jwks_url": "https://idp.example/jwks"`, 1), nil,
 			[]string{"oidc.issuer is required"}},

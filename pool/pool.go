@@ -80,6 +80,13 @@ type Options struct {
 	Logger *slog.Logger
 	// Now is the clock for idle times. Default time.Now.
 	Now func() time.Time
+	// ObserveWait, when set, is called once for every Acquire that had to
+	// queue (the pool or the total was full of busy connections, or the
+	// database was paused), when its wait ends, served or not, with how
+	// long it waited. An Acquire served at once is not reported, so the
+	// hook sees only real waits and costs nothing on the fast path. It is
+	// called without the Set's lock held and must be fast.
+	ObserveWait func(k Key, d time.Duration)
 }
 
 // Upstream is where one database's connections go.
@@ -146,6 +153,7 @@ type pool struct {
 	active  int       // lent to a client, being opened or being checked
 	idle    []*Server // least recently used first
 	waiters []*waiter // clients waiting for a connection, first come first
+	waiting int       // Acquires that had to queue and are still waiting (paused ones too)
 }
 
 // waiter is a client waiting in Acquire. A connection checked in under its
@@ -238,12 +246,16 @@ func (ps *Set) Acquire(ctx context.Context, database, level string, cred *broker
 	}
 	var wait <-chan time.Time // the acquire timeout, once waiting
 	var w *waiter             // in p's queue while set
+	var waitFrom time.Time    // when it first had to wait (counted in p.waiting); zero until then
 	defer func() {
 		if w != nil {
 			if sc := ps.leaveQueue(p, w); sc != nil {
 				ps.Checkin(sc, false) // handed over after this Acquire returned otherwise
 			}
 			ps.freeWaiter(w)
+		}
+		if !waitFrom.IsZero() {
+			ps.endWait(p, waitFrom)
 		}
 	}()
 	for {
@@ -267,11 +279,12 @@ func (ps *Set) Acquire(ctx context.Context, database, level string, cred *broker
 		}
 		if ps.paused[database] {
 			resumed := ps.resumed
-			ps.mu.Unlock()
 			if w == nil {
 				w = newWaiter(cred, ps.lim().AcquireTimeout) // queued only for its timer while paused
 				wait = w.timer.C
 			}
+			startWaitLocked(p, &waitFrom)
+			ps.mu.Unlock()
 			select {
 			case <-resumed:
 				continue
@@ -342,6 +355,7 @@ func (ps *Set) Acquire(ctx context.Context, database, level string, cred *broker
 			w = newWaiter(cred, ps.lim().AcquireTimeout)
 			wait = w.timer.C
 		}
+		startWaitLocked(p, &waitFrom)
 		if !slices.Contains(p.waiters, w) {
 			p.waiters = append(p.waiters, w)
 		}
@@ -360,6 +374,26 @@ func (ps *Set) Acquire(ctx context.Context, database, level string, cred *broker
 				"too many upstream connections for database %q at level %q", p.key.Database, p.key.Level).
 				WithHint(fmt.Sprintf("Waited %v for a free connection; try again, or raise the pool limits.", ps.lim().AcquireTimeout))
 		}
+	}
+}
+
+// startWaitLocked counts an Acquire of p as waiting, once: from the first
+// time it has to wait until it returns (endWait).
+func startWaitLocked(p *pool, from *time.Time) {
+	if from.IsZero() {
+		*from = time.Now()
+		p.waiting++
+	}
+}
+
+// endWait counts an Acquire that had to wait since from out of p's waiting
+// clients and reports its wait (Options.ObserveWait).
+func (ps *Set) endWait(p *pool, from time.Time) {
+	ps.mu.Lock()
+	p.waiting--
+	ps.mu.Unlock()
+	if f := ps.opts.ObserveWait; f != nil {
+		f(p.key, time.Since(from))
 	}
 }
 
@@ -717,6 +751,9 @@ type Stat struct {
 	// Idle connections, Active ones (lent, being opened or being checked),
 	// and Open ones (both).
 	Idle, Active, Open int
+	// Waiting is how many clients are queued for a connection now (the
+	// pool or the total full of busy connections, or the database paused).
+	Waiting int
 	// IdleUser is the database user of the most recently used idle
 	// connection; "" when none is idle.
 	IdleUser string
@@ -729,7 +766,7 @@ func (ps *Set) Stats() []Stat {
 	defer ps.mu.Unlock()
 	out := make([]Stat, 0, len(ps.pools))
 	for k, p := range ps.pools {
-		st := Stat{Key: k, Idle: len(p.idle), Active: p.active, Open: p.open}
+		st := Stat{Key: k, Idle: len(p.idle), Active: p.active, Open: p.open, Waiting: p.waiting}
 		if len(p.idle) > 0 {
 			st.IdleUser = p.idle[len(p.idle)-1].Cred.Username
 		}

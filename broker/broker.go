@@ -69,6 +69,12 @@ type Config struct {
 	// fails, with a negative duration: vault/api's LifetimeWatcher makes
 	// those calls and does not time them), its duration and its error.
 	ObserveVault func(op string, d time.Duration, err error)
+	// ObserveLease, when set, is called for each event in a lease's life:
+	// LeaseIssued, LeaseRenewed, then, once pgwarden lets it go, LeaseRevoked
+	// or LeaseExpired. Each lease is issued once and let go at most once
+	// (not at all when pgwarden stops without revoking). It is never called
+	// with the broker's lock held, and must be fast.
+	ObserveLease func(event string)
 	// Logger. Default slog.Default().
 	Logger *slog.Logger
 }
@@ -90,6 +96,9 @@ func (c *Config) checkAndSetDefaults() error {
 	}
 	if c.ObserveVault == nil {
 		c.ObserveVault = func(string, time.Duration, error) {}
+	}
+	if c.ObserveLease == nil {
+		c.ObserveLease = func(string) {}
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -191,6 +200,9 @@ type login struct {
 	leases  int  // leases it read that have not finished
 	expired bool // past expiresAt, or refused by Vault
 	timer   *time.Timer
+	// pendingEnds are the Vault ends of leases it read that have finished
+	// and go with its Vault token (revokeToken counts them).
+	pendingEnds []time.Time
 }
 
 // New returns a Broker.
@@ -551,6 +563,7 @@ func (b *Broker) read(ctx context.Context, vc *vault.Client, key credKey, scope 
 		by.leases++
 	}
 	b.mu.Unlock()
+	b.cfg.ObserveLease(LeaseIssued)
 	if sec.Renewable && sec.LeaseID != "" && !key.static {
 		b.watch(vc, sec, c)
 	}
@@ -679,6 +692,7 @@ func (b *Broker) follow(w *vault.LifetimeWatcher, c *Credential, quit <-chan str
 			retireAt, endAt := b.times(r.RenewedAt, r.Secret.LeaseDuration, c.by)
 			c.lease.renewed(b.cfg.Now(), retireAt, endAt)
 			renewed = true
+			b.cfg.ObserveLease(LeaseRenewed)
 			b.cfg.Logger.Debug("renewed lease", "credential", c)
 		case err := <-w.DoneCh():
 			return false, renewed, err
@@ -691,6 +705,7 @@ func (b *Broker) follow(w *vault.LifetimeWatcher, c *Credential, quit <-chan str
 // one is let go, and its login's Vault token revoked (and the lease with it)
 // once that login has expired and none of its leases is held.
 func (b *Broker) finished(c *Credential) {
+	vaultEnd := c.lease.vaultEndAt()
 	b.mu.Lock()
 	if b.creds[c.key] == c {
 		delete(b.creds, c.key)
@@ -699,6 +714,9 @@ func (b *Broker) finished(c *Credential) {
 	var revokeLogin *login
 	if l := c.by; l != nil {
 		l.leases--
+		if _, ok := b.tokens[l]; ok {
+			l.pendingEnds = append(l.pendingEnds, vaultEnd) // revoked with its token
+		}
 		if l.expired && l.leases == 0 {
 			if _, ok := b.tokens[l]; ok {
 				delete(b.tokens, l)
@@ -712,7 +730,37 @@ func (b *Broker) finished(c *Credential) {
 		b.async(func() { b.revokeToken(context.Background(), revokeLogin) })
 	case c.Scope == ScopeRole && !c.Static:
 		b.async(func() { b.revokeLease(context.Background(), c) })
+	case c.Static:
+		// Nothing to revoke: Vault rotated the static role's password.
+		b.cfg.ObserveLease(LeaseExpired)
 	}
+}
+
+// Events in a lease's life, as Config.ObserveLease reports them: a bounded
+// set, fit for a metric label.
+const (
+	// LeaseIssued: Vault issued a credential (creds or static-creds read).
+	LeaseIssued = "issued"
+	// LeaseRenewed: Vault extended a lease.
+	LeaseRenewed = "renewed"
+	// LeaseRevoked: pgwarden revoked a lease it no longer needs while it
+	// was still within Vault's TTL: itself (role scope), or with the
+	// client-login Vault token that read it (identity scope).
+	LeaseRevoked = "revoked"
+	// LeaseExpired: a lease pgwarden let go that Vault ended without a
+	// revocation: its TTL had run out, the revocation failed (it ends with
+	// its TTL), or, for a static role, Vault rotated the password.
+	LeaseExpired = "expired"
+)
+
+// observeGone reports a lease let go with a revocation that returned err:
+// revoked when it succeeded before the lease's Vault end, expired otherwise.
+func (b *Broker) observeGone(vaultEnd time.Time, err error) {
+	if err == nil && b.cfg.Now().Before(vaultEnd) {
+		b.cfg.ObserveLease(LeaseRevoked)
+		return
+	}
+	b.cfg.ObserveLease(LeaseExpired)
 }
 
 // async runs f in the background unless the broker is closed (Close then
@@ -748,6 +796,13 @@ func (b *Broker) revokeToken(ctx context.Context, l *login) {
 	start := b.cfg.Now()
 	err = vc.Auth().Token().RevokeSelfWithContext(ctx, "")
 	b.cfg.ObserveVault("revoke", b.cfg.Now().Sub(start), err)
+	b.mu.Lock()
+	ends := l.pendingEnds
+	l.pendingEnds = nil
+	b.mu.Unlock()
+	for _, end := range ends {
+		b.observeGone(end, err)
+	}
 	if err != nil && !b.cfg.Now().Before(l.vaultEnd) && !l.vaultEnd.IsZero() {
 		return // Vault ended it already
 	}
@@ -760,13 +815,16 @@ func (b *Broker) revokeToken(ctx context.Context, l *login) {
 func (b *Broker) revokeLease(ctx context.Context, c *Credential) {
 	vc, err := b.cfg.Self.client()
 	if err != nil {
+		b.cfg.ObserveLease(LeaseExpired) // not revoked: it ends with its TTL
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, b.cfg.VaultTimeout)
 	defer cancel()
+	vaultEnd := c.lease.vaultEndAt()
 	start := b.cfg.Now()
 	err = vc.Sys().RevokeWithContext(ctx, c.LeaseID)
 	b.cfg.ObserveVault("revoke", b.cfg.Now().Sub(start), err)
+	b.observeGone(vaultEnd, err)
 	if err != nil {
 		b.cfg.Logger.Warn("could not revoke a lease; it ends with its TTL", "credential", c, "error", err)
 		return
@@ -792,6 +850,20 @@ func (b *Broker) Close(ctx context.Context, revoke bool) error {
 	}
 	b.live, b.tokens, b.logins, b.creds = map[*Credential]struct{}{}, map[*login]struct{}{}, map[[sha256.Size]byte]*login{}, map[credKey]*Credential{}
 	b.mu.Unlock()
+	if revoke {
+		// An identity-scoped lease goes with the Vault token that read it.
+		ends := make(map[*Credential]time.Time, len(leases))
+		for _, c := range leases {
+			if c.by != nil {
+				ends[c] = c.lease.vaultEndAt()
+			}
+		}
+		b.mu.Lock()
+		for c, end := range ends {
+			c.by.pendingEnds = append(c.by.pendingEnds, end)
+		}
+		b.mu.Unlock()
+	}
 	for _, c := range leases {
 		c.lease.stopTimers()
 		c.lease.retire() // stops its renewal

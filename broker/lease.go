@@ -207,6 +207,14 @@ func (l *lease) stopTimers() {
 	l.mu.Unlock()
 }
 
+// vaultEndAt is Vault's bound on the lease as things stand (renewal may
+// move it): when Vault ends it unless it is revoked first.
+func (l *lease) vaultEndAt() time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.vaultEnd
+}
+
 // Retired reports whether the credential's sessions must end at their next
 // idle point.
 func (c *Credential) Retired() bool { return c.lease.retireCtx.Err() != nil }

@@ -259,7 +259,15 @@ func environ() map[string]string {
 	return m
 }
 
+// buildVersion is stamped by the build (make build, the image):
+// -ldflags "-X main.buildVersion=<git describe>". A plain go build leaves it
+// empty, and version falls back on what the Go toolchain recorded.
+var buildVersion string
+
 func version() string {
+	if buildVersion != "" {
+		return buildVersion
+	}
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		for _, s := range bi.Settings {
 			if s.Key == "vcs.revision" {

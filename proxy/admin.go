@@ -49,6 +49,30 @@ type dbStats struct {
 	_                             [0]func() // not comparable
 }
 
+// Traffic is one database's counters since start, as SHOW STATS counts
+// them, for metrics read at scrape time (the relay only adds to atomics).
+type Traffic struct {
+	Database string
+	// Transactions and Queries completed. In session mode they are added
+	// when the session ends; in transaction mode a transaction is added when
+	// it ends and the queries when the session does.
+	Transactions, Queries int64
+	// Received from clients and Sent to them, in bytes; added when the
+	// session ends.
+	Received, Sent int64
+}
+
+// Traffic returns every configured database's counters, sorted by name.
+func (s *Server) Traffic() []Traffic {
+	out := make([]Traffic, 0, len(s.stats))
+	for _, db := range s.databases() {
+		st := s.stats[db]
+		out = append(out, Traffic{Database: db, Transactions: st.xacts.Load(), Queries: st.queries.Load(),
+			Received: st.recv.Load(), Sent: st.sent.Load()})
+	}
+	return out
+}
+
 // clientIDs numbers client connections for the console and KILL.
 var clientIDs atomic.Uint64
 

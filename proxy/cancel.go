@@ -16,12 +16,27 @@ import (
 // cancelTimeout bounds forwarding one cancel request, dial to close.
 const cancelTimeout = 5 * time.Second
 
+// Outcomes of a CancelRequest, as Observer.CancelRequest reports them: a
+// bounded set, fit for a metric label.
+const (
+	// CancelForwarded: the key matched a client holding an upstream
+	// session, and the cancel was delivered to its postmaster.
+	CancelForwarded = "forwarded"
+	// CancelUnknown: the key matched no client, or its client held no
+	// upstream session (nothing was running to cancel). Nothing was sent.
+	CancelUnknown = "unknown"
+	// CancelFailed: the key matched, but the upstream postmaster could not
+	// be reached (dial, TLS or write failed, or cancelTimeout passed).
+	CancelFailed = "failed"
+)
+
 // cancelMap maps the BackendKeyData pgwarden gave each client to that
 // client's current upstream session, so a CancelRequest reaches the right
 // backend even though upstream connections are pooled.
 type cancelMap struct {
-	mu sync.Mutex
-	m  map[uint32]*cancelTarget // guarded by mu; keyed by the client-facing pid
+	obs Observer // told each request's outcome; set before the map is used
+	mu  sync.Mutex
+	m   map[uint32]*cancelTarget // guarded by mu; keyed by the client-facing pid
 }
 
 // cancelTarget is one client's cancel key and the upstream it holds.
@@ -35,7 +50,11 @@ type cancelTarget struct {
 	up *pool.Server // guarded by mu; nil while the client holds no upstream
 }
 
-func newCancelMap() *cancelMap { return &cancelMap{m: map[uint32]*cancelTarget{}} }
+// newCancelMap returns an empty map that reports to no Observer until its
+// obs is set (the Server sets its own).
+func newCancelMap() *cancelMap {
+	return &cancelMap{obs: nopObserver{}, m: map[uint32]*cancelTarget{}}
+}
 
 // register allocates a fresh client-facing key.
 func (cm *cancelMap) register() (uint32, *cancelTarget) {
@@ -72,20 +91,31 @@ func (t *cancelTarget) set(up *pool.Server) {
 // forward sends a cancel for the upstream behind req, if req's key matches and
 // the client holds an upstream; it holds the client's target meanwhile (see
 // cancelTarget.mu). Like PostgreSQL, it answers the requester nothing either
-// way. It returns whether a cancel was delivered.
+// way. It returns whether a cancel was delivered, and reports the outcome to
+// the Observer.
 func (cm *cancelMap) forward(ctx context.Context, req *pgproto3.CancelRequest) bool {
+	result := cm.send(ctx, req)
+	cm.obs.CancelRequest(result)
+	return result == CancelForwarded
+}
+
+// send is forward's work; it returns the outcome.
+func (cm *cancelMap) send(ctx context.Context, req *pgproto3.CancelRequest) string {
 	cm.mu.Lock()
 	t := cm.m[req.ProcessID]
 	cm.mu.Unlock()
 	if t == nil || len(req.SecretKey) != 4 || subtle.ConstantTimeCompare(req.SecretKey, t.secret[:]) != 1 {
-		return false
+		return CancelUnknown
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.up == nil {
-		return false
+		return CancelUnknown
 	}
 	ctx, cancel := context.WithTimeout(ctx, cancelTimeout)
 	defer cancel()
-	return t.up.Cancel(ctx) == nil
+	if t.up.Cancel(ctx) != nil {
+		return CancelFailed
+	}
+	return CancelForwarded
 }

@@ -44,6 +44,13 @@ type Observer interface {
 	// AuthResult reports the end of one authentication: result is "ok" or a
 	// short bounded reason. database and level are empty when not yet known.
 	AuthResult(database, level, result string)
+	// PoolWaited reports a client that had to queue for an upstream
+	// connection of (database, level), when its wait ends (served or not).
+	// Clients served at once are not reported.
+	PoolWaited(database, level string, d time.Duration)
+	// CancelRequest reports one CancelRequest: result is CancelForwarded,
+	// CancelUnknown or CancelFailed.
+	CancelRequest(result string)
 }
 
 // Route says where one database goes.
@@ -221,6 +228,8 @@ func (c *Config) trusted(addr net.Addr) bool {
 
 type nopObserver struct{}
 
-func (nopObserver) ClientConnected()                  {}
-func (nopObserver) ClientClosed()                     {}
-func (nopObserver) AuthResult(string, string, string) {}
+func (nopObserver) ClientConnected()                         {}
+func (nopObserver) ClientClosed()                            {}
+func (nopObserver) AuthResult(string, string, string)        {}
+func (nopObserver) PoolWaited(string, string, time.Duration) {}
+func (nopObserver) CancelRequest(string)                     {}

@@ -53,6 +53,7 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, cancels: newCancelMap(), stmts: pool.NewStmtRegistry(), stats: map[string]*dbStats{}, started: time.Now(), listeners: map[net.Listener]struct{}{}, conns: map[*clientConn]struct{}{},
 		subjects: map[string]int{}, denied: map[string]time.Time{}}
+	s.cancels.obs = cfg.Observer
 	for db := range cfg.Routes {
 		s.stats[db] = &dbStats{}
 	}
@@ -62,7 +63,8 @@ func NewServer(cfg Config) (*Server, error) {
 	for db, r := range cfg.Routes {
 		ups[db] = pool.Upstream{Conn: r.Upstream, Policy: r.Policy}
 	}
-	pools, err := pool.NewSet(s.cfg.Pool, pool.Options{Upstreams: ups, WriteTimeout: cfg.WriteTimeout, Logger: cfg.Logger, Now: cfg.Now})
+	pools, err := pool.NewSet(s.cfg.Pool, pool.Options{Upstreams: ups, WriteTimeout: cfg.WriteTimeout, Logger: cfg.Logger, Now: cfg.Now,
+		ObserveWait: func(k pool.Key, d time.Duration) { cfg.Observer.PoolWaited(k.Database, k.Level, d) }})
 	if err != nil {
 		return nil, fmt.Errorf("proxy: %w", err)
 	}
@@ -237,6 +239,8 @@ func (s *Server) closeConns() {
 type PoolStat struct {
 	Database, Level string
 	Idle, Active    int
+	// Waiting is how many clients are queued for one of its connections.
+	Waiting int
 }
 
 // PoolStats returns a snapshot of every pool, for metrics.
@@ -244,7 +248,7 @@ func (s *Server) PoolStats() []PoolStat {
 	st := s.pools.Stats()
 	out := make([]PoolStat, 0, len(st))
 	for _, p := range st {
-		out = append(out, PoolStat{Database: p.Database, Level: p.Level, Idle: p.Idle, Active: p.Active})
+		out = append(out, PoolStat{Database: p.Database, Level: p.Level, Idle: p.Idle, Active: p.Active, Waiting: p.Waiting})
 	}
 	return out
 }

@@ -124,16 +124,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 		return nil, err
 	}
 	var srv *proxy.Server
-	a.metrics = metrics.New(func() []metrics.PoolSize {
-		if srv == nil {
-			return nil
-		}
-		var out []metrics.PoolSize
-		for _, p := range srv.PoolStats() {
-			out = append(out, metrics.PoolSize{Database: p.Database, Level: p.Level, Idle: p.Idle, Active: p.Active})
-		}
-		return out
-	})
+	a.metrics = metrics.New(func() []metrics.PoolSize { return poolSizes(srv) })
 	if au := cfg.Vault.Auth; au.Method != "" {
 		a.self, err = broker.NewSelf(ctx, a.vault, broker.SelfConfig{Method: au.Method, Mount: au.Mount,
 			TokenFile: au.TokenFile, Role: au.Role, SecretFile: au.SecretFile}, log)
@@ -145,7 +136,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 	b, err := broker.New(broker.Config{
 		Client: a.vault, Self: a.self, JWTMount: cfg.Vault.JWTMount, DatabaseMount: cfg.Vault.DatabaseMount,
 		VaultTimeout: cfg.Vault.Timeout.D(), TokenGrace: cfg.TokenExpiryGrace.D(),
-		ObserveVault: a.metrics.ObserveVault, Logger: log,
+		ObserveVault: a.metrics.ObserveVault, ObserveLease: a.metrics.LeaseEvent, Logger: log,
 	})
 	if err != nil {
 		a.closeSelf()
@@ -160,7 +151,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 		return nil, err
 	}
 	srv, err = proxy.NewServer(proxy.Config{
-		Verifier: v, Authorizer: grants, Credentials: b, Routes: routes, TLS: tlsCfg,
+		Verifier: timedVerifier{v: v, m: a.metrics}, Authorizer: grants, Credentials: b, Routes: routes, TLS: tlsCfg,
 		TrustedNetworks: cfg.TrustedPrefixes(), AllowCleartextUntrusted: cfg.AllowCleartextUntrusted,
 		AuthTimeout: cfg.AuthTimeout.D(), WriteTimeout: cfg.WriteTimeout.D(),
 		MaxHandshakes: cfg.MaxHandshakes, MaxSubjectConnections: cfg.MaxSubjectConnections,
@@ -175,6 +166,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 		return nil, err
 	}
 	a.server = srv
+	a.readMetrics()
 	a.modes = map[levelKey]string{}
 	a.noteModesLocked(cfg.Databases)
 	a.metrics.SetReadiness(a.readinessChecks()...)

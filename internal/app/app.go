@@ -314,7 +314,15 @@ func VaultSpec(cfg *config.Config, password func(envName string) string) vaultin
 // upstream (the set is fixed until a restart), and whether pgwarden still
 // accepts connections.
 func (a *App) readinessChecks() []metrics.Check {
-	checks := []metrics.Check{{Name: "issuer", Run: a.issuerReady}, {Name: "vault", Run: a.vaultReady}}
+	// The health check fails at once when Vault does not answer, rather
+	// than retrying past the budget as a client's Vault call does.
+	health, err := a.vault.Clone()
+	if err != nil {
+		health = a.vault
+	} else {
+		health.SetMaxRetries(0)
+	}
+	checks := []metrics.Check{{Name: "issuer", Run: a.issuerReady}, {Name: "vault", Run: func(ctx context.Context) error { return vaultReady(ctx, health) }}}
 	dbs := slices.Clone(a.cfg.Databases)
 	slices.SortFunc(dbs, func(x, y config.Database) int { return strings.Compare(x.Name, y.Name) })
 	for _, d := range dbs {
@@ -345,17 +353,17 @@ func (a *App) issuerReady(ctx context.Context) error {
 	return nil
 }
 
-// vaultReady passes while Vault answers, initialized and unsealed.
-func (a *App) vaultReady(ctx context.Context) error {
-	h, err := a.vault.Sys().HealthWithContext(ctx)
+// vaultReady passes while Vault answers vc, initialized and unsealed.
+func vaultReady(ctx context.Context, vc *vault.Client) error {
+	h, err := vc.Sys().HealthWithContext(ctx)
 	if err != nil {
-		return fmt.Errorf("vault %s: %w", a.vault.Address(), err)
+		return fmt.Errorf("vault %s: %w", vc.Address(), err)
 	}
 	switch {
 	case !h.Initialized:
-		return fmt.Errorf("vault %s is not initialized", a.vault.Address())
+		return fmt.Errorf("vault %s is not initialized", vc.Address())
 	case h.Sealed:
-		return fmt.Errorf("vault %s is sealed", a.vault.Address())
+		return fmt.Errorf("vault %s is sealed", vc.Address())
 	}
 	return nil
 }

@@ -120,6 +120,9 @@ func (a *App) reloadLocked(ctx context.Context, source string) error {
 		restart = append(restart, "log_level")
 	}
 	restart = append(restart, restartOnly(cur, next)...)
+	if restart == nil {
+		restart = []string{} // logged as [], not null
+	}
 
 	// Everything is checked: publish. SetPoolConfig is the one step that
 	// could still refuse, so it goes first.
@@ -296,7 +299,7 @@ func loadTLS(cfg *config.Config) (*tls.Config, error) {
 	}
 	cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
 	if err != nil {
-		return nil, fmt.Errorf("tls: %w", err)
+		return nil, fmt.Errorf("config: tls_cert %s and tls_key %s: %w", cfg.TLSCert, cfg.TLSKey, err)
 	}
 	return &tls.Config{Certificates: []tls.Certificate{cert}}, nil
 }

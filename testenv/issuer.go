@@ -24,7 +24,8 @@ import (
 // Issuer is an in-process OIDC issuer on loopback: a discovery document, a JWKS
 // with an RSA and an EC key, key rotation, and token minting. It also serves
 // GET /mint for bin/devtoken; that endpoint exists only because this is a test
-// issuer bound to loopback.
+// issuer bound to loopback (testenv/cmd/devissuer, which serves it on a
+// compose network, answers /mint to loopback callers only).
 type Issuer struct {
 	URL      string // issuer URL, no trailing slash
 	Audience string // default aud of minted tokens
@@ -50,13 +51,33 @@ func StartIssuer(audience string) (*Issuer, error) {
 	if err != nil {
 		return nil, err
 	}
-	is := &Issuer{URL: "http://" + ln.Addr().String(), Audience: audience, ln: ln, jwks: jwkset.NewMemoryStorage()}
+	is, err := NewIssuer("http://"+ln.Addr().String(), audience)
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+	is.ln = ln
+	is.srv = &http.Server{Handler: is.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = is.srv.Serve(ln) }()
+	return is, nil
+}
+
+// NewIssuer makes an issuer named url with a fresh RSA and EC key, without
+// serving it: the caller serves Handler where url points (the compose dev
+// issuer serves it over https on its network).
+func NewIssuer(url, audience string) (*Issuer, error) {
+	is := &Issuer{URL: url, Audience: audience, jwks: jwkset.NewMemoryStorage()}
 	if err := is.addKey("RS256"); err != nil {
 		return nil, err
 	}
 	if err := is.addKey("ES256"); err != nil {
 		return nil, err
 	}
+	return is, nil
+}
+
+// Handler serves the discovery document, the JWKS and GET /mint.
+func (is *Issuer) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
@@ -79,13 +100,17 @@ func StartIssuer(audience string) (*Issuer, error) {
 		_, _ = w.Write(raw)
 	})
 	mux.HandleFunc("GET /mint", is.serveMint)
-	is.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() { _ = is.srv.Serve(ln) }()
-	return is, nil
+	return mux
 }
 
-// Close stops the issuer.
-func (is *Issuer) Close() error { return is.srv.Close() }
+// Close stops the issuer StartIssuer started (one from NewIssuer has no
+// server of its own).
+func (is *Issuer) Close() error {
+	if is.srv == nil {
+		return nil
+	}
+	return is.srv.Close()
+}
 
 func (is *Issuer) addKey(alg string) error {
 	var (

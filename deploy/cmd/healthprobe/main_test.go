@@ -29,10 +29,10 @@ func TestProbe(t *testing.T) {
 		want int
 		says string
 	}{
-		{[]string{srv.URL + "/healthz"}, 0, ""},
-		{[]string{srv.URL + "/readyz"}, 1, "503"},
+		{[]string{"-timeout", "30s", srv.URL + "/healthz"}, 0, ""},
+		{[]string{"-timeout", "30s", srv.URL + "/readyz"}, 1, "503"},
 		{[]string{"-timeout", "50ms", srv.URL + "/slow"}, 1, "deadline"},
-		{[]string{"http://127.0.0.1:1/healthz"}, 1, "refused"},
+		{[]string{"-timeout", "30s", "http://127.0.0.1:1/healthz"}, 1, "refused"},
 		{[]string{"a", "b"}, 2, "usage"},
 	} {
 		var errb bytes.Buffer
@@ -46,7 +46,7 @@ func TestProbe(t *testing.T) {
 func TestProbeTLS(t *testing.T) {
 	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	defer srv.Close()
-	if err := probe(srv.URL, "", time.Second); err == nil || !strings.Contains(err.Error(), "certificate") {
+	if err := probe(srv.URL, "", 30*time.Second); err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Fatalf("an unknown CA was trusted: %v", err)
 	}
 	ca := filepath.Join(t.TempDir(), "ca.crt")
@@ -54,7 +54,7 @@ func TestProbeTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	var errb bytes.Buffer
-	if code := run([]string{"-cacert", ca, srv.URL}, &errb); code != 0 {
+	if code := run([]string{"-timeout", "30s", "-cacert", ca, srv.URL}, &errb); code != 0 {
 		t.Fatalf("with -cacert: exit %d: %s", code, errb.String())
 	}
 }

@@ -5,14 +5,19 @@ DEV_PORT ?= 6432
 DEV_METRICS_PORT ?= 9632
 # Integration tests start real PostgreSQL and Vault; 2 cores, so few packages at once.
 TEST_FLAGS ?= -race -count=1 -timeout 30m -p 2
+# What `pgwarden version` prints; the Dockerfile stamps its VERSION build
+# argument the same way.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  = -X main.buildVersion=$(VERSION)
+IMAGE   ?= pgwarden:$(VERSION)
 
-.PHONY: all build dev test test-short lint fmt bench fuzz deps vault clean
+.PHONY: all build dev test test-short lint fmt bench fuzz deps vault clean image compose-config
 
 all: build
 
 ## build: bin/pgwarden, bin/devtoken, bin/devstack
 build:
-	$(GO) build -o bin/pgwarden ./cmd/pgwarden
+	$(GO) build -ldflags '$(LDFLAGS)' -o bin/pgwarden ./cmd/pgwarden
 	$(GO) build -o bin/devtoken ./testenv/cmd/devtoken
 	$(GO) build -o bin/devstack ./testenv/cmd/devstack
 
@@ -57,6 +62,14 @@ fuzz:
 	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzStartup$$' ./proxy
 	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzStartupSettings$$' ./proxy
 	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzCopyFrame$$' ./wire
+
+## image: the container image (needs a Docker engine; see README, Deploying)
+image:
+	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
+## compose-config: docker-compose.yml as Compose reads it (go test ./deploy checks it too)
+compose-config:
+	@if docker compose version >/dev/null 2>&1; then docker compose config -q; else docker-compose config -q; fi && echo "docker-compose.yml: ok"
 
 clean:
 	rm -rf bin/pgwarden bin/devtoken bin/devstack $(DEV_DIR)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what pgwarden's tests, dev stack and benchmarks need and the
 # machine lacks: Debian's PostgreSQL server (initdb, postgres), its client
-# (psql, pgbench), PgBouncer (benchmarks only) and the PostgreSQL JDBC
-# driver (pgjdbc, for the driver tests; Java itself when missing). As root it
-# installs them with apt-get; otherwise it says what to install.
+# (psql, pgbench), PgBouncer (benchmarks only), the PostgreSQL JDBC driver
+# (pgjdbc, for the driver tests; Java itself when missing) and Compose
+# (Debian's docker-compose, unless the docker CLI has its compose plugin: the
+# deploy tests have it read docker-compose.yml; no Docker engine is needed).
+# As root it installs them with apt-get; otherwise it says what to install.
 set -euo pipefail
 
 have_server() {
@@ -11,6 +13,7 @@ have_server() {
   compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
 }
 have_pgbouncer() { command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; }
+have_compose() { command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1; }
 
 need=()
 have_server || need+=(postgresql)
@@ -18,6 +21,7 @@ command -v psql >/dev/null 2>&1 && command -v pgbench >/dev/null 2>&1 || need+=(
 have_pgbouncer || need+=(pgbouncer)
 [ -f /usr/share/java/postgresql.jar ] || need+=(libpostgresql-jdbc-java)
 command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
+have_compose || need+=(docker-compose)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
@@ -48,3 +52,4 @@ if printf '%s\n' "${need[@]}" | grep -qx pgbouncer; then
 fi
 have_server || { echo "deps: PostgreSQL server still not found after install" >&2; exit 1; }
 have_pgbouncer || { echo "deps: pgbouncer still not found after install" >&2; exit 1; }
+have_compose || { echo "deps: docker-compose still not found after install" >&2; exit 1; }

@@ -44,9 +44,12 @@ type clientConn struct {
 
 	killOnce sync.Once
 
-	// Owned by the serve goroutine.
-	handshakeOver bool // counted out of Server.handshakes
-	holdsSubject  bool // counted in Server.subjects
+	// Owned by the goroutine serving the connection (serve's, or the one
+	// that resumed it after it parked).
+	handshakeOver bool   // counted out of Server.handshakes
+	holdsSubject  bool   // counted in Server.subjects
+	cancelHeld    bool   // cancelPID is registered in Server.cancels
+	cancelPID     uint32 // the BackendKeyData pid the client was given
 
 	// Set during the handshake, for the relay and the audit record.
 	database, level string
@@ -97,16 +100,16 @@ func (c *clientConn) endHandshake() {
 	}
 }
 
-// serve runs one connection from accept to close.
+// serve runs one connection from accept to close — or, in transaction mode,
+// until the client parks idle (txnSession.park): then the goroutine that
+// resumes it ends it (close).
 func (c *clientConn) serve() {
 	cfg := &c.srv.cfg
 	cfg.Observer.ClientConnected()
-	defer cfg.Observer.ClientClosed()
-	defer c.kill()
-	defer c.endHandshake()
+	handedOff := false
 	defer func() {
-		if c.holdsSubject {
-			c.srv.releaseSubject(c.id.Subject)
+		if !handedOff {
+			c.close()
 		}
 	}()
 
@@ -138,7 +141,7 @@ func (c *clientConn) serve() {
 		return
 	}
 	pid, target := c.srv.cancels.register()
-	defer c.srv.cancels.unregister(pid)
+	c.cancelPID, c.cancelHeld = pid, true
 
 	up, settings, err := c.authenticate(ctx, sm)
 	if err != nil {
@@ -168,16 +171,13 @@ func (c *clientConn) serve() {
 	}
 
 	if c.mode == PoolTransaction {
-		dbUser := up.Cred.Username
-		res := c.runTxn(up, c.req, settings, target)
-		stats.queries.Add(res.statements)
-		stats.recv.Add(res.bytesIn)
-		stats.sent.Add(res.bytesOut)
-		cfg.Logger.Info("session",
-			"subject", c.id.Subject, "name", c.id.Name, "remote", c.remote, "tls", c.tls,
-			"database", c.database, "level", c.level, "pool_mode", c.mode, "db_user", dbUser,
-			"duration", cfg.Now().Sub(c.start).Round(time.Millisecond).String(),
-			"bytes_in", res.bytesIn, "bytes_out", res.bytesOut, "statements", res.statements, "end", res.why)
+		t := c.startTxn(up, c.req, settings, target)
+		why, parked := t.run()
+		if parked {
+			handedOff = true // the goroutine that resumes it ends it
+			return
+		}
+		t.done(why)
 		return
 	}
 	c.growBuffers()
@@ -206,6 +206,21 @@ func (c *clientConn) serve() {
 		"backend_pid", up.PID, "duration", cfg.Now().Sub(c.start).Round(time.Millisecond).String(),
 		"bytes_in", res.bytesIn, "bytes_out", res.bytesOut, "statements", res.statements,
 		"end", res.why, "upstream_reused", res.reusable)
+}
+
+// close ends the connection and its bookkeeping, once, on whichever
+// goroutine ends the session.
+func (c *clientConn) close() {
+	if c.cancelHeld {
+		c.srv.cancels.unregister(c.cancelPID)
+	}
+	if c.holdsSubject {
+		c.srv.releaseSubject(c.id.Subject)
+	}
+	c.endHandshake()
+	c.kill()
+	c.srv.cfg.Observer.ClientClosed()
+	c.srv.untrack(c)
 }
 
 // growBuffers swaps the small handshake buffers for the relay's, with a

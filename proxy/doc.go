@@ -46,7 +46,11 @@
 //
 // Who owns what. A client connection is owned by its serve goroutine, which
 // reads and writes it until the relay starts, waits for the relay and closes
-// it; anything else may only kill it (close the socket). An upstream session
+// it; anything else may only kill it (close the socket). In transaction mode
+// an idle plain-socket client parks (txnSession.park): its goroutine ends and
+// the Server's wire.Parker owns the connection until it is readable or
+// nudged (a timer, a lease cut, KILL, shutdown), then runs it again in a new
+// goroutine, which from then on owns it and ends it (clientConn.close). An upstream session
 // is owned by the pool (pool.Set): it opens it, lends it to one client at a
 // time (Acquire), takes it back (Release resets it with DISCARD ALL; Checkin
 // keeps it as it is, in transaction mode; Discard closes it) and reaps it

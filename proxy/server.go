@@ -34,6 +34,10 @@ type Server struct {
 	// replaces it whole); never nil after NewServer.
 	reloadable atomic.Pointer[Reloadable]
 
+	// parker holds idle transaction-mode clients without a goroutine
+	// each; nil where it is not available (then they keep theirs).
+	parker *wire.Parker
+
 	inShutdown atomic.Bool
 	handshakes atomic.Int64 // connections between accept and AuthenticationOk (or their end)
 	mu         sync.Mutex
@@ -69,6 +73,10 @@ func NewServer(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("proxy: %w", err)
 	}
 	s.pools = pools
+	if s.parker, err = wire.NewParker(); err != nil {
+		s.parker = nil
+		cfg.Logger.Debug("idle clients keep a goroutine each", "reason", err)
+	}
 	return s, nil
 }
 
@@ -116,10 +124,7 @@ func (s *Server) Serve(ln net.Listener) error {
 			nc.Close()
 			return ErrServerClosed
 		}
-		go func() {
-			defer s.untrack(c)
-			c.serve()
-		}()
+		go c.serve() // which untracks c when it ends
 	}
 }
 
@@ -207,7 +212,16 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.closeConns()
 	s.pools.Close()
+	s.closeParker()
 	return err
+}
+
+// closeParker stops the Parker once every client was told to end (a client
+// parked still is woken to find its socket closed).
+func (s *Server) closeParker() {
+	if s.parker != nil {
+		_ = s.parker.Close()
+	}
 }
 
 // Close stops accepting and closes every client and upstream connection now.
@@ -220,6 +234,7 @@ func (s *Server) Close() error {
 	s.mu.Unlock()
 	s.closeConns()
 	s.pools.Close()
+	s.closeParker()
 	return nil
 }
 

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -107,6 +108,10 @@ type txnSession struct {
 	attachedAt   time.Time
 	busyFrom     time.Time // since when a reply has been outstanding
 
+	parkMu sync.Mutex
+	woke   bool // resumed and not read since: the client goroutine's own
+	parked atomic.Pointer[wire.Parked] // the last parking; Wake is a no-op once it has run
+
 	swallowing   atomic.Int32 // identity queries of pgwarden's not yet answered (kind 'I' in syncKinds)
 	cut          atomic.Bool  // the lease ended, or the token's grace: end now
 	tokenExpired atomic.Bool
@@ -131,11 +136,21 @@ type pendingReply struct {
 	pair   *reparse
 }
 
-// runTxn runs a client in transaction mode after its greeting; up is the
-// server its login used, which goes back to the pool first.
-func (c *clientConn) runTxn(up *pool.Server, req broker.Request, settings [][2]string, target *cancelTarget) relayResult {
-	t := c.startTxn(up, req, settings, target)
-	return t.finish(t.run())
+// done ends a session that run returned from without parking: the audit
+// record, the counters, and (when the goroutine is not serve's) the
+// connection itself.
+func (t *txnSession) done(why string) {
+	c, cfg := t.c, &t.c.srv.cfg
+	dbUser := t.cred.Username
+	res := t.finish(why)
+	t.stats.queries.Add(res.statements)
+	t.stats.recv.Add(res.bytesIn)
+	t.stats.sent.Add(res.bytesOut)
+	cfg.Logger.Info("session",
+		"subject", c.id.Subject, "name", c.id.Name, "remote", c.remote, "tls", c.tls,
+		"database", c.database, "level", c.level, "pool_mode", c.mode, "db_user", dbUser,
+		"duration", cfg.Now().Sub(c.start).Round(time.Millisecond).String(),
+		"bytes_in", res.bytesIn, "bytes_out", res.bytesOut, "statements", res.statements, "end", res.why)
 }
 
 // startTxn sets a client in transaction mode up; run and finish are the
@@ -169,6 +184,7 @@ func (c *clientConn) startTxn(up *pool.Server, req broker.Request, settings [][2
 			_ = t.sc.Conn.SetReadDeadline(time.Now())
 		}
 		t.mu.Unlock()
+		t.parked.Load().Wake() // a parked client wakes to find its socket closed
 	}
 	c.onKill.Store(&onKill)
 	// The token bounds the session: a NOTICE a while before it expires, the
@@ -177,10 +193,9 @@ func (c *clientConn) startTxn(up *pool.Server, req broker.Request, settings [][2
 	cfg := &c.srv.cfg
 	if exp := c.id.Expiry; !exp.IsZero() {
 		now := cfg.Now()
-		poke := func() { _ = c.nc.SetReadDeadline(time.Now()) }
 		t.timers = []*time.Timer{
-			time.AfterFunc(exp.Add(-cfg.TokenExpiryNotice).Sub(now), func() { t.noticeDue.Store(true); poke() }),
-			time.AfterFunc(exp.Sub(now), func() { t.tokenExpired.Store(true); poke() }),
+			time.AfterFunc(exp.Add(-cfg.TokenExpiryNotice).Sub(now), func() { t.noticeDue.Store(true); t.nudge() }),
+			time.AfterFunc(exp.Sub(now), func() { t.tokenExpired.Store(true); t.nudge() }),
 			time.AfterFunc(exp.Add(cfg.TokenExpiryGrace).Sub(now), func() { t.tokenExpired.Store(true); t.cutNow() }),
 		}
 	}
@@ -233,7 +248,7 @@ func (t *txnSession) cutNow() {
 		_ = sc.Conn.SetReadDeadline(time.Now())
 	}
 	t.mu.Unlock()
-	_ = t.c.nc.SetReadDeadline(time.Now()) // the client goroutine looks at the flags (it may hold the server, waiting for the client)
+	t.nudge() // the client goroutine looks at the flags (it may hold the server, waiting for the client)
 	if sc == nil {
 		return
 	}
@@ -279,16 +294,123 @@ func (t *txnSession) dropBig() {
 	t.big = nil
 }
 
-// run reads the client's messages until it leaves, and returns why.
-func (t *txnSession) run() string {
+// run reads the client's messages until it leaves, and returns why; or,
+// when the client is idle and parks, returns parked: the goroutine that
+// resumes it carries on.
+func (t *txnSession) run() (why string, parked bool) {
 	for {
 		// Idle: no large buffer is held while the next message is awaited.
 		t.settle()
+		if t.park() {
+			return "", true
+		}
 		_, _ = t.in().Peek(wire.HeaderLen)
 		if why, done := t.step(); done {
-			return why
+			return why, false
 		}
 	}
+}
+
+// Parking.
+//
+// An idle client — no server attached, nothing buffered either way, no
+// flag to act on — parks: its small buffers go back to their pools and the
+// Server's Parker watches its socket; its goroutine ends. When the client
+// sends, hangs up, or is nudged (a timer, a lease cut, KILL, shutdown), the
+// Parker starts a goroutine in resume, which takes buffers again and
+// carries on in run. The txnSession is owned by exactly one goroutine at a
+// time: the one running run, or, while parked, the Parker (Parked.Wake runs
+// resume at most once). TLS clients do not park: crypto/tls may hold
+// plaintext the socket no longer shows.
+
+var (
+	smallReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, handshakeBufSize) }}
+	smallWriters = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, handshakeBufSize) }}
+)
+
+// flagged reports whether a timer, a cut or KILL wants the client
+// goroutine's attention.
+func (t *txnSession) flagged() bool {
+	return t.killed.Load() || t.cut.Load() || t.tokenExpired.Load() || t.noticeDue.Load()
+}
+
+// nudge makes the client goroutine look at the flags: a read deadline in the
+// past when it is reading, a wake when it is parked. The flag is set first.
+func (t *txnSession) nudge() {
+	_ = t.c.nc.SetReadDeadline(time.Now())
+	t.parked.Load().Wake()
+}
+
+// park parks an idle client, and reports whether it did; the caller's
+// goroutine then owns nothing of the session and returns.
+func (t *txnSession) park() bool {
+	c := t.c
+	if t.woke {
+		// Read first what woke it: the socket is readable (or the read
+		// deadline a nudge set has passed).
+		t.woke = false
+		return false
+	}
+	p := c.srv.parker
+	if p == nil || c.tls || t.big != nil || t.small.Buffered() > 0 || c.w.Buffered() > 0 || t.flagged() {
+		return false
+	}
+	sock, ok := c.raw.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	t.mu.Lock()
+	idle := t.sc == nil && !t.stopping
+	t.mu.Unlock()
+	if !idle {
+		return false
+	}
+	t.small.Reset(nil)
+	smallReaders.Put(t.small)
+	c.w.Reset(nil)
+	smallWriters.Put(c.w)
+	t.small, c.r, c.w = nil, nil, nil
+	// parkMu keeps resume from running on before t.parked names this
+	// parking, so a nudge never wakes a stale one.
+	t.parkMu.Lock()
+	pk, err := p.Park(sock, t.resume)
+	if err == nil {
+		t.parked.Store(pk)
+	}
+	t.parkMu.Unlock()
+	if err != nil {
+		t.takeBuffers()
+		return false
+	}
+	if t.flagged() {
+		pk.Wake() // a flag set before t.parked was published
+	}
+	return true
+}
+
+// takeBuffers gives a client back the small buffers park returned.
+func (t *txnSession) takeBuffers() {
+	c := t.c
+	t.small = smallReaders.Get().(*bufio.Reader)
+	t.small.Reset(c.nc)
+	c.r = t.small
+	c.w = smallWriters.Get().(*bufio.Writer)
+	c.w.Reset(c.dw)
+}
+
+// resume runs a parked client again, in the goroutine the Parker started.
+func (t *txnSession) resume() {
+	t.parkMu.Lock()
+	//lint:ignore SA2001 an empty critical section: wait for park to publish t.parked
+	t.parkMu.Unlock()
+	t.takeBuffers()
+	t.woke = true
+	why, parked := t.run()
+	if parked {
+		return
+	}
+	t.done(why)
+	t.c.close()
 }
 
 // step handles the client's next message, and returns done when the session
@@ -1401,7 +1523,7 @@ func (t *txnSession) serverSide(sc *pool.Server, done chan struct{}) {
 		t.wmu.Unlock()
 		t.giveBack(sc, e.dirty)
 		if t.tokenExpired.Load() || t.noticeDue.Load() {
-			_ = t.c.nc.SetReadDeadline(time.Now()) // the client goroutine acts on it
+			t.nudge() // the client goroutine acts on it
 		}
 		return
 	}
@@ -1745,4 +1867,13 @@ func (t *txnSession) serverReadFailed(sc *pool.Server, fc *wire.FrameCopier, err
 		e.notify = errUpstreamLost
 	}
 	return e, true
+}
+
+// ParkedClients is how many idle clients are parked now (no goroutine
+// each); 0 where parking is not available.
+func (s *Server) ParkedClients() int {
+	if s.parker == nil {
+		return 0
+	}
+	return s.parker.Waiting()
 }

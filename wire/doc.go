@@ -14,11 +14,16 @@
 //     system calls (a relay sits idle between every two messages, and the
 //     first ordinary system call after an idle moment wakes the Go runtime's
 //     monitor thread: two context switches per round trip).
+//   - Parker holds idle sockets without a goroutine each (Linux: an epoll
+//     set of its own, one-shot registrations): the owner's wake function
+//     runs in a new goroutine when the socket is readable or Wake is called,
+//     once. Idle clients then cost their heap state, not a stack.
 //   - PeekClosed looks at an idle socket, without reading, for a peer that
 //     has closed it or sent something.
 //
-// Ownership: wire owns nothing. Every value works on a connection or buffer
-// its caller owns, and each is used by one goroutine at a time (a
+// Ownership: wire owns nothing but a parked connection, from Park until its
+// wake function starts (then the goroutine it runs in owns it). Every other
+// value works on a connection or buffer its caller owns, and each is used by one goroutine at a time (a
 // connection from WithRawIO allows one reader and one writer at once). It
 // imports nothing of pgwarden's.
 package wire

@@ -1,0 +1,146 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgwarden/pgwarden/authn"
+	"github.com/pgwarden/pgwarden/pool"
+	"github.com/pgwarden/pgwarden/proxy"
+)
+
+// Idle clients in transaction mode park: no goroutine each, woken by their
+// next message, their hang-up, a timer or the server closing.
+
+// TestTxnIdleClientsPark: twenty clients over two servers, each idle after
+// its query, are all parked; each one's next query wakes it and is answered
+// right; one that hangs up while parked is gone from the count.
+func TestTxnIdleClientsPark(t *testing.T) {
+	srv, addr := txnProxy(t, proxy.PoolTransaction, 2)
+	const n = 20
+	ctx := context.Background()
+	conns := make([]*pgconn.PgConn, n)
+	for i := range conns {
+		conns[i] = dial(t, addr, "reader", fmt.Sprintf("parker-%d", i))
+		if got, err := query1(ctx, conns[i], fmt.Sprintf("select %d", i)); err != nil || got != fmt.Sprint(i) {
+			t.Fatalf("client %d: %q, %v", i, got, err)
+		}
+	}
+	eventually(t, 10*time.Second, func() bool { return srv.ParkedClients() == n },
+		"%d of %d idle clients parked", srv.ParkedClients(), n)
+	for round := range 3 {
+		var wg sync.WaitGroup
+		errs := make(chan error, n)
+		for i, c := range conns {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				want := fmt.Sprint(round*100 + i)
+				got, err := query1(ctx, c, "select "+want)
+				if err == nil && got != want {
+					err = fmt.Errorf("got %q, want %q", got, want)
+				}
+				if err != nil {
+					errs <- fmt.Errorf("client %d, round %d: %w", i, round, err)
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+		eventually(t, 10*time.Second, func() bool { return srv.ParkedClients() == n },
+			"after round %d: %d of %d idle clients parked", round, srv.ParkedClients(), n)
+	}
+	conns[0].Close(ctx)
+	eventually(t, 10*time.Second, func() bool { return srv.ParkedClients() == n-1 },
+		"a parked client that hung up is still counted: %d parked", srv.ParkedClients())
+}
+
+// TestTxnParkedClientWokenByTimers: a parked client still gets the NOTICE
+// before its token expires and the FATAL 57P01 when it has.
+func TestTxnParkedClientWokenByTimers(t *testing.T) {
+	st := needStack(t)
+	routes := appRoute(st, "")
+	r := routes["app"]
+	r.Modes = map[string]string{"reader": proxy.PoolTransaction}
+	routes["app"] = r
+	srv, addr := startProxy(t, proxy.Config{Routes: routes, Credentials: fixedCred(pgRole(t, st)),
+		Verifier: expiringVerifier{ttl: 5 * time.Second}, TokenExpiryNotice: 3 * time.Second,
+		Pool: pool.Config{MaxPerPool: 2, MaxTotal: 2}})
+	cfg := harnessConfig(t, addr, "reader", "brief")
+	var mu sync.Mutex
+	var notices []string
+	cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) { mu.Lock(); notices = append(notices, n.Message); mu.Unlock() }
+	ctx := context.Background()
+	c, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	if _, err := query1(ctx, c, "select 1"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, func() bool { return srv.ParkedClients() == 1 }, "the idle client did not park")
+	time.Sleep(6 * time.Second) // past the notice and the expiry, parked throughout
+	_, err = query1(ctx, c, "select 1")
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "57P01" || !strings.Contains(pgErr.Message, "token expired") {
+		t.Fatalf("after the token expired: %v, want FATAL 57P01 saying so", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(notices) != 1 || !strings.Contains(notices[0], "token expires") {
+		t.Fatalf("notices %q, want one saying the token expires", notices)
+	}
+	if n := srv.ParkedClients(); n != 0 {
+		t.Fatalf("%d parked after the session ended", n)
+	}
+}
+
+// TestTxnParkedClientsEndWithTheServer: Close wakes every parked client to
+// find its connection closed.
+func TestTxnParkedClientsEndWithTheServer(t *testing.T) {
+	srv, addr := txnProxy(t, proxy.PoolTransaction, 2)
+	ctx := context.Background()
+	var conns []*pgconn.PgConn
+	for i := range 5 {
+		c := dial(t, addr, "reader", fmt.Sprintf("closing-%d", i))
+		if _, err := query1(ctx, c, "select 1"); err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	eventually(t, 10*time.Second, func() bool { return srv.ParkedClients() == 5 }, "idle clients did not park")
+	srv.Close()
+	for i, c := range conns {
+		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err := query1(qctx, c, "select 1")
+		timedOut := qctx.Err() != nil
+		cancel()
+		if err == nil {
+			t.Errorf("client %d: answered after the server closed", i)
+		}
+		if timedOut {
+			t.Errorf("client %d: no answer at all, not even the close", i)
+		}
+	}
+	if n := srv.ParkedClients(); n != 0 {
+		t.Fatalf("%d parked after Close", n)
+	}
+}
+
+// expiringVerifier takes the token as the subject, valid for ttl from now.
+type expiringVerifier struct{ ttl time.Duration }
+
+func (v expiringVerifier) Verify(_ context.Context, tok string) (*authn.Identity, error) {
+	return &authn.Identity{Subject: tok, Name: tok, Expiry: time.Now().Add(v.ttl)}, nil
+}

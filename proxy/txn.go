@@ -109,7 +109,7 @@ type txnSession struct {
 	busyFrom     time.Time // since when a reply has been outstanding
 
 	parkMu sync.Mutex
-	woke   bool // resumed and not read since: the client goroutine's own
+	woke   bool                        // resumed and not read since: the client goroutine's own
 	parked atomic.Pointer[wire.Parked] // the last parking; Wake is a no-op once it has run
 
 	swallowing   atomic.Int32 // identity queries of pgwarden's not yet answered (kind 'I' in syncKinds)

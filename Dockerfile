@@ -36,9 +36,9 @@ HEALTHCHECK --interval=5s --timeout=3s --start-period=5s --retries=5 \
 ENTRYPOINT ["/usr/local/bin/devissuer"]
 CMD ["serve"]
 
-# pgwarden. Mount the config at /etc/pgwarden/pgwarden.json (or pass
-# -config, or set PGWARDEN_CONFIG); in a container set listen and
-# metrics_listen to 0.0.0.0:… in it, since the defaults are loopback.
+# pgwarden. Mount the config at /etc/pgwarden/pgwarden.json (or give the
+# container other arguments); in a container set listen and metrics_listen to
+# 0.0.0.0:… in it, since the defaults are loopback.
 FROM gcr.io/distroless/static-debian12:nonroot AS pgwarden
 COPY --from=build /out/pgwarden /out/healthprobe /usr/local/bin/
 USER 65532:65532

@@ -239,8 +239,9 @@ func copyFile(t *testing.T, from, to string) {
 // level it logged in with; new connections get the new grants (a group
 // newly granted a level connects, one whose grant was removed is refused
 // with 42501); an invalid file and an unreadable key are rejected, logged
-// with the reason and counted, and the configuration in force stays; a new
-// TLS pair is served to new handshakes; a new log_level applies.
+// with the reason and counted, and the configuration in force stays; the
+// console's RELOAD takes the same path; a new TLS pair is served to new
+// handshakes; a new log_level applies.
 func TestSIGHUPReloadsGrantsTLSAndLogLevelWhileSessionsRun(t *testing.T) {
 	st := testenv.NewStack(t, testenv.StackOptions{NoProxy: true})
 	dir := t.TempDir()
@@ -346,6 +347,24 @@ func TestSIGHUPReloadsGrantsTLSAndLogLevelWhileSessionsRun(t *testing.T) {
 	} else {
 		c.Close(ctx)
 	}
+	// The console's RELOAD takes the same path: the same refusal, to the
+	// console as F0000.
+	carol, err := st.Token("carol", "dba")
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin, err := connect(ctx, strings.Replace(connString(p.addr, "admin", carol, ca1), "dbname=app", "dbname=pgwarden", 1))
+	if err != nil {
+		t.Fatalf("the admin console: %v", err)
+	}
+	defer admin.Close(context.Background())
+	seen := p.logs(reloadRejected)
+	if _, err := admin.Exec(ctx, "RELOAD").ReadAll(); sqlstate(err) != "F0000" {
+		t.Fatalf("RELOAD of an invalid file: %v, want F0000", err)
+	}
+	if rec := p.waitLog(t, reloadRejected, seen); rec["source"] != "RELOAD" {
+		t.Errorf("RELOAD's rejection: %v", rec)
+	}
 
 	// A renewed certificate that cannot be read (the key half-written):
 	// rejected, the old pair still served.
@@ -382,10 +401,10 @@ func TestSIGHUPReloadsGrantsTLSAndLogLevelWhileSessionsRun(t *testing.T) {
 	if n, err := query1(ctx, session, "SELECT count(*) FROM items"); err != nil || n != "3" {
 		t.Fatalf("the session that began before every reload, at the end: %q %v", n, err)
 	}
-	if l := metricLine(t, p.metrics, `pgwarden_config_reloads_total{result="rejected"}`); !strings.HasSuffix(l, " 2") {
+	if l := metricLine(t, p.metrics, `pgwarden_config_reloads_total{result="rejected"}`); !strings.HasSuffix(l, " 3") {
 		t.Errorf("rejected reloads at the end: %q", l)
 	}
-	for _, secret := range []string{alice, st.Vault.RootToken, st.AdminPassword} {
+	for _, secret := range []string{alice, carol, st.Vault.RootToken, st.AdminPassword} {
 		if strings.Contains(p.out.String(), secret) {
 			t.Fatal("pgwarden's log holds a token or password")
 		}

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"sort"
 	"strings"
@@ -75,7 +76,7 @@ type txnSession struct {
 	idSets   [][2]string
 	srvDone  chan struct{} // closed when the last server goroutine has exited
 	scratch  []byte
-	timers   []*time.Timer // the token's: notice, expiry, grace
+	tokenAt  [3]time.Time // the token's moments: notice, expiry, end of the grace (set before the timer)
 
 	// wmu is held by the client goroutine while it writes a message
 	// upstream; the server goroutine takes it after deciding to detach.
@@ -107,6 +108,9 @@ type txnSession struct {
 	stopping     bool                       // the client side ended
 	attachedAt   time.Time
 	busyFrom     time.Time // since when a reply has been outstanding
+
+	timer      atomic.Pointer[time.Timer] // the token's; nil once stopped
+	tokenStage atomic.Int32               // the token moments passed
 
 	parkMu sync.Mutex
 	woke   bool                        // resumed and not read since: the client goroutine's own
@@ -192,20 +196,40 @@ func (c *clientConn) startTxn(up *pool.Server, req broker.Request, settings [][2
 	// grace for an open transaction is over.
 	cfg := &c.srv.cfg
 	if exp := c.id.Expiry; !exp.IsZero() {
-		now := cfg.Now()
-		t.timers = []*time.Timer{
-			time.AfterFunc(exp.Add(-cfg.TokenExpiryNotice).Sub(now), func() { t.noticeDue.Store(true); t.nudge() }),
-			time.AfterFunc(exp.Sub(now), func() { t.tokenExpired.Store(true); t.nudge() }),
-			time.AfterFunc(exp.Add(cfg.TokenExpiryGrace).Sub(now), func() { t.tokenExpired.Store(true); t.cutNow() }),
-		}
+		t.tokenAt = [3]time.Time{exp.Add(-cfg.TokenExpiryNotice), exp, exp.Add(cfg.TokenExpiryGrace)}
+		// One timer for the three moments (an idle client's memory is
+		// mostly its heap state): created stopped, published, then armed.
+		tm := time.AfterFunc(time.Duration(math.MaxInt64), t.tokenTick)
+		t.timer.Store(tm)
+		tm.Reset(t.tokenAt[0].Sub(cfg.Now()))
 	}
 	return t
+}
+
+// tokenTick is the token timer's: the NOTICE, then the expiry, then the end
+// of the grace, each re-arming the timer for the next.
+func (t *txnSession) tokenTick() {
+	switch t.tokenStage.Add(1) {
+	case 1:
+		t.noticeDue.Store(true)
+		t.nudge()
+	case 2:
+		t.tokenExpired.Store(true)
+		t.nudge()
+	default:
+		t.tokenExpired.Store(true)
+		t.cutNow()
+		return
+	}
+	if tm := t.timer.Load(); tm != nil {
+		tm.Reset(t.tokenAt[t.tokenStage.Load()].Sub(t.c.srv.cfg.Now()))
+	}
 }
 
 // finish ends the session run returned from, and reports it.
 func (t *txnSession) finish(why string) relayResult {
 	c := t.c
-	for _, tm := range t.timers {
+	if tm := t.timer.Swap(nil); tm != nil {
 		tm.Stop()
 	}
 	t.offEnd()

@@ -122,6 +122,26 @@ func (p *serveProc) waitLog(t *testing.T, msg string, seen []map[string]any) map
 	}
 }
 
+// waitFor waits for a record with msg that match accepts, as waitLog does.
+func (p *serveProc) waitFor(t *testing.T, msg string, match func(map[string]any) bool) map[string]any {
+	t.Helper()
+	deadline := time.After(time.Minute)
+	for {
+		for _, rec := range p.logs(msg) {
+			if match(rec) {
+				return rec
+			}
+		}
+		select {
+		case <-p.exited:
+			t.Fatalf("pgwarden exited (%v) before logging the %q wanted:\n%s", p.waitErr, msg, p.out.String())
+		case <-deadline:
+			t.Fatalf("pgwarden did not log the %q wanted within a minute:\n%s", msg, p.out.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
 func (p *serveProc) signal(t *testing.T, sig syscall.Signal) {
 	t.Helper()
 	if err := p.cmd.Process.Signal(sig); err != nil {
@@ -287,8 +307,16 @@ func TestSIGHUPReloadsGrantsTLSAndLogLevelWhileSessionsRun(t *testing.T) {
 	// goes to debug. Vault's JWT roles follow it (vault-init), as the
 	// operator runs it; pgwarden still grants by the file it read until it
 	// reloads.
+	// Also: the reader level asks for transaction pooling (an existing
+	// level keeps its mode until a restart), a new level in transaction
+	// mode, and a new auth_timeout (a restart's).
 	next := withGroups(&base, map[string][]string{"reader": {"engineer"}, "writer": {"engineer", "analyst"}})
 	next.LogLevel = "debug"
+	next.Databases[0].Levels[0].PoolMode = config.PoolTransaction
+	auditor := testenv.ReadLevel("auditor", time.Hour, "analyst")
+	auditor.PoolMode = config.PoolTransaction
+	next.Databases[0].Levels = append(next.Databases[0].Levels, auditor)
+	next.AuthTimeout = config.Duration(20 * time.Second)
 	writeJSON(t, path, next)
 	t.Setenv("VAULT_TOKEN", st.Vault.RootToken)
 	t.Setenv("PGWARDEN_DB_ADMIN_PASSWORD", st.AdminPassword)
@@ -304,6 +332,9 @@ func TestSIGHUPReloadsGrantsTLSAndLogLevelWhileSessionsRun(t *testing.T) {
 	if rec["source"] != "SIGHUP" || !slices.Contains(anyStrings(rec["applied"]), "databases") || !slices.Contains(anyStrings(rec["applied"]), "log_level") {
 		t.Errorf("reload record: %v", rec)
 	}
+	if r := anyStrings(rec["restart_needed_for"]); !slices.Equal(r, []string{"databases[0].levels[0].pool_mode", "timeouts and limits"}) {
+		t.Errorf("restart_needed_for %q", r)
+	}
 	if n, err := query1(ctx, session, "SELECT count(*) FROM items"); err != nil || n != "2" {
 		t.Fatalf("the session after the reload: %q %v", n, err)
 	}
@@ -315,6 +346,18 @@ func TestSIGHUPReloadsGrantsTLSAndLogLevelWhileSessionsRun(t *testing.T) {
 		t.Fatalf("a writer's insert: %v", err)
 	}
 	writer.Close(ctx)
+	// The new level, in the mode the file gives it.
+	if c, err := as("auditor", ca1); err != nil {
+		t.Fatalf("alice as the new level: %v", err)
+	} else {
+		if _, err := query1(ctx, c, "SELECT count(*) FROM items"); err != nil {
+			t.Fatal(err)
+		}
+		c.Close(ctx)
+	}
+	if rec := p.waitFor(t, "session", func(r map[string]any) bool { return r["level"] == "auditor" }); rec["pool_mode"] != config.PoolTransaction {
+		t.Errorf("the new level's session: %v", rec)
+	}
 	_, err = as("reader", ca1)
 	var pe *pgconn.PgError
 	if !errors.As(err, &pe) || pe.Code != "42501" || !strings.Contains(pe.Detail, "writer") {
@@ -358,6 +401,20 @@ func TestSIGHUPReloadsGrantsTLSAndLogLevelWhileSessionsRun(t *testing.T) {
 		t.Fatalf("the admin console: %v", err)
 	}
 	defer admin.Close(context.Background())
+	// The configuration in force: the reader level kept its mode.
+	cfgRows, err := admin.Exec(ctx, "SHOW CONFIG").ReadAll()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var levels string
+	for _, row := range cfgRows[0].Rows {
+		if string(row[0]) == "databases.app.levels" {
+			levels = string(row[1])
+		}
+	}
+	if !strings.Contains(levels, "reader=session/") || !strings.Contains(levels, "auditor=transaction/") {
+		t.Errorf("SHOW CONFIG's levels in force: %q", levels)
+	}
 	seen := p.logs(reloadRejected)
 	if _, err := admin.Exec(ctx, "RELOAD").ReadAll(); sqlstate(err) != "F0000" {
 		t.Fatalf("RELOAD of an invalid file: %v, want F0000", err)

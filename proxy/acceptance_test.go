@@ -291,7 +291,7 @@ func TestConcurrentClientsShareOneLease(t *testing.T) {
 	}
 	// Shared by everyone, it is pgwarden's, and its name says so, never a person's.
 	for u := range distinct {
-		if !strings.HasPrefix(u, "pgwarden-") || regexp.MustCompile(`crowd-\d\d`).MatchString(u) {
+		if !strings.HasPrefix(u, "pgwarden-") || regexp.MustCompile(`crowd-\d\d-`).MatchString(u) {
 			t.Errorf("the shared database user is %q: it should name pgwarden and the level, not a person", u)
 		}
 	}

@@ -50,6 +50,7 @@ type clientConn struct {
 	holdsSubject  bool   // counted in Server.subjects
 	cancelHeld    bool   // cancelPID is registered in Server.cancels
 	cancelPID     uint32 // the BackendKeyData pid the client was given
+	noticeSent    bool   // the token's NOTICE is out (session mode, before the first message)
 
 	// Set during the handshake, for the relay and the audit record.
 	database, level string
@@ -180,6 +181,41 @@ func (c *clientConn) serve() {
 		t.done(why)
 		return
 	}
+
+	// Session mode: the client holds a server from its first message to its
+	// end. Until that message the login's server waits in the pool, its
+	// settings and identity noted: the client most likely gets it back.
+	cs := newClientSettings(c, settings)
+	up.NoteApplied(cs.settings, cs.idKey)
+	target.set(nil)
+	cred := up.Cred
+	c.srv.pools.Checkin(up, false)
+	c.dw = wire.NewDeadlineWriter(c.nc, cfg.WriteTimeout)
+	c.w.Reset(c.dw)
+	if why, ok := c.awaitFirstMessage(); !ok {
+		cfg.Logger.Info("session",
+			"subject", c.id.Subject, "name", c.id.Name, "remote", c.remote, "tls", c.tls,
+			"database", c.database, "level", c.level, "pool_mode", c.mode,
+			"duration", cfg.Now().Sub(c.start).Round(time.Millisecond).String(), "statements", 0, "end", why)
+		return
+	}
+	ctx = context.Background() // each step bounds itself, as in transaction mode
+	if up, _, err = c.acquire(ctx, c.req, cred, stats); err == nil {
+		if err = cs.apply(ctx, c, up); err != nil {
+			c.srv.pools.Discard(up)
+			err = pool.UpstreamFailure(err)
+		}
+	}
+	if err != nil {
+		c.sendFinal(err)
+		cfg.Logger.Info("session",
+			"subject", c.id.Subject, "name", c.id.Name, "remote", c.remote, "tls", c.tls,
+			"database", c.database, "level", c.level, "pool_mode", c.mode,
+			"duration", cfg.Now().Sub(c.start).Round(time.Millisecond).String(), "statements", 0,
+			"end", "no server for its first message", "error", err)
+		return
+	}
+	target.set(up)
 	c.growBuffers()
 	c.lastReq.Store(time.Now().UnixNano())
 	c.attached.Store(up)
@@ -206,6 +242,40 @@ func (c *clientConn) serve() {
 		"backend_pid", up.PID, "duration", cfg.Now().Sub(c.start).Round(time.Millisecond).String(),
 		"bytes_in", res.bytesIn, "bytes_out", res.bytesOut, "statements", res.statements,
 		"end", res.why, "upstream_reused", res.reusable)
+}
+
+// awaitFirstMessage waits, holding no server, for a session-mode client's
+// first message after its greeting. The token still bounds the wait: the
+// NOTICE before it expires, the end (57P01) once it has. It returns false
+// and why when the session ended first.
+func (c *clientConn) awaitFirstMessage() (string, bool) {
+	cfg := &c.srv.cfg
+	defer func() { _ = c.nc.SetReadDeadline(time.Time{}) }()
+	for {
+		var deadline time.Time
+		if exp := c.id.Expiry; !exp.IsZero() {
+			deadline = exp
+			if !c.noticeSent {
+				deadline = exp.Add(-cfg.TokenExpiryNotice)
+			}
+		}
+		_ = c.nc.SetReadDeadline(deadline)
+		if _, err := c.r.Peek(1); err == nil {
+			return "", true
+		} else if !wire.IsTimeout(err) {
+			return "client disconnected", false
+		}
+		if !c.noticeSent {
+			c.noticeSent = true
+			c.tokenNotice()
+			if err := c.w.Flush(); err != nil {
+				return "client write failed", false
+			}
+			continue
+		}
+		c.sendFinal(errTokenExpired)
+		return "token expired", false
+	}
 }
 
 // close ends the connection and its bookkeeping, once, on whichever

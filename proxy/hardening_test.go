@@ -95,6 +95,12 @@ func TestItem02UpstreamThatStopsReadingIsCutAndTheClientTold(t *testing.T) {
 	fwd := forwarder(t, st)
 	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, fwd.Addr), WriteTimeout: time.Second})
 	nc, fe := rawLogin(t, addr, "reader", "carol")
+	// Attached: a session-mode client holds a server from its first message.
+	fe.Send(&pgproto3.Query{String: "select 1"})
+	if err := fe.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	readUntilReady(t, fe)
 	fwd.Stall()
 	// A 64 MB statement: more than the socket buffers between pgwarden and
 	// the stalled route can take.
@@ -188,8 +194,14 @@ func TestItem03UpstreamLostMidSessionIsReportedAs08006(t *testing.T) {
 	}
 
 	// An idle client, so only the server-to-client side can notice: the
-	// FATAL arrives unasked.
+	// FATAL arrives unasked. (Attached first: a session-mode client holds a
+	// server from its first message; before it, it has none to lose.)
 	nc, fe := rawLogin(t, addr, "reader", "hal")
+	fe.Send(&pgproto3.Query{String: "select 1"})
+	if err := fe.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	readUntilReady(t, fe)
 	fwd.Cut()
 	_ = nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	m, err := fe.Receive()
@@ -442,6 +454,11 @@ func TestItem12IdleSessionsOfOnePoolDoNotStarveAnother(t *testing.T) {
 	})
 	ctx := context.Background()
 	a, b := dial(t, addr, "reader", "nia"), dial(t, addr, "reader", "ned")
+	for _, c := range []*pgconn.PgConn{a, b} { // attached: one server each, from the first message
+		if _, err := query1(ctx, c, "select 1"); err != nil {
+			t.Fatal(err)
+		}
+	}
 	a.Close(ctx)
 	b.Close(ctx)
 	eventually(t, 10*time.Second, func() bool { i, _ := poolActive(srv, "reader"); return i == 2 }, "reader sessions not pooled")

@@ -136,8 +136,10 @@ func (c *clientConn) relay(up *pool.Server) relayResult {
 	defer up.Cred.OnEnd(cutNow(&st.cut))()
 	if exp := c.id.Expiry; !exp.IsZero() {
 		now := cfg.Now()
-		notice := time.AfterFunc(exp.Add(-cfg.TokenExpiryNotice).Sub(now), interrupt(&st.noticeDue))
-		defer notice.Stop()
+		if !c.noticeSent {
+			notice := time.AfterFunc(exp.Add(-cfg.TokenExpiryNotice).Sub(now), interrupt(&st.noticeDue))
+			defer notice.Stop()
+		}
 		expired := time.AfterFunc(exp.Sub(now), func() { st.tokenExpired.Store(true); interrupt(&st.retiring)() })
 		defer expired.Stop()
 		cut := time.AfterFunc(exp.Add(cfg.TokenExpiryGrace).Sub(now), func() { st.tokenExpired.Store(true); cutNow(&st.cut)() })

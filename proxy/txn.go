@@ -6,17 +6,14 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"math"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgwarden/pgwarden/broker"
@@ -69,14 +66,12 @@ type txnSession struct {
 	big   *bufio.Reader // borrowed while a large message is copied, until drained
 
 	// The client goroutine's own.
-	cred     *broker.Credential
-	offEnd   func() bool       // stops following cred's end
-	settings map[string]string // run-time settings: startup ones, then reported changes
-	idKey    string
-	idSets   [][2]string
-	srvDone  chan struct{} // closed when the last server goroutine has exited
-	scratch  []byte
-	tokenAt  [3]time.Time // the token's moments: notice, expiry, end of the grace (set before the timer)
+	cred   *broker.Credential
+	offEnd func() bool // stops following cred's end
+	clientSettings
+	srvDone chan struct{} // closed when the last server goroutine has exited
+	scratch []byte
+	tokenAt [3]time.Time // the token's moments: notice, expiry, end of the grace (set before the timer)
 
 	// wmu is held by the client goroutine while it writes a message
 	// upstream; the server goroutine takes it after deciding to detach.
@@ -161,14 +156,7 @@ func (t *txnSession) done(why string) {
 // rest.
 func (c *clientConn) startTxn(up *pool.Server, req broker.Request, settings [][2]string, target *cancelTarget) *txnSession {
 	t := &txnSession{c: c, stats: c.srv.statsFor(c.database), req: req, target: target, small: c.r, cred: up.Cred,
-		settings: map[string]string{}, stmts: map[string]*pool.StmtEntry{}, errEpoch: -1, txStatus: 'I'}
-	for _, kv := range settings {
-		if !hasIdentityPrefix([]byte(kv[0])) {
-			t.settings[strings.ToLower(kv[0])] = kv[1]
-		}
-	}
-	t.idSets = identitySettings(c.id, c.level)
-	t.idKey = identityKey(c.id, c.level)
+		clientSettings: newClientSettings(c, settings), stmts: map[string]*pool.StmtEntry{}, errEpoch: -1, txStatus: 'I'}
 	// The login's server has the client's settings (applySettings) and
 	// identity already.
 	up.NoteApplied(t.settings, t.idKey)
@@ -888,47 +876,17 @@ func (t *txnSession) attach() error {
 	c := t.c
 	ps := c.srv.pools
 	// Each step bounds itself: the wait (AcquireTimeout), opening a server
-	// (DialTimeout), Vault (AuthTimeout, below), the settings (setup).
+	// (DialTimeout), Vault (AuthTimeout), the settings (apply).
 	ctx := context.Background()
-	var sc *pool.Server
-	for attempt := 0; ; attempt++ {
-		if t.cred.Stale() {
-			vctx, cancel := context.WithTimeout(ctx, c.srv.cfg.AuthTimeout)
-			cred, err := c.srv.cfg.Credentials.Credential(vctx, t.req)
-			cancel()
-			if err != nil {
-				return err
-			}
-			t.cred = cred
-			t.followCred()
-		}
-		// Not held meanwhile: a lease revoked under the dial answers 28P01,
-		// which the retry below handles.
-		waitFrom := time.Now()
-		c.waitSince.Store(waitFrom.UnixNano())
-		s, err := ps.Acquire(ctx, c.database, c.level, t.cred)
-		c.waitSince.Store(0)
-		t.stats.waitTime.Add(int64(time.Since(waitFrom)))
-		var pgErr *pgconn.PgError
-		if err != nil && attempt == 0 && errors.As(err, &pgErr) && strings.HasPrefix(pgErr.Code, "28") {
-			// PostgreSQL refused the credential (revoked early, or its
-			// password changed by a session of it): a fresh one, once.
-			c.srv.cfg.Logger.Warn("PostgreSQL refused a credential Vault issued; reading a new one",
-				"database", c.database, "level", c.level, "db_user", t.cred.Username, "lease_id", t.cred.LeaseID, "error", err)
-			c.srv.cfg.Credentials.Forget(t.cred)
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		if s.Cred.Stale() && attempt == 0 {
-			ps.Discard(s)
-			continue
-		}
-		sc = s
-		break
+	sc, cred, err := c.acquire(ctx, t.req, t.cred, t.stats)
+	if cred != t.cred {
+		t.cred = cred
+		t.followCred()
 	}
-	if err := t.setup(ctx, sc); err != nil {
+	if err != nil {
+		return err
+	}
+	if err := t.apply(ctx, c, sc); err != nil {
 		ps.Discard(sc)
 		return pool.UpstreamFailure(err)
 	}
@@ -947,52 +905,6 @@ func (t *txnSession) attach() error {
 	c.attached.Store(sc)
 	c.lastReq.Store(t.attachedAt.UnixNano())
 	return nil // the replies are read by drain, in this goroutine, until a COPY needs one of its own
-}
-
-// setup applies the client's settings and identity where the server's
-// differ, in one round trip, before the client's first message.
-func (t *txnSession) setup(ctx context.Context, sc *pool.Server) error {
-	var b strings.Builder
-	var sets [][2]string
-	for k, v := range t.settings {
-		if cur, ok := sc.Applied[k]; ok && cur == v {
-			continue
-		}
-		if _, ok := sc.Applied[k]; !ok && paramValue(sc.Params, k) == v {
-			continue
-		}
-		sets = append(sets, [2]string{k, v})
-	}
-	var resets []string
-	for k := range sc.Applied {
-		if _, ok := t.settings[k]; !ok {
-			resets = append(resets, k)
-		}
-	}
-	if sc.Identity != t.idKey {
-		sets = append(sets, t.idSets...)
-	}
-	if len(sets) == 0 && len(resets) == 0 {
-		return nil
-	}
-	sort.Slice(sets, func(i, j int) bool { return sets[i][0] < sets[j][0] })
-	sort.Strings(resets)
-	writeSetConfig(&b, sets)
-	for _, k := range resets {
-		b.WriteString("; RESET ")
-		b.WriteString(pool.QuoteSettingName(k))
-	}
-	ctx, cancel := context.WithTimeout(ctx, t.c.srv.pools.Limits().PingTimeout+t.c.srv.cfg.WriteTimeout)
-	defer cancel()
-	st, err := sc.SimpleQuery(ctx, b.String(), nil)
-	if err == nil && st != 'I' {
-		err = fmt.Errorf("session not idle after applying settings (status %q)", st)
-	}
-	if err != nil {
-		return err
-	}
-	sc.NoteApplied(t.settings, t.idKey)
-	return nil
 }
 
 // paramValue is the server's reported value of a setting, whatever the case

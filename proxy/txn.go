@@ -107,9 +107,9 @@ type txnSession struct {
 	timer      atomic.Pointer[time.Timer] // the token's; nil once stopped
 	tokenStage atomic.Int32               // the token moments passed
 
-	parkMu sync.Mutex
-	woke   bool                        // resumed and not read since: the client goroutine's own
-	parked atomic.Pointer[wire.Parked] // the last parking; Wake is a no-op once it has run
+	parkMu  sync.Mutex
+	graceAt time.Time                   // when an idle client parks; zero while not idle. The client goroutine's own
+	parked  atomic.Pointer[wire.Parked] // the last parking; Wake is a no-op once it has run
 
 	swallowing   atomic.Int32 // identity queries of pgwarden's not yet answered (kind 'I' in syncKinds)
 	cut          atomic.Bool  // the lease ended, or the token's grace: end now
@@ -313,15 +313,46 @@ func (t *txnSession) run() (why string, parked bool) {
 	for {
 		// Idle: no large buffer is held while the next message is awaited.
 		t.settle()
-		if t.park() {
-			return "", true
+		if sock, ok := t.parkable(); ok {
+			// Idle: parked once it has been for idleGrace. A busy client
+			// (its next message within the grace) keeps its goroutine, as
+			// parking costs system calls and a goroutine per message.
+			now := time.Now()
+			switch {
+			case t.graceAt.IsZero():
+				t.graceAt = now.Add(idleGrace)
+				t.idleDeadline()
+			case !now.Before(t.graceAt):
+				t.graceAt = time.Time{}
+				if t.park(sock) {
+					return "", true
+				}
+			default:
+				t.idleDeadline() // a nudge's deadline was cleared
+			}
 		}
 		_, _ = t.in().Peek(wire.HeaderLen)
+		if !t.graceAt.IsZero() && t.in().Buffered() > 0 {
+			t.graceAt = time.Time{}
+			_ = t.c.nc.SetReadDeadline(time.Time{})
+		}
 		if why, done := t.step(); done {
 			return why, false
 		}
 	}
 }
+
+// idleDeadline sets the read deadline at the end of the idle grace, unless
+// a nudge came meanwhile: then at once, as the nudge did.
+func (t *txnSession) idleDeadline() {
+	_ = t.c.nc.SetReadDeadline(t.graceAt)
+	if t.flagged() {
+		_ = t.c.nc.SetReadDeadline(time.Now())
+	}
+}
+
+// idleGrace is how long a transaction-mode client is idle before it parks.
+const idleGrace = 250 * time.Millisecond
 
 // Parking.
 //
@@ -353,30 +384,29 @@ func (t *txnSession) nudge() {
 	t.parked.Load().Wake()
 }
 
-// park parks an idle client, and reports whether it did; the caller's
-// goroutine then owns nothing of the session and returns.
-func (t *txnSession) park() bool {
+// parkable reports whether the client is idle with nothing to act on — no
+// server attached, nothing buffered either way, no flag — on a socket the
+// Parker can watch.
+func (t *txnSession) parkable() (syscall.Conn, bool) {
 	c := t.c
-	if t.woke {
-		// Read first what woke it: the socket is readable (or the read
-		// deadline a nudge set has passed).
-		t.woke = false
-		return false
-	}
-	p := c.srv.parker
-	if p == nil || c.tls || t.big != nil || t.small.Buffered() > 0 || c.w.Buffered() > 0 || t.flagged() {
-		return false
+	if c.srv.parker == nil || c.tls || t.big != nil || t.small.Buffered() > 0 || c.w.Buffered() > 0 || t.flagged() {
+		return nil, false
 	}
 	sock, ok := c.raw.(syscall.Conn)
 	if !ok {
-		return false
+		return nil, false
 	}
 	t.mu.Lock()
 	idle := t.sc == nil && !t.stopping
 	t.mu.Unlock()
-	if !idle {
-		return false
-	}
+	return sock, idle
+}
+
+// park parks a parkable client, and reports whether it did; the caller's
+// goroutine then owns nothing of the session and returns.
+func (t *txnSession) park(sock syscall.Conn) bool {
+	c, p := t.c, t.c.srv.parker
+	_ = c.nc.SetReadDeadline(time.Time{})
 	t.small.Reset(nil)
 	smallReaders.Put(t.small)
 	c.w.Reset(nil)
@@ -416,7 +446,9 @@ func (t *txnSession) resume() {
 	//lint:ignore SA2001 an empty critical section: wait for park to publish t.parked
 	t.parkMu.Unlock()
 	t.takeBuffers()
-	t.woke = true
+	if t.flagged() {
+		_ = t.c.nc.SetReadDeadline(time.Now()) // park cleared the deadline a nudge may have set
+	}
 	why, parked := t.run()
 	if parked {
 		return

@@ -12,7 +12,6 @@ package metrics
 
 import (
 	"net/http"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -35,7 +34,7 @@ type Metrics struct {
 	cancels       *prometheus.CounterVec
 	leaseEvents   *prometheus.CounterVec
 
-	ready atomic.Pointer[[]Check] // see SetReadiness
+	ready readiness // see SetReadiness
 }
 
 // PoolSize is one pool's size at scrape time.

@@ -75,6 +75,7 @@ func TestReadyzFollowsCheck(t *testing.T) {
 		t.Fatalf("/readyz failing = %d, want 503", s)
 	}
 	fail.Store(false)
+	m.RecheckReadiness() // rather than wait out ReadyCacheFor
 	if s := status("/readyz"); s != 200 {
 		t.Fatalf("/readyz passing = %d, want 200", s)
 	}

@@ -72,7 +72,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	path := fs.String("config", os.Getenv("PGWARDEN_CONFIG"), "config file (JSON); env PGWARDEN_CONFIG")
-	shutdownGrace := fs.Duration("shutdown-grace", 30*time.Second, "serve: how long sessions may drain on SIGTERM")
+	shutdownGrace := fs.Duration("shutdown-grace", app.DefaultShutdownGrace, "serve: how long sessions may drain on SIGTERM")
 	var vi vaultInitFlags
 	fs.BoolVar(&vi.dryRun, "dry-run", false, "vault-init: print the plan, change nothing")
 	fs.BoolVar(&vi.prune, "prune", false, "vault-init: also delete what pgwarden wrote that the config no longer names")

@@ -495,6 +495,33 @@ func readyz(t *testing.T, addr string) (int, metrics.Readiness) {
 	return resp.StatusCode, body
 }
 
+// readyzUntil asks /readyz until done accepts its answer, for at most a
+// minute, and returns that answer.
+func readyzUntil(t *testing.T, addr, what string, done func(int, metrics.Readiness) bool) (int, metrics.Readiness) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		code, body := readyz(t, addr)
+		if done(code, body) {
+			return code, body
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %d %+v", what, code, body)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// checkError is the reason /readyz gave for the check named name.
+func checkError(body metrics.Readiness, name string) string {
+	for _, c := range body.Checks {
+		if c.Name == name {
+			return c.Error
+		}
+	}
+	return ""
+}
+
 // statusOf is the status /readyz gave the check named name.
 func statusOf(body metrics.Readiness, name string) string {
 	for _, c := range body.Checks {
@@ -546,34 +573,46 @@ func TestReadyzNamesDegradedVaultAndSIGTERMDrains(t *testing.T) {
 	if err := st.Vault.Pause(); err != nil {
 		t.Fatal(err)
 	}
-	code, body = readyz(t, p.metrics)
+	code, body = readyzUntil(t, p.metrics, "/readyz with Vault frozen", func(code int, _ metrics.Readiness) bool { return code != 200 })
 	if err := st.Vault.Resume(); err != nil {
 		t.Fatal(err)
 	}
 	if code != 503 || !slices.Equal(body.Degraded, []string{"vault"}) || statusOf(body, "upstream app") != "ok" || statusOf(body, "issuer") != "ok" {
 		t.Fatalf("/readyz with Vault frozen: %d %+v", code, body)
 	}
-	if code, body = readyz(t, p.metrics); code != 200 {
-		t.Fatalf("/readyz with Vault back: %d %+v", code, body)
-	}
+	// A result answers for metrics.ReadyCacheFor: Vault's return shows
+	// after that.
+	readyzUntil(t, p.metrics, "/readyz with Vault back", func(code int, _ metrics.Readiness) bool { return code == 200 })
 
-	// Vault stopped: degraded, and only Vault.
+	// Vault stopped: degraded, and only Vault, with a reason and no address
+	// in the answer; the log has the details, once.
+	seenFailed := p.logs("readiness check failed; /readyz answers 503")
 	st.Vault.Close()
-	code, body = readyz(t, p.metrics)
-	if code != 503 || body.Status != "degraded" || !slices.Equal(body.Degraded, []string{"vault"}) {
+	code, body = readyzUntil(t, p.metrics, "/readyz with Vault stopped", func(code int, body metrics.Readiness) bool {
+		return code == 503 && statusOf(body, "vault") == "degraded" && !strings.HasPrefix(checkError(body, "vault"), "no answer")
+	})
+	if body.Status != "degraded" || !slices.Equal(body.Degraded, []string{"vault"}) {
 		t.Fatalf("/readyz with Vault stopped: %d %+v", code, body)
 	}
 	for _, c := range body.Checks {
 		want := "ok"
 		if c.Name == "vault" {
 			want = "degraded"
-			if !strings.Contains(c.Error, "refused") {
-				t.Errorf("vault's check does not say why: %q", c.Error)
+			if c.Error != "unreachable" {
+				t.Errorf("vault's check says %q, want unreachable", c.Error)
 			}
 		}
 		if c.Status != want {
 			t.Errorf("check %s: %s, want %s (%+v)", c.Name, c.Status, want, body)
 		}
+	}
+	vaultHostPort := strings.TrimPrefix(st.Vault.Addr, "http://")
+	if raw := fmt.Sprintf("%+v", body); strings.Contains(raw, vaultHostPort) {
+		t.Errorf("/readyz shows Vault's address: %s", raw)
+	}
+	if rec := p.waitLog(t, "readiness check failed; /readyz answers 503", seenFailed); rec["check"] != "vault" || rec["reason"] != "unreachable" ||
+		!strings.Contains(fmt.Sprint(rec["error"]), vaultHostPort) || !strings.Contains(fmt.Sprint(rec["error"]), "refused") {
+		t.Errorf("the log of Vault's failure, with its address and cause: %v", rec)
 	}
 
 	// SIGTERM: the drain begins; the session carries on.
@@ -583,9 +622,9 @@ func TestReadyzNamesDegradedVaultAndSIGTERMDrains(t *testing.T) {
 	if n, err := query1(ctx, session, "SELECT count(*) FROM items"); err != nil || n != "2" {
 		t.Fatalf("the session during the drain: %q %v", n, err)
 	}
-	if code, body = readyz(t, p.metrics); code != 503 || statusOf(body, "proxy") != "degraded" {
-		t.Fatalf("/readyz during the drain: %d %+v", code, body)
-	}
+	readyzUntil(t, p.metrics, "/readyz during the drain", func(code int, body metrics.Readiness) bool {
+		return code == 503 && statusOf(body, "proxy") == "degraded" && checkError(body, "proxy") == "shutting down"
+	})
 	if c, err := net.DialTimeout("tcp", p.addr, 5*time.Second); err == nil {
 		c.Close()
 		t.Fatal("pgwarden accepts connections during the drain")
@@ -606,5 +645,15 @@ func TestReadyzNamesDegradedVaultAndSIGTERMDrains(t *testing.T) {
 	}
 	if len(p.logs("pgwarden failed")) > 0 {
 		t.Fatalf("the drain was reported as a failure:\n%s", p.out.String())
+	}
+	// However often /readyz was asked, Vault's failure was logged once.
+	n := 0
+	for _, rec := range p.logs("readiness check failed; /readyz answers 503") {
+		if rec["check"] == "vault" && rec["reason"] == "unreachable" {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("Vault's failure logged %d times, want once", n)
 	}
 }

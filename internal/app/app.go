@@ -169,6 +169,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 	a.readMetrics()
 	a.modes = map[levelKey]string{}
 	a.noteModesLocked(cfg.Databases)
+	a.metrics.SetLogger(log)
 	a.metrics.SetReadiness(a.readinessChecks()...)
 	return a, nil
 }
@@ -215,7 +216,7 @@ func (a *App) Start() error {
 			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 			handler = mux
 		}
-		a.httpSrv = &http.Server{Handler: handler, ReadHeaderTimeout: 5 * time.Second}
+		a.httpSrv = &http.Server{Handler: handler, ReadHeaderTimeout: 5 * time.Second, WriteTimeout: metricsWriteTimeout}
 		go func() { _ = a.httpSrv.Serve(a.httpLn) }()
 	}
 	a.log.Info("pgwarden listening", "addr", ln.Addr().String(), "metrics", a.MetricsAddr(), "tls", a.cfg.TLSCert != "")
@@ -239,20 +240,53 @@ func (a *App) Metrics() *metrics.Metrics { return a.metrics }
 // Errors reports a listener that stopped serving for a reason other than shutdown.
 func (a *App) Errors() <-chan error { return a.serveErr }
 
+// How long each step of Shutdown may take after the drain; StopBudget adds
+// them up for orchestrators' grace periods.
+const (
+	// DefaultShutdownGrace is how long `pgwarden serve` lets sessions drain
+	// by default (its -shutdown-grace).
+	DefaultShutdownGrace = 30 * time.Second
+	// MetricsShutdownTimeout bounds the wait for the metrics listener's
+	// requests in flight once the sessions are gone; those still running
+	// then (a slow reader, a long /debug/pprof/profile) are cut.
+	MetricsShutdownTimeout = 5 * time.Second
+	// RevokeTimeout bounds the revocation of leases and Vault tokens.
+	RevokeTimeout = 30 * time.Second
+)
+
+// StopBudget is the longest Shutdown takes when its ctx gives sessions grace
+// to drain: give an orchestrator at least that (Kubernetes'
+// terminationGracePeriodSeconds) before it kills pgwarden.
+func StopBudget(grace time.Duration) time.Duration {
+	return grace + MetricsShutdownTimeout + RevokeTimeout
+}
+
+// metricsWriteTimeout bounds writing one metrics response, so a client that
+// reads slowly cannot hold a connection. /readyz answers within 2 s;
+// net/http/pprof extends the deadline of a profile or trace by the seconds
+// asked for.
+const metricsWriteTimeout = 10 * time.Second
+
 // Shutdown stops listening and waits for sessions to end until ctx is done.
 // From its start /readyz answers 503 (check "proxy"); the metrics listener
-// serves until the sessions are gone.
+// serves until the sessions are gone, then gets MetricsShutdownTimeout to
+// finish its requests, and the revocations RevokeTimeout (see StopBudget).
 func (a *App) Shutdown(ctx context.Context) error {
 	a.draining.Store(true)
+	a.metrics.RecheckReadiness()
 	err := a.server.Shutdown(ctx)
 	if a.httpSrv != nil {
-		_ = a.httpSrv.Shutdown(context.Background())
+		mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), MetricsShutdownTimeout)
+		if serr := a.httpSrv.Shutdown(mctx); serr != nil {
+			_ = a.httpSrv.Close()
+		}
+		cancel()
 	}
 	a.verifier.Close()
 	// The sessions are gone: the leases and Vault tokens they used can go
 	// too (or are left to their TTLs, when the operator says so).
 	revoke := a.cfg.Vault.RevokeOnShutdown == nil || *a.cfg.Vault.RevokeOnShutdown
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), RevokeTimeout)
 	defer cancel()
 	if berr := a.broker.Close(rctx, revoke); berr != nil {
 		a.log.Warn("revoking leases at shutdown did not finish", "error", berr)
@@ -309,10 +343,11 @@ func VaultSpec(cfg *config.Config, password func(envName string) string) vaultin
 	return spec
 }
 
-// readinessChecks are what /readyz reports, each run on every request within
-// its 2 s budget, concurrently: the issuer's keys, Vault, each database's
-// upstream (the set is fixed until a restart), and whether pgwarden still
-// accepts connections.
+// readinessChecks are what /readyz reports, run concurrently within its 2 s
+// budget, at most once a second however many ask (metrics.ReadyCacheFor):
+// the issuer's keys, Vault, each database's upstream (the set is fixed until
+// a restart), and whether pgwarden still accepts connections. Each failure
+// shows as a short reason; its error, with addresses, goes to the log.
 func (a *App) readinessChecks() []metrics.Check {
 	// The health check fails at once when Vault does not answer, rather
 	// than retrying past the budget as a client's Vault call does.
@@ -334,21 +369,22 @@ func (a *App) readinessChecks() []metrics.Check {
 	}
 	return append(checks, metrics.Check{Name: "proxy", Run: func(context.Context) error {
 		if a.draining.Load() {
-			return errors.New("shutting down: no new connections are accepted")
+			return metrics.Unready("shutting down", nil)
 		}
 		return nil
 	}})
 }
 
 // issuerReady passes while the verifier holds signing keys: it keeps the
-// last keys it fetched when the issuer is away, and those still verify.
+// last keys it fetched when the issuer is away, and those still verify. So
+// an issuer that does not answer fails it only until the first fetch.
 func (a *App) issuerReady(ctx context.Context) error {
 	n, err := a.verifier.KeysLoaded(ctx)
 	if err != nil {
-		return err
+		return metrics.Unready("keys unreadable", err)
 	}
 	if n == 0 {
-		return errors.New("no signing keys loaded from the issuer")
+		return metrics.Unready("no signing keys", nil)
 	}
 	return nil
 }
@@ -357,13 +393,13 @@ func (a *App) issuerReady(ctx context.Context) error {
 func vaultReady(ctx context.Context, vc *vault.Client) error {
 	h, err := vc.Sys().HealthWithContext(ctx)
 	if err != nil {
-		return fmt.Errorf("vault %s: %w", vc.Address(), err)
+		return metrics.Unready("unreachable", fmt.Errorf("vault %s: %w", vc.Address(), err))
 	}
 	switch {
 	case !h.Initialized:
-		return fmt.Errorf("vault %s is not initialized", vc.Address())
+		return metrics.Unready("not initialized", fmt.Errorf("vault %s is not initialized", vc.Address()))
 	case h.Sealed:
-		return fmt.Errorf("vault %s is sealed", vc.Address())
+		return metrics.Unready("sealed", fmt.Errorf("vault %s is sealed", vc.Address()))
 	}
 	return nil
 }
@@ -385,5 +421,5 @@ func dialUpstream(ctx context.Context, tmpl *pgconn.Config) error {
 		}
 		errs = append(errs, err)
 	}
-	return errors.Join(errs...)
+	return metrics.Unready("unreachable", errors.Join(errs...))
 }

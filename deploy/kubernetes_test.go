@@ -13,10 +13,13 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/pgwarden/pgwarden/internal/app"
 	"github.com/pgwarden/pgwarden/internal/config"
+	"github.com/pgwarden/pgwarden/metrics"
 )
 
 // The Kubernetes objects the examples use, with the fields they use; a field
@@ -114,7 +117,12 @@ type probe struct {
 		Path string `yaml:"path"`
 		Port any    `yaml:"port"`
 	} `yaml:"httpGet"`
-	PeriodSeconds    int `yaml:"periodSeconds"`
+	InitialDelaySeconds int `yaml:"initialDelaySeconds"`
+	PeriodSeconds       int `yaml:"periodSeconds"`
+	// TimeoutSeconds is how long the kubelet waits for an answer; unset,
+	// Kubernetes waits 1 s.
+	TimeoutSeconds   int `yaml:"timeoutSeconds"`
+	SuccessThreshold int `yaml:"successThreshold"`
 	FailureThreshold int `yaml:"failureThreshold"`
 }
 
@@ -372,6 +380,15 @@ func checkPgwarden(t *testing.T, m manifests, d deployment) pgwardenPod {
 			t.Errorf("%s: %s GET %s on port %v (%d), want %s on the metrics port %d", where, pr.name,
 				pr.p.HTTPGet.Path, pr.p.HTTPGet.Port, probePort(pr.p.HTTPGet.Port), pr.path, metricsPort)
 		}
+		if pr.p.TimeoutSeconds <= 0 {
+			t.Errorf("%s: %s has no timeoutSeconds (Kubernetes then waits 1 s)", where, pr.name)
+		}
+	}
+	// /readyz may take its whole budget to answer (a dependency that does
+	// not answer is reported when the budget ends): a probe that gives up
+	// sooner fails for want of patience and never learns which check failed.
+	if rp := c.ReadinessProbe; rp != nil && time.Duration(rp.TimeoutSeconds)*time.Second <= metrics.ReadyTimeout {
+		t.Errorf("%s: readinessProbe timeoutSeconds %d: /readyz may take %v to answer", where, rp.TimeoutSeconds, metrics.ReadyTimeout)
 	}
 	if a := d.Spec.Template.Metadata.Annotations; a["prometheus.io/port"] != strconv.Itoa(metricsPort) || a["prometheus.io/path"] != "/metrics" {
 		t.Errorf("%s: scrape annotations %v do not point at the metrics listener %d", where, a, metricsPort)
@@ -399,9 +416,22 @@ func checkPgwarden(t *testing.T, m manifests, d deployment) pgwardenPod {
 	if !spec.SecurityContext.RunAsNonRoot {
 		t.Errorf("%s: the pod may run as root", where)
 	}
-	// pgwarden drains for 30 s (serve -shutdown-grace) before the kubelet's SIGKILL.
-	if spec.TerminationGracePeriodSeconds <= 30 {
-		t.Errorf("%s: terminationGracePeriodSeconds %d leaves pgwarden no time to drain 30 s", where, spec.TerminationGracePeriodSeconds)
+	// The kubelet's SIGKILL comes terminationGracePeriodSeconds after its
+	// SIGTERM: pgwarden must have drained (serve -shutdown-grace), stopped
+	// its metrics listener and revoked its leases by then.
+	grace := app.DefaultShutdownGrace
+	if v := flagValue(c.Args, "-shutdown-grace"); v != "" {
+		var err error
+		if grace, err = time.ParseDuration(v); err != nil {
+			t.Errorf("%s: -shutdown-grace %q: %v", where, v, err)
+		}
+	}
+	if slices.ContainsFunc(c.Args, func(a string) bool { return strings.HasPrefix(a, "-shutdown-grace=") }) {
+		t.Errorf("%s: write -shutdown-grace and its value as two arguments", where)
+	}
+	if budget := app.StopBudget(grace); time.Duration(spec.TerminationGracePeriodSeconds)*time.Second < budget {
+		t.Errorf("%s: terminationGracePeriodSeconds %d: pgwarden may take %v to stop (%v of drain, then the metrics listener and the revocations)",
+			where, spec.TerminationGracePeriodSeconds, budget, grace)
 	}
 	// Files the config names are mounted.
 	for _, f := range []struct{ name, path string }{{"tls_cert", cfg.TLSCert}, {"tls_key", cfg.TLSKey}, {"vault.auth.secret_file", cfg.Vault.Auth.SecretFile}} {

@@ -40,6 +40,7 @@ type App struct {
 	log      *slog.Logger
 	verifier *authn.Verifier
 	server   *proxy.Server
+	reloadTo reloadTarget // server; a fake in unit tests of Reload
 	metrics  *metrics.Metrics
 	vault    *vault.Client
 	broker   *broker.Broker
@@ -165,7 +166,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*App, error
 		v.Close()
 		return nil, err
 	}
-	a.server = srv
+	a.server, a.reloadTo = srv, srv
 	a.readMetrics()
 	a.modes = map[levelKey]string{}
 	a.noteModesLocked(cfg.Databases)

@@ -26,6 +26,16 @@ import (
 // it started with.
 func (a *App) SetReloader(load func() (*config.Config, error)) { a.reloader.Store(&load) }
 
+// reloadTarget is what a reload changes in the running proxy
+// (*proxy.Server).
+type reloadTarget interface {
+	Reconfigure(proxy.Reloadable) error
+	SetPoolConfig(pool.Config) error
+	SetConsoleGroups(groups []string)
+}
+
+var _ reloadTarget = (*proxy.Server)(nil)
+
 // poolConfig is the proxy's part of cfg.Pool.
 func poolConfig(cfg *config.Config) pool.Config {
 	return pool.Config{MaxPerPool: cfg.Pool.MaxPerPool, MaxTotal: cfg.Pool.MaxTotal,
@@ -124,21 +134,27 @@ func (a *App) reloadLocked(ctx context.Context, source string) error {
 		restart = []string{} // logged as [], not null
 	}
 
-	// Everything is checked: publish. SetPoolConfig is the one step that
-	// could still refuse, so it goes first.
-	if err := a.server.SetPoolConfig(pc); err != nil {
-		return rejected(err, "the pool limits were not applied")
-	}
-	if err := a.server.Reconfigure(proxy.Reloadable{Authorizer: grants, Routes: routes, TLS: tlsCfg}); err != nil {
+	// Publish, nothing applied before the last check. Reconfigure checks the
+	// routes against the ones the proxy started with and applies them in
+	// one step, or refuses and applies nothing, so it goes first; the pool
+	// limits passed SetPoolConfig's only check (CheckAndSetDefaults) above.
+	if err := a.reloadTo.Reconfigure(proxy.Reloadable{Authorizer: grants, Routes: routes, TLS: tlsCfg}); err != nil {
 		return rejected(err, "its routes cannot be applied while running")
 	}
-	a.server.SetConsoleGroups(next.Console.Groups)
+	poolNow := next.Pool
+	if err := a.reloadTo.SetPoolConfig(pc); err != nil {
+		// Not reached (pc passed the same check); if it were, the rest is
+		// applied and the log and SHOW CONFIG keep the limits in force.
+		a.log.Error("configuration reload: the pool limits were not applied; they stay as they were", "error", err)
+		poolNow = cur.Pool
+	}
+	a.reloadTo.SetConsoleGroups(next.Console.Groups)
 	if a.logLevel != nil {
 		a.logLevel.Set(level)
 	}
 	a.noteModesLocked(inForce)
 	merged := *cur
-	merged.Pool, merged.Console, merged.LogLevel = next.Pool, next.Console, logLevel
+	merged.Pool, merged.Console, merged.LogLevel = poolNow, next.Console, logLevel
 	merged.TLSCert, merged.TLSKey = next.TLSCert, next.TLSKey
 	merged.Databases = inForce
 	for _, d := range cur.Databases {

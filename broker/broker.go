@@ -71,9 +71,10 @@ type Config struct {
 	ObserveVault func(op string, d time.Duration, err error)
 	// ObserveLease, when set, is called for each event in a lease's life:
 	// LeaseIssued, LeaseRenewed, then, once pgwarden lets it go, LeaseRevoked
-	// or LeaseExpired. Each lease is issued once and let go at most once
-	// (not at all when pgwarden stops without revoking). It is never called
-	// with the broker's lock held, and must be fast.
+	// or LeaseExpired. Each lease is issued once and let go once: by the
+	// time Close returns (unless its ctx ended first), issued = revoked +
+	// expired. It is never called with the broker's lock held, and must be
+	// fast.
 	ObserveLease func(event string)
 	// Logger. Default slog.Default().
 	Logger *slog.Logger
@@ -201,8 +202,14 @@ type login struct {
 	expired bool // past expiresAt, or refused by Vault
 	timer   *time.Timer
 	// pendingEnds are the Vault ends of leases it read that have finished
-	// and go with its Vault token (revokeToken counts them).
+	// and go with its Vault token: settle reports them.
 	pendingEnds []time.Time
+	// settled is set once its Vault token is revoked, or known not to be
+	// (the revocation failed, or none was made at a stop); settleErr is nil
+	// when it was revoked. A lease of it that finishes after that is
+	// reported at once by the same outcome.
+	settled   bool
+	settleErr error
 }
 
 // New returns a Broker.
@@ -502,14 +509,25 @@ func (b *Broker) dropLogin(l *login) {
 	}
 	l.expired = true
 	l.timer.Stop()
-	revoke := l.leases == 0
-	if revoke {
-		delete(b.tokens, l)
-	}
+	revoke := l.leases == 0 && b.takeTokenLocked(l)
 	b.mu.Unlock()
 	if revoke {
-		b.async(func() { b.revokeToken(context.Background(), l) })
+		go func() { defer b.wg.Done(); b.revokeToken(context.Background(), l) }()
 	}
+}
+
+// takeTokenLocked takes l's Vault token from the broker's set for its
+// revocation, reporting whether it was there (else Close, or another
+// revocation, has it). While it is there the broker is not closed (Close
+// empties the set), so the revocation is counted in wg here, under the same
+// lock, and Close waits for it: it cannot be dropped between the two.
+func (b *Broker) takeTokenLocked(l *login) bool {
+	if _, ok := b.tokens[l]; !ok {
+		return false
+	}
+	delete(b.tokens, l)
+	b.wg.Add(1)
+	return true
 }
 
 // read reads a credential for key with vc and registers its lease.
@@ -704,32 +722,51 @@ func (b *Broker) follow(w *vault.LifetimeWatcher, c *Credential, quit <-chan str
 // a role-scoped lease is revoked by pgwarden's identity; an identity-scoped
 // one is let go, and its login's Vault token revoked (and the lease with it)
 // once that login has expired and none of its leases is held.
+//
+// Each lease it registered is reported revoked or expired exactly once:
+// here, by the revocation this starts, or by Close when Close took the
+// lease over first (it is then no longer live here).
 func (b *Broker) finished(c *Credential) {
 	vaultEnd := c.lease.vaultEndAt()
 	b.mu.Lock()
 	if b.creds[c.key] == c {
 		delete(b.creds, c.key)
 	}
+	if _, live := b.live[c]; !live {
+		// Close took it over, or it was never registered (read while
+		// closing): Close accounts for it.
+		b.mu.Unlock()
+		return
+	}
 	delete(b.live, c)
 	var revokeLogin *login
+	var goneWith error // its login's settled outcome, when it has one
+	settled := false
 	if l := c.by; l != nil {
 		l.leases--
-		if _, ok := b.tokens[l]; ok {
+		if l.settled {
+			settled, goneWith = true, l.settleErr
+		} else {
 			l.pendingEnds = append(l.pendingEnds, vaultEnd) // revoked with its token
 		}
-		if l.expired && l.leases == 0 {
-			if _, ok := b.tokens[l]; ok {
-				delete(b.tokens, l)
-				revokeLogin = l
-			}
+		if l.expired && l.leases == 0 && b.takeTokenLocked(l) {
+			revokeLogin = l
 		}
+	}
+	revokeRole := c.by == nil && c.Scope == ScopeRole && !c.Static
+	if revokeRole {
+		b.wg.Add(1) // not closed: c was live
 	}
 	b.mu.Unlock()
 	switch {
 	case revokeLogin != nil:
-		b.async(func() { b.revokeToken(context.Background(), revokeLogin) })
-	case c.Scope == ScopeRole && !c.Static:
-		b.async(func() { b.revokeLease(context.Background(), c) })
+		go func() { defer b.wg.Done(); b.revokeToken(context.Background(), revokeLogin) }()
+	case settled:
+		// Its login's token was revoked (or given up on) already, and the
+		// lease went (or goes) with it.
+		b.observeGone(vaultEnd, goneWith)
+	case revokeRole:
+		go func() { defer b.wg.Done(); b.revokeLease(context.Background(), c) }()
 	case c.Static:
 		// Nothing to revoke: Vault rotated the static role's password.
 		b.cfg.ObserveLease(LeaseExpired)
@@ -747,9 +784,10 @@ const (
 	// was still within Vault's TTL: itself (role scope), or with the
 	// client-login Vault token that read it (identity scope).
 	LeaseRevoked = "revoked"
-	// LeaseExpired: a lease pgwarden let go that Vault ended without a
-	// revocation: its TTL had run out, the revocation failed (it ends with
-	// its TTL), or, for a static role, Vault rotated the password.
+	// LeaseExpired: a lease pgwarden let go that Vault ends without a
+	// revocation: its TTL had run out, the revocation failed or was not
+	// made (a stop without revoking, or one whose time ran out: it ends
+	// with its TTL), or, for a static role, Vault rotated the password.
 	LeaseExpired = "expired"
 )
 
@@ -761,15 +799,6 @@ func (b *Broker) observeGone(vaultEnd time.Time, err error) {
 		return
 	}
 	b.cfg.ObserveLease(LeaseExpired)
-}
-
-// async runs f in the background unless the broker is closed (Close then
-// revokes what f would have); Close waits for it.
-func (b *Broker) async(f func()) {
-	if !b.track(1) {
-		return
-	}
-	go func() { defer b.wg.Done(); f() }()
 }
 
 // track adds n to the goroutines Close waits for, unless it is closed.
@@ -784,30 +813,47 @@ func (b *Broker) track(n int) bool {
 }
 
 // revokeToken revokes a client login's Vault token, and with it every lease
-// it read.
+// it read, and settles l with the outcome.
 func (b *Broker) revokeToken(ctx context.Context, l *login) {
 	vc, err := b.cfg.Client.Clone()
-	if err != nil {
-		return
+	if err == nil {
+		vc.SetToken(l.vaultToken)
+		ctx, cancel := context.WithTimeout(ctx, b.cfg.VaultTimeout)
+		defer cancel()
+		start := b.cfg.Now()
+		err = vc.Auth().Token().RevokeSelfWithContext(ctx, "")
+		b.cfg.ObserveVault("revoke", b.cfg.Now().Sub(start), err)
+	} else {
+		err = fmt.Errorf("vault client: %w", err)
 	}
-	vc.SetToken(l.vaultToken)
-	ctx, cancel := context.WithTimeout(ctx, b.cfg.VaultTimeout)
-	defer cancel()
-	start := b.cfg.Now()
-	err = vc.Auth().Token().RevokeSelfWithContext(ctx, "")
-	b.cfg.ObserveVault("revoke", b.cfg.Now().Sub(start), err)
-	b.mu.Lock()
-	ends := l.pendingEnds
-	l.pendingEnds = nil
-	b.mu.Unlock()
-	for _, end := range ends {
-		b.observeGone(end, err)
-	}
+	b.settle(l, err)
 	if err != nil && !b.cfg.Now().Before(l.vaultEnd) && !l.vaultEnd.IsZero() {
 		return // Vault ended it already
 	}
 	if err != nil {
 		b.cfg.Logger.Warn("could not revoke a client login's Vault token; it ends with its TTL", "error", err)
+	}
+}
+
+// errNotRevoked settles a login whose Vault token pgwarden left to its TTL.
+var errNotRevoked = errors.New("not revoked: left to its TTL")
+
+// settle records what became of l's Vault token (err nil: revoked) and
+// reports the leases that went with it, revoked or expired; a lease of l
+// that finishes later is reported at once by the same outcome. Only the
+// first call counts.
+func (b *Broker) settle(l *login, err error) {
+	b.mu.Lock()
+	if l.settled {
+		b.mu.Unlock()
+		return
+	}
+	l.settled, l.settleErr = true, err
+	ends := l.pendingEnds
+	l.pendingEnds = nil
+	b.mu.Unlock()
+	for _, end := range ends {
+		b.observeGone(end, err)
 	}
 }
 
@@ -835,7 +881,10 @@ func (b *Broker) revokeLease(ctx context.Context, c *Credential) {
 // Close stops renewing. With revoke it also revokes, before it returns or
 // ctx ends, every lease and client Vault token pgwarden holds (the
 // sessions using them should have ended: call it after the proxy stopped).
-// Without revoke they end with their TTLs.
+// Without revoke they end with their TTLs. Either way each lease it takes
+// over is reported (Config.ObserveLease) revoked, or expired when it was not
+// revoked: Close did not (without revoke, a static role's, ctx ended first)
+// or the revocation failed.
 func (b *Broker) Close(ctx context.Context, revoke bool) error {
 	b.mu.Lock()
 	b.closed = true
@@ -850,41 +899,60 @@ func (b *Broker) Close(ctx context.Context, revoke bool) error {
 	}
 	b.live, b.tokens, b.logins, b.creds = map[*Credential]struct{}{}, map[*login]struct{}{}, map[[sha256.Size]byte]*login{}, map[credKey]*Credential{}
 	b.mu.Unlock()
-	if revoke {
-		// An identity-scoped lease goes with the Vault token that read it.
-		ends := make(map[*Credential]time.Time, len(leases))
-		for _, c := range leases {
-			if c.by != nil {
-				ends[c] = c.lease.vaultEndAt()
-			}
+	// An identity-scoped lease goes with the Vault token that read it: with
+	// the revocation of its login below, with one under way (which settles
+	// the login when it ends), or, when its login is settled, at once.
+	ends := make(map[*Credential]time.Time, len(leases))
+	for _, c := range leases {
+		if c.by != nil {
+			ends[c] = c.lease.vaultEndAt()
 		}
-		b.mu.Lock()
-		for c, end := range ends {
-			c.by.pendingEnds = append(c.by.pendingEnds, end)
+	}
+	type gone struct {
+		end time.Time
+		err error
+	}
+	var goneNow []gone
+	b.mu.Lock()
+	for c, end := range ends {
+		if l := c.by; l.settled {
+			goneNow = append(goneNow, gone{end, l.settleErr})
+		} else {
+			l.pendingEnds = append(l.pendingEnds, end)
 		}
-		b.mu.Unlock()
+	}
+	b.mu.Unlock()
+	for _, g := range goneNow {
+		b.observeGone(g.end, g.err)
 	}
 	for _, c := range leases {
 		c.lease.stopTimers()
 		c.lease.retire() // stops its renewal
 	}
-	if revoke {
-		// Eight at a time, each bounded by VaultTimeout and all by ctx: a
-		// Vault that does not answer costs the shutdown ctx, no more.
-		var g errgroup.Group
-		g.SetLimit(8)
-		for _, c := range leases {
-			if c.Scope == ScopeRole && !c.Static && ctx.Err() == nil {
-				g.Go(func() error { b.revokeLease(ctx, c); return nil })
-			}
+	// Eight at a time, each bounded by VaultTimeout and all by ctx: a Vault
+	// that does not answer costs the shutdown ctx, no more.
+	var g errgroup.Group
+	g.SetLimit(8)
+	for _, c := range leases {
+		switch {
+		case c.by != nil: // with its login
+		case c.Scope == ScopeRole && !c.Static && revoke && ctx.Err() == nil:
+			g.Go(func() error { b.revokeLease(ctx, c); return nil })
+		default: // static (nothing to revoke), or left to its TTL
+			b.cfg.ObserveLease(LeaseExpired)
 		}
-		for _, l := range tokens {
-			if ctx.Err() == nil {
-				g.Go(func() error { b.revokeToken(ctx, l); return nil })
-			}
-		}
-		_ = g.Wait()
 	}
+	for _, l := range tokens {
+		switch {
+		case revoke && ctx.Err() == nil:
+			g.Go(func() error { b.revokeToken(ctx, l); return nil })
+		case revoke:
+			b.settle(l, ctx.Err())
+		default:
+			b.settle(l, errNotRevoked)
+		}
+	}
+	_ = g.Wait()
 	done := make(chan struct{})
 	go func() { b.wg.Wait(); close(done) }()
 	select {

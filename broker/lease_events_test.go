@@ -2,6 +2,8 @@ package broker
 
 import (
 	"context"
+	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"sync"
@@ -64,6 +66,14 @@ func (v *revokingVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // (role scope) and its lease events recorded.
 func eventBroker(t *testing.T, v http.Handler) (*Broker, *leaseEvents) {
 	t.Helper()
+	b, ev, _ := eventBrokerConfig(t, v)
+	return b, ev
+}
+
+// eventBrokerConfig is eventBroker, with the Vault client's configuration
+// (its Clone reads it).
+func eventBrokerConfig(t *testing.T, v http.Handler) (*Broker, *leaseEvents, *vault.Config) {
+	t.Helper()
 	srv := httptest.NewServer(v)
 	t.Cleanup(srv.Close)
 	vcfg := vault.DefaultConfig()
@@ -77,13 +87,13 @@ func eventBroker(t *testing.T, v http.Handler) (*Broker, *leaseEvents) {
 	done := make(chan struct{})
 	close(done)
 	ev := &leaseEvents{}
-	b, err := New(Config{Client: c, ObserveLease: ev.observe,
+	b, err := New(Config{Client: c, ObserveLease: ev.observe, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 		Self: &Self{base: c, token: "hvs.vt-self", ctx: context.Background(), stop: func() {}, done: done}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = b.Close(context.Background(), false) })
-	return b, ev
+	return b, ev, vcfg
 }
 
 // Each lease is reported issued once, each renewal once, and once let go
@@ -174,6 +184,108 @@ func TestLeaseEventsFollowEachLeasesLife(t *testing.T) {
 		}
 		if ev.get(LeaseIssued) != 2 || ev.get(LeaseRevoked) != 2 || ev.get(LeaseExpired) != 0 {
 			t.Fatalf("events %v", ev.all())
+		}
+	})
+}
+
+// Every lease issued is reported revoked or expired exactly once by the time
+// Close returns, whatever stopped its revocation: issued = revoked + expired.
+func TestLeaseEventsAddUpAtClose(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	// leases reads one identity-scoped lease for each of subs and one
+	// role-scoped lease, and holds them all, as open sessions do.
+	leases := func(t *testing.T, b *Broker, subs ...string) []*Credential {
+		t.Helper()
+		var out []*Credential
+		for _, sub := range subs {
+			c, err := b.Credential(ctx, reqAs(sub, "good-"+sub, time.Now().Add(time.Hour)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, c)
+		}
+		r := reqAs("svc", "good-svc", time.Now().Add(time.Hour))
+		r.Scope = ScopeRole
+		c, err := b.Credential(ctx, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range append(out, c) {
+			c.Hold()
+		}
+		return append(out, c)
+	}
+	addUp := func(t *testing.T, ev *leaseEvents, issued, revoked int) {
+		t.Helper()
+		if ev.get(LeaseIssued) != issued || ev.get(LeaseRevoked) != revoked || ev.get(LeaseExpired) != issued-revoked {
+			t.Fatalf("events %v, want %d issued, %d revoked, %d expired", ev.all(), issued, revoked, issued-revoked)
+		}
+	}
+
+	t.Run("a login whose revocation cannot start: its leases expired", func(t *testing.T) {
+		t.Parallel()
+		v := &revokingVault{fakeVault: &fakeVault{leaseTTL: 3600, tokenTTL: 3600}, status: http.StatusNoContent}
+		b, ev, vcfg := eventBrokerConfig(t, v)
+		leases(t, b, "a")
+		// The client can no longer be cloned for the login's token.
+		vcfg.Address = "http://[::1"
+		if err := b.Close(ctx, true); err != nil {
+			t.Fatal(err)
+		}
+		addUp(t, ev, 2, 0) // pgwarden's own client, for the role-scoped lease, is a clone too
+		if n := v.revokes.Load() + v.leaseRevoke.Load(); n != 0 {
+			t.Fatalf("%d revocations reached Vault", n)
+		}
+	})
+
+	t.Run("a close whose time is up: what it did not revoke expired", func(t *testing.T) {
+		t.Parallel()
+		v := &revokingVault{fakeVault: &fakeVault{leaseTTL: 3600, tokenTTL: 3600}, status: http.StatusNoContent}
+		b, ev := eventBroker(t, v)
+		leases(t, b, "a", "b")
+		done, cancel := context.WithCancel(ctx)
+		cancel()
+		_ = b.Close(done, true)
+		addUp(t, ev, 3, 0)
+		if v.revokes.Load()+v.leaseRevoke.Load() != 0 {
+			t.Fatal("Close revoked with its time up")
+		}
+	})
+
+	t.Run("a close without revocation: every lease expired", func(t *testing.T) {
+		t.Parallel()
+		b, ev := eventBroker(t, &revokingVault{fakeVault: &fakeVault{leaseTTL: 3600, tokenTTL: 3600}, status: http.StatusNoContent})
+		for _, c := range leases(t, b, "a", "b") {
+			c.Release() // finished after Close: still counted once
+		}
+		if err := b.Close(ctx, false); err != nil {
+			t.Fatal(err)
+		}
+		addUp(t, ev, 3, 0)
+	})
+
+	t.Run("sessions ending while Close runs: each lease counted once", func(t *testing.T) {
+		t.Parallel()
+		for i := range 20 {
+			v := &revokingVault{fakeVault: &fakeVault{leaseTTL: 3600, tokenTTL: 3600}, status: http.StatusNoContent}
+			b, ev := eventBroker(t, v)
+			all := leases(t, b, "a", "b")
+			// a's login is dropped (its token expired, say): it is revoked
+			// when its lease finishes, as Close runs.
+			b.dropLogin(all[0].by)
+			var wg sync.WaitGroup
+			for _, c := range all {
+				wg.Add(1)
+				go func() { defer wg.Done(); b.Forget(c); c.Release() }()
+			}
+			if err := b.Close(ctx, true); err != nil {
+				t.Fatal(err)
+			}
+			wg.Wait()
+			if ev.get(LeaseIssued) != 3 || ev.get(LeaseRevoked)+ev.get(LeaseExpired) != 3 {
+				t.Fatalf("round %d: events %v, want 3 issued and 3 let go", i, ev.all())
+			}
 		}
 	})
 }

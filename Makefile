@@ -15,11 +15,13 @@ IMAGE   ?= pgwarden:$(VERSION)
 
 all: build
 
-## build: bin/pgwarden, bin/devtoken, bin/devstack
+## build: bin/pgwarden, bin/devtoken, bin/devstack, and the image's bin/devissuer and bin/healthprobe
 build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o bin/pgwarden ./cmd/pgwarden
 	$(GO) build -o bin/devtoken ./testenv/cmd/devtoken
 	$(GO) build -o bin/devstack ./testenv/cmd/devstack
+	$(GO) build -o bin/devissuer ./testenv/cmd/devissuer
+	$(GO) build -o bin/healthprobe ./deploy/cmd/healthprobe
 
 ## deps: install Debian's PostgreSQL, its client and PgBouncer when missing (as root), else say what to install
 deps:

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -119,31 +120,9 @@ func TestComposeStackWithoutDocker(t *testing.T) {
 	}
 	root := repoRoot(t)
 	c := readCompose(t)
-	bin := t.TempDir()
-	goEnv := os.Environ()
-
-	// The binaries: pgwarden by the Makefile's own command.
-	mk, _, err := run(t, goEnv, "make", "-C", root, "-s", "-n", "build", "VERSION=compose-test")
-	if err != nil {
-		t.Fatalf("make -n build: %v", err)
-	}
-	line := regexp.MustCompile(`(?m)^go build .* -o bin/pgwarden \./cmd/pgwarden$`).FindString(mk)
-	if line == "" {
-		t.Fatalf("make build builds no bin/pgwarden:\n%s", mk)
-	}
-	for _, b := range []string{
-		strings.Replace(line, "-o bin/pgwarden", "-o "+bin+"/pgwarden", 1),
-		"go build -o " + bin + "/devissuer ./testenv/cmd/devissuer",
-		"go build -o " + bin + "/healthprobe ./deploy/cmd/healthprobe",
-	} {
-		cmd := exec.Command("sh", "-c", b)
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("%s: %v\n%s", b, err, out)
-		}
-	}
-	if out, _, err := run(t, baseEnv(nil), bin+"/pgwarden", "version"); err != nil || out != "pgwarden compose-test\n" {
-		t.Fatalf("pgwarden version, as make build stamps it: %q %v", out, err)
+	bin, version := makeBuild(t)
+	if out, _, err := run(t, baseEnv(nil), bin+"/pgwarden", "version"); err != nil || out != "pgwarden "+version+"\n" {
+		t.Fatalf("pgwarden version, as make build stamps it (%s): %q %v", version, out, err)
 	}
 
 	// The issuer, as compose runs it, on this machine's loopback.
@@ -306,6 +285,66 @@ func TestComposeStackWithoutDocker(t *testing.T) {
 	if !bytes.Contains(body, []byte(`pgwarden_auth_total{database="app",level="reader",result="ok"} 2`)) {
 		t.Errorf("metrics do not count the two logins:\n%s", grepLines(body, "pgwarden_auth_total"))
 	}
+}
+
+// The binaries the stack runs are the Makefile's: `make test` builds them
+// (its build target) before it runs the tests, and this reuses them rather
+// than compiling them again.
+var (
+	buildOnce    sync.Once
+	buildBin     string // the repository's bin/
+	buildVersion string // what make build stamps into bin/pgwarden
+	buildErr     error
+)
+
+// makeBuild returns the directory of the Makefile's pgwarden, devissuer
+// and healthprobe, and the version make build stamps into pgwarden. The
+// first call runs make build's own commands for those three (make -n
+// prints them): go build leaves a binary alone when it is up to date, as
+// after `make test`'s build, and builds it when it is missing or stale, as
+// when this package's tests run on their own.
+func makeBuild(t *testing.T) (bin, version string) {
+	t.Helper()
+	buildOnce.Do(func() {
+		root, err := testenv.RepoRoot()
+		if err != nil {
+			buildErr = err
+			return
+		}
+		buildBin = filepath.Join(root, "bin")
+		cmd := exec.Command("make", "-s", "-n", "build")
+		cmd.Dir = root
+		out, err := cmd.Output()
+		if err != nil {
+			buildErr = fmt.Errorf("make -n build: %w", err)
+			return
+		}
+		for _, name := range []string{"pgwarden", "devissuer", "healthprobe"} {
+			line := regexp.MustCompile(`(?m)^go build .*-o bin/` + name + ` \./\S+$`).FindString(string(out))
+			if line == "" {
+				buildErr = fmt.Errorf("make build builds no bin/%s:\n%s", name, out)
+				return
+			}
+			if name == "pgwarden" {
+				m := regexp.MustCompile(`-X main\.buildVersion=([^' ]+)`).FindStringSubmatch(line)
+				if m == nil {
+					buildErr = fmt.Errorf("make build does not stamp pgwarden's version: %s", line)
+					return
+				}
+				buildVersion = m[1]
+			}
+			b := exec.Command("sh", "-c", line)
+			b.Dir = root
+			if out, err := b.CombinedOutput(); err != nil {
+				buildErr = fmt.Errorf("%s: %w\n%s", line, err, out)
+				return
+			}
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return buildBin, buildVersion
 }
 
 func indexOf(args []string, s string) int {

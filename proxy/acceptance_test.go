@@ -418,6 +418,7 @@ func TestExpiredLeaseIsNeverReused(t *testing.T) {
 	first := connect(t, "brief", token(t, "ivan", "analyst"))
 	oldUser := queryString(t, first, "select current_user")
 	idle := connect(t, "brief", token(t, "judy", "analyst")) // stays open across the lease's end
+	queryString(t, idle, "select current_user")              // attached: a session-mode client holds its server from its first message
 	first.Close(ctx)                                         // its upstream goes back to the pool
 
 	// Wait for the lease to end and Vault to drop the role.

@@ -17,6 +17,9 @@ import (
 // Attaching a client to a server, in either pool mode: take one from the
 // client's pool (acquire), then make its session the client's (apply).
 
+// errKilledWaiting ends a client killed while it waited for a server.
+var errKilledWaiting = fmt.Errorf("%w: the client was killed while it waited for a server", errSilentClose)
+
 // clientSettings is what a client needs on every server it uses: its
 // run-time settings and its identity.
 type clientSettings struct {
@@ -74,6 +77,12 @@ func (c *clientConn) acquire(ctx context.Context, req broker.Request, cred *brok
 		if s.Cred.Stale() && attempt == 0 {
 			ps.Discard(s)
 			continue
+		}
+		if c.killed.Load() {
+			// KILL (or shutdown) came while it waited: the message it
+			// waited with must not run.
+			ps.Checkin(s, false)
+			return nil, cred, errKilledWaiting
 		}
 		return s, cred, nil
 	}

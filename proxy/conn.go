@@ -43,6 +43,7 @@ type clientConn struct {
 	rc     *Reloadable // the configuration it was accepted under (Server.Reconfigure)
 
 	killOnce sync.Once
+	killed   atomic.Bool // kill ran: a server taken since must not run the client's message
 
 	// Owned by the goroutine serving the connection (serve's, or the one
 	// that resumed it after it parked).
@@ -86,6 +87,7 @@ func newClientConn(s *Server, nc net.Conn) *clientConn {
 // kill closes the client socket; the goroutines blocked on it return.
 func (c *clientConn) kill() {
 	c.killOnce.Do(func() {
+		c.killed.Store(true)
 		c.raw.Close()
 		if f := c.onKill.Load(); f != nil {
 			(*f)()
@@ -204,6 +206,9 @@ func (c *clientConn) serve() {
 		if err = cs.apply(ctx, c, up); err != nil {
 			c.srv.pools.Discard(up)
 			err = pool.UpstreamFailure(err)
+		} else if c.killed.Load() {
+			c.srv.pools.Release(up)
+			err = errKilledWaiting
 		}
 	}
 	if err != nil {
@@ -260,7 +265,10 @@ func (c *clientConn) awaitFirstMessage() (string, bool) {
 			}
 		}
 		_ = c.nc.SetReadDeadline(deadline)
-		if _, err := c.r.Peek(1); err == nil {
+		if b, err := c.r.Peek(1); err == nil {
+			if b[0] == 'X' {
+				return "client terminated", false // no server for a goodbye
+			}
 			return "", true
 		} else if !wire.IsTimeout(err) {
 			return "client disconnected", false
@@ -545,7 +553,11 @@ func (c *clientConn) readPassword(maxBytes int) (string, error) {
 // greet applies the client's settings upstream and sends AuthenticationOk,
 // the session's parameters, pgwarden's own BackendKeyData and ReadyForQuery.
 func (c *clientConn) greet(ctx context.Context, up *pool.Server, settings [][2]string, pid uint32, secret [4]byte) error {
-	if err := up.ApplySettings(ctx, settings); err != nil {
+	// The server may come from the pool with another client's settings
+	// (checked in without a reset, in either mode): apply sets the client's
+	// and resets the rest, so the ParameterStatus below are the client's.
+	cs := newClientSettings(c, settings)
+	if err := cs.apply(ctx, c, up); err != nil {
 		return pool.UpstreamFailure(err) // PostgreSQL's refusal of a setting passes through
 	}
 	buf, _ := (&pgproto3.AuthenticationOk{}).Encode(nil)

@@ -95,8 +95,10 @@
 // be gone (a lease revoked behind pgwarden's back): the ping of a session
 // idle longer than PingAfterIdle asks whether its role still exists.
 //
-// Pool modes. In session mode (relay.go) a client holds the upstream session
-// it logged in with until it leaves. In transaction mode (txn.go) it holds a
+// Pool modes. In session mode (relay.go) a client holds an upstream session
+// from its first message until it leaves; the login borrows one only to
+// check the credential and greet, and gives it back (clientSettings.apply
+// makes a server the client's, whoever held it before). In transaction mode (txn.go) it holds a
 // session only from the first message of a transaction to the
 // ReadyForQuery that ends it: the login's session goes back to the pool
 // after the greeting, and each transaction attaches one, with the client's

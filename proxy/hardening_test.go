@@ -168,6 +168,7 @@ func TestItem03PooledSessionBehindANetworkCutIsReplaced(t *testing.T) {
 	defer cancel()
 	dial(t, addr, "reader", "fay").Close(ctx)
 	eventually(t, 10*time.Second, func() bool { i, _ := poolActive(srv, "reader"); return i == 1 }, "session not pooled")
+	time.Sleep(10 * time.Millisecond) // idle longer than PingAfterIdle
 	fwd.Stall()
 	next := dial(t, addr, "reader", "gus")
 	if got, err := query1(ctx, next, "select 'served'"); err != nil || got != "served" {
@@ -661,12 +662,17 @@ func TestItem03StalledPoolCostsTheClientOnePing(t *testing.T) {
 	defer cancel()
 	var held []*pgconn.PgConn
 	for i := range 4 {
-		held = append(held, dial(t, addr, "reader", fmt.Sprint("stall-", i)))
+		c := dial(t, addr, "reader", fmt.Sprint("stall-", i))
+		if _, err := query1(ctx, c, "select 1"); err != nil { // attached: one server each
+			t.Fatal(err)
+		}
+		held = append(held, c)
 	}
 	for _, c := range held {
 		c.Close(ctx)
 	}
 	eventually(t, 10*time.Second, func() bool { i, _ := poolActive(srv, "reader"); return i == 4 }, "sessions not pooled")
+	time.Sleep(10 * time.Millisecond) // idle longer than PingAfterIdle
 	fwd.Stall()
 	// Four pings of a second each would pass the 2.5s authentication deadline.
 	next := dial(t, addr, "reader", "after-stall")

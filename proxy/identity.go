@@ -24,9 +24,10 @@ import (
 //
 // holds even when many people share one database user. They are set with
 // set_config(..., false) when the client is given a server — at its login
-// in session mode (DISCARD ALL clears them when the session ends), at every
-// attach in transaction mode (each attach sets the values of the client
-// attaching, unless the server already has them) — and a client may not
+// and at its first message in session mode (DISCARD ALL clears them when the
+// session ends), at every attach in transaction mode (each attach sets the
+// values of the client attaching, unless the server already has them) —
+// and a client may not
 // change them: a startup option naming them, and SQL that sets or resets
 // them (SET, SET LOCAL, RESET, set_config, ALTER ... SET, also inside DO and
 // function bodies), are refused with 42501 (see scanSQL).

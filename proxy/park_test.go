@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -107,9 +108,17 @@ func TestTxnParkedClientWokenByTimers(t *testing.T) {
 }
 
 // TestTxnParkedClientsEndWithTheServer: Close wakes every parked client to
-// find its connection closed.
+// find its connection closed, and each one's session is ended once: every
+// connection counted in is counted out.
 func TestTxnParkedClientsEndWithTheServer(t *testing.T) {
-	srv, addr := txnProxy(t, proxy.PoolTransaction, 2)
+	st := needStack(t)
+	routes := appRoute(st, "")
+	r := routes["app"]
+	r.Modes = map[string]string{"reader": proxy.PoolTransaction}
+	routes["app"] = r
+	obs := &connCounter{}
+	srv, addr := startProxy(t, proxy.Config{Routes: routes, Credentials: fixedCred(pgRole(t, st)), Observer: obs,
+		Pool: pool.Config{MaxPerPool: 2, MaxTotal: 2}})
 	ctx := context.Background()
 	var conns []*pgconn.PgConn
 	for i := range 5 {
@@ -136,7 +145,78 @@ func TestTxnParkedClientsEndWithTheServer(t *testing.T) {
 	if n := srv.ParkedClients(); n != 0 {
 		t.Fatalf("%d parked after Close", n)
 	}
+	eventually(t, 10*time.Second, func() bool { return obs.closed.Load() == obs.connected.Load() },
+		"%d connections counted in, %d counted out", obs.connected.Load(), obs.closed.Load())
+	time.Sleep(200 * time.Millisecond) // a second end of one session would count out once more
+	if in, out := obs.connected.Load(), obs.closed.Load(); in != 5 || out != 5 {
+		t.Fatalf("%d connections counted in, %d out; want 5 and 5", in, out)
+	}
 }
+
+// TestTxnClientParksAfterAnExplicitTransaction: a transaction whose server
+// a server goroutine held (BEGIN … COMMIT) leaves its client parked too.
+func TestTxnClientParksAfterAnExplicitTransaction(t *testing.T) {
+	srv, addr := txnProxy(t, proxy.PoolTransaction, 2)
+	ctx := context.Background()
+	c := dial(t, addr, "reader", "orm")
+	for _, q := range []string{"begin", "select 1", "commit"} {
+		if _, err := query1(ctx, c, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	eventually(t, 10*time.Second, func() bool { return srv.ParkedClients() == 1 },
+		"a client idle after BEGIN … COMMIT did not park")
+	if got, err := query1(ctx, c, "select 2"); err != nil || got != "2" {
+		t.Fatalf("after parking: %q %v", got, err)
+	}
+}
+
+// TestGreetingCarriesTheClientsOwnSettings: with one server, shared under
+// one credential, a client logging in after another one set its own
+// application_name and TimeZone is told (ParameterStatus) and gets its own
+// values, never the other client's — in both modes.
+func TestGreetingCarriesTheClientsOwnSettings(t *testing.T) {
+	for _, mode := range []string{proxy.PoolSession, proxy.PoolTransaction} {
+		t.Run(mode, func(t *testing.T) {
+			_, addr := txnProxy(t, mode, 1)
+			ctx := context.Background()
+			acfg := harnessConfig(t, addr, "reader", "alice-"+mode)
+			acfg.RuntimeParams["application_name"] = "alice-payroll"
+			acfg.RuntimeParams["TimeZone"] = "Pacific/Chatham"
+			a, err := pgconn.ConnectConfig(ctx, acfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, err := query1(ctx, a, "select current_setting('TimeZone')"); err != nil || got != "Pacific/Chatham" {
+				t.Fatalf("alice's TimeZone: %q %v", got, err)
+			}
+			a.Close(ctx)
+			b := dial(t, addr, "reader", "bob-"+mode)
+			if v := b.ParameterStatus("application_name"); v != "" {
+				t.Errorf("bob is told application_name %q, want empty", v)
+			}
+			if v := b.ParameterStatus("TimeZone"); v == "Pacific/Chatham" {
+				t.Errorf("bob is told alice's TimeZone %q", v)
+			}
+			got, err := query1(ctx, b, "select current_setting('application_name') || '|' || current_setting('TimeZone')")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := "|" + b.ParameterStatus("TimeZone"); got != want {
+				t.Errorf("bob's session has %q, he was told %q", got, want)
+			}
+		})
+	}
+}
+
+// connCounter counts connections in and out.
+type connCounter struct{ connected, closed atomic.Int32 }
+
+func (o *connCounter) ClientConnected()                         { o.connected.Add(1) }
+func (o *connCounter) ClientClosed()                            { o.closed.Add(1) }
+func (o *connCounter) AuthResult(string, string, string)        {}
+func (o *connCounter) PoolWaited(string, string, time.Duration) {}
+func (o *connCounter) CancelRequest(string)                     {}
 
 // expiringVerifier takes the token as the subject, valid for ttl from now.
 type expiringVerifier struct{ ttl time.Duration }

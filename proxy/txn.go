@@ -211,6 +211,9 @@ func (t *txnSession) tokenTick() {
 	}
 	if tm := t.timer.Load(); tm != nil {
 		tm.Reset(t.tokenAt[t.tokenStage.Load()].Sub(t.c.srv.cfg.Now()))
+		if t.timer.Load() == nil {
+			tm.Stop() // finish stopped it meanwhile: it stays stopped
+		}
 	}
 }
 
@@ -313,10 +316,14 @@ func (t *txnSession) run() (why string, parked bool) {
 	for {
 		// Idle: no large buffer is held while the next message is awaited.
 		t.settle()
-		if sock, ok := t.parkable(); ok {
-			// Idle: parked once it has been for idleGrace. A busy client
-			// (its next message within the grace) keeps its goroutine, as
-			// parking costs system calls and a goroutine per message.
+		if t.mayPark() {
+			// Waiting for the client's next message: parked once it has
+			// been idle for idleGrace. A busy client (its next message
+			// within the grace) keeps its goroutine, as parking costs
+			// system calls and a goroutine per message. A client in a
+			// transaction (a server goroutine holds its server) is looked
+			// at again every idleGrace: it parks once the transaction has
+			// ended, whoever ended it.
 			now := time.Now()
 			switch {
 			case t.graceAt.IsZero():
@@ -324,9 +331,11 @@ func (t *txnSession) run() (why string, parked bool) {
 				t.idleDeadline()
 			case !now.Before(t.graceAt):
 				t.graceAt = time.Time{}
-				if t.park(sock) {
+				if sock, ok := t.parkable(); ok && t.park(sock) {
 					return "", true
 				}
+				t.graceAt = now.Add(idleGrace)
+				t.idleDeadline()
 			default:
 				t.idleDeadline() // a nudge's deadline was cleared
 			}
@@ -384,12 +393,20 @@ func (t *txnSession) nudge() {
 	t.parked.Load().Wake()
 }
 
+// mayPark reports whether the client goroutine is about to wait for the
+// client's next message with nothing buffered either way and no flag to act
+// on, on a connection the Parker could watch.
+func (t *txnSession) mayPark() bool {
+	c := t.c
+	return c.srv.parker != nil && !c.tls && t.big == nil && t.small.Buffered() == 0 && c.w.Buffered() == 0 && !t.flagged()
+}
+
 // parkable reports whether the client is idle with nothing to act on — no
 // server attached, nothing buffered either way, no flag — on a socket the
 // Parker can watch.
 func (t *txnSession) parkable() (syscall.Conn, bool) {
 	c := t.c
-	if c.srv.parker == nil || c.tls || t.big != nil || t.small.Buffered() > 0 || c.w.Buffered() > 0 || t.flagged() {
+	if !t.mayPark() {
 		return nil, false
 	}
 	sock, ok := c.raw.(syscall.Conn)

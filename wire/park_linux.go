@@ -27,6 +27,12 @@ type Parker struct {
 	done   chan struct{}
 	closed sync.Once
 
+	// ctlMu orders epoll_ctl calls (read) before Close frees the epoll
+	// descriptor (write), so a closed, reused descriptor number is never
+	// used.
+	ctlMu   sync.RWMutex
+	stopped bool // guarded by ctlMu
+
 	mu      sync.Mutex
 	next    uint64
 	waiting map[uint64]*Parked // guarded by mu
@@ -41,6 +47,12 @@ type Parked struct {
 
 // ErrNotParkable is returned by Park for a connection it cannot watch.
 var ErrNotParkable = errors.New("wire: connection cannot be parked")
+
+var errParkerClosed = errors.New("the parker is closed")
+
+// testHookParkRegistered runs in Park between taking the connection in and
+// arming the epoll registration: tests close the Parker there.
+var testHookParkRegistered func(*Parker)
 
 const stopID = 0
 
@@ -89,24 +101,38 @@ func (p *Parker) Park(conn syscall.Conn, wake func()) (*Parked, error) {
 	p.waiting[pk.id] = pk
 	p.mu.Unlock()
 
+	if testHookParkRegistered != nil {
+		testHookParkRegistered(p)
+	}
 	ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLONESHOT,
 		Fd: int32(uint32(pk.id)), Pad: int32(uint32(pk.id >> 32))}
-	var cerr error
-	// Inside Control the descriptor cannot be closed under us. A socket
-	// parked before is still in the set, disarmed: re-arm it with the new id.
-	err = rc.Control(func(fd uintptr) {
-		cerr = syscall.EpollCtl(p.epfd, syscall.EPOLL_CTL_MOD, int(fd), &ev)
-		if cerr == syscall.ENOENT {
-			cerr = syscall.EpollCtl(p.epfd, syscall.EPOLL_CTL_ADD, int(fd), &ev)
-		}
-	})
+	cerr := errParkerClosed
+	// Inside Control the descriptor cannot be closed under us, and under
+	// ctlMu (read) neither can the epoll set. A socket parked before is
+	// still in the set, disarmed: re-arm it with the new id.
+	p.ctlMu.RLock()
+	if !p.stopped {
+		err = rc.Control(func(fd uintptr) {
+			cerr = syscall.EpollCtl(p.epfd, syscall.EPOLL_CTL_MOD, int(fd), &ev)
+			if cerr == syscall.ENOENT {
+				cerr = syscall.EpollCtl(p.epfd, syscall.EPOLL_CTL_ADD, int(fd), &ev)
+			}
+		})
+	}
+	p.ctlMu.RUnlock()
 	if err == nil {
 		err = cerr
 	}
 	if err != nil {
 		p.mu.Lock()
+		_, still := p.waiting[pk.id]
 		delete(p.waiting, pk.id)
 		p.mu.Unlock()
+		if !still {
+			// Close woke it meanwhile: the wake function owns the
+			// connection now, so for the caller it is parked.
+			return pk, nil
+		}
 		return nil, fmt.Errorf("%w: %w", ErrNotParkable, err)
 	}
 	return pk, nil
@@ -182,6 +208,9 @@ func (p *Parker) Close() error {
 	p.closed.Do(func() {
 		_, _ = syscall.Write(p.stopW, []byte{1})
 		<-p.done
+		p.ctlMu.Lock()
+		p.stopped = true
+		p.ctlMu.Unlock()
 		syscall.Close(p.epfd)
 		syscall.Close(p.stopR)
 		syscall.Close(p.stopW)

@@ -136,3 +136,25 @@ func TestParkerCloseWakesTheParked(t *testing.T) {
 		t.Fatalf("Park after Close: %v", err)
 	}
 }
+
+// TestParkRacingClose: Close between a Park's taking the connection in and
+// its epoll registration wakes it; Park must then report it parked (its wake
+// owns the connection), never fail while its wake runs.
+func TestParkRacingClose(t *testing.T) {
+	_, server := tcpPair(t)
+	p, err := NewParker()
+	if err != nil {
+		t.Fatal(err)
+	}
+	testHookParkRegistered = func(p *Parker) { p.Close() }
+	defer func() { testHookParkRegistered = nil }()
+	var calls atomic.Int32
+	woke := make(chan struct{}, 2)
+	if _, err := p.Park(server.(*net.TCPConn), func() { calls.Add(1); woke <- struct{}{} }); err != nil {
+		t.Fatalf("Park woken by Close returned %v: its caller would run on beside the wake", err)
+	}
+	waitWake(t, woke, "Close")
+	if n := calls.Load(); n != 1 {
+		t.Fatalf("wake ran %d times", n)
+	}
+}

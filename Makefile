@@ -74,4 +74,4 @@ compose-config:
 	@if docker compose version >/dev/null 2>&1; then docker compose config -q; else docker-compose config -q; fi && echo "docker-compose.yml: ok"
 
 clean:
-	rm -rf bin/pgwarden bin/devtoken bin/devstack $(DEV_DIR)
+	rm -rf bin/pgwarden bin/devtoken bin/devstack bin/devissuer bin/healthprobe $(DEV_DIR)

@@ -17,6 +17,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/pgwarden/pgwarden/internal/app"
 	"github.com/pgwarden/pgwarden/internal/config"
 	"github.com/pgwarden/pgwarden/testenv"
 )
@@ -39,6 +40,7 @@ type composeService struct {
 	Volumes     []string          `yaml:"volumes"`
 	Ports       []string          `yaml:"ports"`
 	DependsOn   yaml.Node         `yaml:"depends_on"`
+	StopGrace   string            `yaml:"stop_grace_period"`
 	Healthcheck struct {
 		Test    []string `yaml:"test"`
 		Disable bool     `yaml:"disable"`
@@ -490,5 +492,19 @@ func TestComposeConfigAccepted(t *testing.T) {
 	}
 	if out, err := run(bad, "-f", "docker-compose.yml", "config", "-q"); err == nil {
 		t.Fatalf("%v config accepted a misspelt key:\n%s", cmd, out)
+	}
+}
+
+// TestComposeStopGraceCoversTheDrain: Docker's SIGKILL comes after the
+// pgwarden service's stop_grace_period; its stop (the default shutdown
+// grace, the metrics listener, the revocations) must fit in it.
+func TestComposeStopGraceCoversTheDrain(t *testing.T) {
+	svc := readCompose(t).Services["pgwarden"]
+	d, err := time.ParseDuration(svc.StopGrace)
+	if err != nil {
+		t.Fatalf("pgwarden's stop_grace_period %q: %v (Docker's default, 10s, cuts the drain short)", svc.StopGrace, err)
+	}
+	if budget := app.StopBudget(app.DefaultShutdownGrace); d < budget {
+		t.Fatalf("stop_grace_period %v is shorter than pgwarden's stop, %v", d, budget)
 	}
 }

@@ -156,7 +156,10 @@ func (t *txnSession) done(why string) {
 // rest.
 func (c *clientConn) startTxn(up *pool.Server, req broker.Request, settings [][2]string, target *cancelTarget) *txnSession {
 	t := &txnSession{c: c, stats: c.srv.statsFor(c.database), req: req, target: target, small: c.r, cred: up.Cred,
-		clientSettings: newClientSettings(c, settings), stmts: map[string]*pool.StmtEntry{}, errEpoch: -1, txStatus: 'I'}
+		clientSettings: newClientSettings(c, settings), stmts: map[string]*pool.StmtEntry{}, errEpoch: -1, txStatus: 'I',
+		// A client just logged in parks at once, without the idle grace:
+		// an application's pool opens connections and keeps most idle.
+		graceAt: time.Unix(1, 0)}
 	// The login's server has the client's settings (applySettings) and
 	// identity already.
 	up.NoteApplied(t.settings, t.idKey)

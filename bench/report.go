@@ -128,7 +128,7 @@ func (r *report) checks() []check {
 					m += fmt.Sprintf(" (cannot hold %d: at most %d)", n, ir.held)
 				}
 				out = append(out, check{fmt.Sprintf("≤ 8 KiB per idle client at %d clients", n), m, ir.held == n && ir.perClient <= 8*1024,
-					"session pooling: every client holds an upstream session (and its buffers) from login to disconnect; idle clients without one need transaction pooling"})
+					"in session mode an idle client keeps its goroutine (8 KiB of stack) and buffers; only transaction mode parks idle clients without one"})
 			}
 		}
 	}
@@ -255,8 +255,8 @@ func (r *report) write(dir string) (string, error) {
 		}
 		w("| %d | %s | %d | %.1f KiB | %s |\n", ir.wanted, ir.target, ir.held, ir.perClient/1024, next)
 	}
-	w("\npgwarden and pgwarden-tls pool per session: every client holds an upstream session from login to disconnect, so they hold at most `pool.max_total` (%d here) clients; the next waits `pool.acquire_timeout` and is refused with 53300. "+
-		"pgwarden-txn and pgwarden-txn-tls are the pgwarden in transaction mode (`pool.max_per_pool` %d): a client holds a server only during a transaction, so idle clients hold none. "+
+	w("\npgwarden and pgwarden-tls pool per session (`pool.max_total` %d): a client holds an upstream session from its first message to its end, so clients that logged in and sent nothing hold none, and keep a goroutine each. "+
+		"pgwarden-txn and pgwarden-txn-tls are the pgwarden in transaction mode (`pool.max_per_pool` %d): a client holds a server only during a transaction, so idle clients hold none, and an idle client over plain TCP is parked without a goroutine. "+
 		"PgBouncer (session mode here) gives a client a server only when it sends a query.\n", poolSize, p.txnPool)
 
 	w("\n## Where pgwarden's CPU goes\n\n")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -77,31 +78,14 @@ func TestTxnParkedClientWokenByTimers(t *testing.T) {
 	srv, addr := startProxy(t, proxy.Config{Routes: routes, Credentials: fixedCred(pgRole(t, st)),
 		Verifier: expiringVerifier{ttl: 5 * time.Second}, TokenExpiryNotice: 3 * time.Second,
 		Pool: pool.Config{MaxPerPool: 2, MaxTotal: 2}})
-	cfg := harnessConfig(t, addr, "reader", "brief")
-	var mu sync.Mutex
-	var notices []string
-	cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) { mu.Lock(); notices = append(notices, n.Message); mu.Unlock() }
+	c, notices := connectHearingNotices(t, addr, "brief")
 	ctx := context.Background()
-	c, err := pgconn.ConnectConfig(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close(ctx)
 	if _, err := query1(ctx, c, "select 1"); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 10*time.Second, func() bool { return srv.ParkedClients() == 1 }, "the idle client did not park")
 	time.Sleep(6 * time.Second) // past the notice and the expiry, parked throughout
-	_, err = query1(ctx, c, "select 1")
-	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) || pgErr.Code != "57P01" || !strings.Contains(pgErr.Message, "token expired") {
-		t.Fatalf("after the token expired: %v, want FATAL 57P01 saying so", err)
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	if len(notices) != 1 || !strings.Contains(notices[0], "token expires") {
-		t.Fatalf("notices %q, want one saying the token expires", notices)
-	}
+	expectTokenExpiredWithOneNotice(t, c, notices)
 	if n := srv.ParkedClients(); n != 0 {
 		t.Fatalf("%d parked after the session ended", n)
 	}
@@ -223,4 +207,34 @@ type expiringVerifier struct{ ttl time.Duration }
 
 func (v expiringVerifier) Verify(_ context.Context, tok string) (*authn.Identity, error) {
 	return &authn.Identity{Subject: tok, Name: tok, Expiry: time.Now().Add(v.ttl)}, nil
+}
+
+// connectHearingNotices connects subject as reader and collects the
+// NOTICEs it receives.
+func connectHearingNotices(t *testing.T, addr, subject string) (*pgconn.PgConn, func() []string) {
+	t.Helper()
+	cfg := harnessConfig(t, addr, "reader", subject)
+	var mu sync.Mutex
+	var notices []string
+	cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) { mu.Lock(); notices = append(notices, n.Message); mu.Unlock() }
+	c, err := pgconn.ConnectConfig(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(context.Background()) })
+	return c, func() []string { mu.Lock(); defer mu.Unlock(); return slices.Clone(notices) }
+}
+
+// expectTokenExpiredWithOneNotice: c's next query gets FATAL 57P01 saying
+// its token expired, and c heard exactly one NOTICE before, saying it would.
+func expectTokenExpiredWithOneNotice(t *testing.T, c *pgconn.PgConn, notices func() []string) {
+	t.Helper()
+	_, err := query1(context.Background(), c, "select 1")
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "57P01" || !strings.Contains(pgErr.Message, "token expired") {
+		t.Fatalf("after the token expired: %v, want FATAL 57P01 saying so", err)
+	}
+	if n := notices(); len(n) != 1 || !strings.Contains(n[0], "token expires") {
+		t.Fatalf("notices %q, want one saying the token expires", n)
+	}
 }

@@ -2,10 +2,7 @@ package proxy_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -63,27 +60,9 @@ func TestSessionClientWaitingForItsFirstMessageHearsItsToken(t *testing.T) {
 	st := needStack(t)
 	srv, addr := startProxy(t, proxy.Config{Credentials: fixedCred(pgRole(t, st)), Routes: appRoute(st, ""),
 		Verifier: expiringVerifier{ttl: 4 * time.Second}, TokenExpiryNotice: 2 * time.Second})
-	cfg := harnessConfig(t, addr, "reader", "quiet")
-	var mu sync.Mutex
-	var notices []string
-	cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) { mu.Lock(); notices = append(notices, n.Message); mu.Unlock() }
-	ctx := context.Background()
-	c, err := pgconn.ConnectConfig(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close(ctx)
+	c, notices := connectHearingNotices(t, addr, "quiet")
 	time.Sleep(5 * time.Second) // past the notice and the expiry, without a word
-	_, err = query1(ctx, c, "select 1")
-	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) || pgErr.Code != "57P01" || !strings.Contains(pgErr.Message, "token expired") {
-		t.Fatalf("after the token expired: %v, want FATAL 57P01 saying so", err)
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	if len(notices) != 1 || !strings.Contains(notices[0], "token expires") {
-		t.Fatalf("notices %q, want one saying the token expires", notices)
-	}
+	expectTokenExpiredWithOneNotice(t, c, notices)
 	if _, active := poolActive(srv, "reader"); active != 0 {
 		t.Fatalf("%d servers lent after the session ended", active)
 	}

@@ -591,6 +591,7 @@ func (ps *Set) open(ctx context.Context, p *pool, cred *broker.Credential) (*Ser
 		ctx, cancel = context.WithTimeout(ctx, 2*ps.lim().DialTimeout)
 		defer cancel()
 	}
+	canceled := 0
 	for attempt := 0; ; attempt++ {
 		sc, err := dialServer(ctx, p.tmpl, cred, ps.lim().DialTimeout, ps.opts.WriteTimeout)
 		if err != nil {
@@ -600,6 +601,14 @@ func (ps *Set) open(ctx context.Context, p *pool, cred *broker.Credential) (*Ser
 		got, err := sc.readRoleSettings(ctx)
 		if err != nil {
 			sc.Close()
+			if queryCanceled(err) && canceled < 2 && ctx.Err() == nil {
+				// A role-level statement_timeout tampered down to a
+				// millisecond can fire before safeTx lifts it, on a busy
+				// machine: a new session tries again.
+				canceled++
+				attempt--
+				continue
+			}
 			return nil, UpstreamFailure(err)
 		}
 		ps.mu.Lock()
@@ -621,6 +630,11 @@ func (ps *Set) open(ctx context.Context, p *pool, cred *broker.Credential) (*Ser
 		}
 		changed, err := sc.restoreRoleSettings(ctx, got, want)
 		sc.Close()
+		if err != nil && queryCanceled(err) && canceled < 2 && ctx.Err() == nil {
+			canceled++ // as above: the restore ran in a transaction, rolled back
+			attempt--
+			continue
+		}
 		log := ps.opts.Logger.With("database", p.key.Database, "level", p.key.Level, "db_user", cred.Username,
 			"settings", strings.Join(changed, ", "))
 		if err != nil || attempt > 0 {
@@ -632,6 +646,12 @@ func (ps *Set) open(ctx context.Context, p *pool, cred *broker.Credential) (*Ser
 		}
 		log.Warn("a session of a shared database user changed its role-level settings (ALTER ROLE ... SET); restored them and opened a clean session")
 	}
+}
+
+// queryCanceled reports PostgreSQL's query_canceled (57014).
+func queryCanceled(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "57014"
 }
 
 // Release resets sc (DISCARD ALL) and checks it in: the end of a session
